@@ -1,0 +1,26 @@
+# SPDX-License-Identifier: MIT
+"""autoqnn: automatic quantization of PyTorch models (AutoQNN: QAG, QSS, QPL).
+
+The extension ``autoqnn._C`` (C++/CUDA kernels) is loaded first when it was built for this
+torch; without it every op runs through the pure-PyTorch reference (one warning says why).
+"""
+from . import _ext  # noqa: F401  (loads autoqnn._C before the op schemas are declared)
+from . import ops  # noqa: F401
+from . import functional, schemes  # noqa: F401
+from .backends import BackendUnavailableError  # noqa: F401
+from .functional import quantize, quantize_mixture  # noqa: F401
+from .schemes import ACTIVATION_CANDIDATES, SCHEMES, WEIGHT_CANDIDATES  # noqa: F401
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "quantize",
+    "quantize_mixture",
+    "functional",
+    "schemes",
+    "SCHEMES",
+    "WEIGHT_CANDIDATES",
+    "ACTIVATION_CANDIDATES",
+    "BackendUnavailableError",
+    "__version__",
+]

@@ -1,0 +1,103 @@
+# SPDX-License-Identifier: MIT
+"""Backend selection: which kernel runs an op, and what ``backend=`` means.
+
+* ``"auto"`` (default, or ``$AUTOQNN_BACKEND``): call the ``autoqnn::`` op and let the dispatcher
+  pick the fastest kernel registered for the tensor's device (C++ on CPU, CUDA or Triton on GPU),
+  falling back to the pure-PyTorch reference. Never raises for lack of a kernel.
+* ``"torch"``: the pure-PyTorch formulation, no custom op at all (traceable and fusable by
+  ``torch.compile``; the "compiled reference" of the benchmarks).
+* ``"cpp"`` / ``"cuda"`` / ``"triton"``: that implementation or a :class:`BackendUnavailableError`
+  saying why not (not built, wrong device, op not implemented there).
+"""
+from __future__ import annotations
+
+import os
+from typing import Iterable
+
+import torch
+
+from . import _ext
+from .ops import _schema
+
+BACKENDS = ("auto", "torch", "cpp", "cuda", "triton")
+
+#: ops for which a Triton implementation has been registered (filled by ``autoqnn.ops._triton``).
+TRITON_OPS: set[str] = set()
+#: why Triton kernels are not available (None when they are).
+TRITON_ERROR: str | None = "no Triton kernels are registered yet (see the fused-kernels issue)"
+
+
+class BackendUnavailableError(RuntimeError):
+    """An explicitly requested backend cannot run this call."""
+
+
+def default_backend() -> str:
+    b = os.environ.get("AUTOQNN_BACKEND", "auto").strip().lower() or "auto"
+    if b not in BACKENDS:
+        raise ValueError(f"AUTOQNN_BACKEND={b!r} is not one of {', '.join(BACKENDS)}")
+    return b
+
+
+def check_backend_name(backend: str | None) -> str:
+    if backend is None:
+        return default_backend()
+    if not isinstance(backend, str) or backend.lower() not in BACKENDS:
+        raise ValueError(f"backend={backend!r} is not one of {', '.join(BACKENDS)}")
+    return backend.lower()
+
+
+def kernel_for(op: str, device_type: str) -> str:
+    """Name of the implementation ``"auto"`` uses for ``op`` on a device type."""
+    if device_type == "cpu":
+        return "cpp" if _ext.HAS_EXT and _schema.has_kernel(op, "CPU") else "reference"
+    if device_type == "cuda":
+        if _ext.HAS_CUDA_KERNELS and _schema.has_kernel(op, "CUDA"):
+            return "cuda"
+        if op in TRITON_OPS:
+            return "triton"
+        return "reference"
+    return "reference"
+
+
+def resolve(backend: str | None, device: torch.device, ops: Iterable[str]) -> str:
+    """Map a requested backend to an execution mode: ``"ops"``, ``"torch"`` or ``"triton"``.
+
+    Raises :class:`BackendUnavailableError` with the reason for an unavailable explicit backend.
+    """
+    b = check_backend_name(backend)
+    if b == "auto":
+        return "ops"
+    if b == "torch":
+        return "torch"
+    ops = list(ops)
+    dev = device.type
+    if b == "cpp":
+        if dev != "cpu":
+            raise BackendUnavailableError(f"backend='cpp' runs on CPU tensors, got a {dev} tensor")
+        if not _ext.HAS_EXT:
+            raise BackendUnavailableError(f"backend='cpp' is unavailable: {_ext.LOAD_ERROR}")
+        missing = [o for o in ops if not _schema.has_kernel(o, "CPU")]
+        if missing:
+            raise BackendUnavailableError(
+                f"backend='cpp': the C++ extension has no CPU kernel for {', '.join(missing)}"
+            )
+        return "ops"
+    if b == "cuda":
+        if dev != "cuda":
+            raise BackendUnavailableError(f"backend='cuda' needs a CUDA tensor, got a {dev} tensor")
+        if not _ext.HAS_CUDA_KERNELS:
+            why = _ext.LOAD_ERROR or "the extension was built without CUDA kernels"
+            raise BackendUnavailableError(f"backend='cuda' is unavailable: {why}")
+        missing = [o for o in ops if not _schema.has_kernel(o, "CUDA")]
+        if missing:
+            raise BackendUnavailableError(
+                f"backend='cuda': the extension has no CUDA kernel for {', '.join(missing)}"
+            )
+        return "ops"
+    # triton
+    if TRITON_ERROR is not None:
+        raise BackendUnavailableError(f"backend='triton' is unavailable: {TRITON_ERROR}")
+    missing = [o for o in ops if o not in TRITON_OPS]
+    if missing:
+        raise BackendUnavailableError(f"backend='triton' has no kernel for {', '.join(missing)}")
+    return "triton"

@@ -1,0 +1,220 @@
+# SPDX-License-Identifier: MIT
+"""Functional API: the differentiable quantizers everything else is built on.
+
+>>> import torch, autoqnn.functional as AF
+>>> w = torch.randn(64, 3, 3, 3, requires_grad=True)
+>>> y = AF.quantize(w, "clip", 3)                       # 8 levels ±{0.5..3.5}·0.586σ
+>>> b = torch.tensor(3.0, requires_grad=True)
+>>> y = AF.quantize(w, "pot", b)                        # learnable bitwidth (QPL, SPEC 4.1)
+>>> m = torch.softmax(torch.zeros(8), 0).requires_grad_()
+>>> y = AF.quantize_mixture(w, m, AF.WEIGHT_CANDIDATES, 3)   # QSS soft mixture (SPEC 3)
+
+See README "Robustness policy" for NaN/Inf, empty, constant and low-precision inputs.
+"""
+from __future__ import annotations
+
+from typing import Optional, Sequence, Union
+
+import torch
+
+from . import backends
+from .ops import _schema  # noqa: F401  (defines the ops)
+from .ops import reference as ref
+from .schemes import (
+    ACTIVATION_CANDIDATES,
+    NUM_PARAMS,
+    WEIGHT_CANDIDATES,
+    resolve_bits,
+    scheme_info,
+)
+
+__all__ = [
+    "quantize",
+    "quantize_mixture",
+    "scheme_params",
+    "tensor_stats",
+    "WEIGHT_CANDIDATES",
+    "ACTIVATION_CANDIDATES",
+]
+
+_FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
+BitsArg = Union[None, int, Sequence[int], torch.Tensor]
+
+
+def check_input(x, argname: str = "x") -> None:
+    """Raise ``TypeError`` for anything but a floating-point tensor (the robustness policy)."""
+    if not isinstance(x, torch.Tensor):
+        raise TypeError(f"{argname} must be a torch.Tensor, got {type(x).__name__}")
+    if x.dtype not in _FLOAT_DTYPES:
+        raise TypeError(
+            f"{argname} has dtype {x.dtype}; autoqnn quantizes floating-point tensors "
+            "(float32, float16, bfloat16, float64)"
+        )
+
+
+def _check_per_channel(x: torch.Tensor, per_channel: bool) -> None:
+    if per_channel and x.dim() == 0:
+        raise ValueError("per_channel=True needs a tensor with at least one dimension (dim 0 = channels)")
+
+
+def _bits_tensor(bits: BitsArg, infos) -> tuple[torch.Tensor, Optional[list[int]]]:
+    """(float bits tensor [K], validated integer bits or None when they are learned values)."""
+    K = len(infos)
+    if isinstance(bits, torch.Tensor):
+        if bits.is_complex() or bits.dtype == torch.bool:
+            raise TypeError(f"bits has dtype {bits.dtype}; pass an int or a real-valued tensor")
+        if not bits.is_floating_point():
+            bits = bits.to(torch.float32)
+        if bits.numel() == 1 and bits.dim() <= 1:
+            bt = bits.reshape(1).expand(K) if K > 1 else bits.reshape(1)
+        elif bits.dim() == 1 and bits.numel() == K:
+            bt = bits
+        else:
+            raise ValueError(
+                f"bits tensor must be 0-d or have shape [{K}] (one per scheme), got {list(bits.shape)}"
+            )
+        return bt, None
+    ints = resolve_bits([i.id for i in infos], bits)
+    return torch.tensor(ints, dtype=torch.float32), ints
+
+
+def _check_params_arg(params, x, K, per_channel):
+    C = ref.num_channels(x, per_channel)
+    if not isinstance(params, torch.Tensor) or params.shape != (K, C, NUM_PARAMS):
+        got = list(params.shape) if isinstance(params, torch.Tensor) else type(params).__name__
+        raise ValueError(f"params must be a tensor of shape [{K}, {C}, {NUM_PARAMS}], got {got}")
+    if params.dtype != ref.compute_dtype(x.dtype):
+        params = params.to(ref.compute_dtype(x.dtype))
+    return params.to(x.device)
+
+
+def _torch_impl(x, weights, bits_t, ints, sids, per_channel, params):
+    """Pure-PyTorch STE formulation: same values and gradients as the ops' registered autograd
+    (the values are exactly q; the gradient-only terms are exactly zero)."""
+    if ints is None:
+        ints = ref.int_bits(bits_t, sids)
+    cd = ref.compute_dtype(x.dtype)
+    C = ref.num_channels(x, per_channel)
+    n = x.numel() // C if C else 0
+    x2 = x.to(cd).reshape(C, n)
+    xd = x2.detach()
+    p = ref.params_rows(xd, ints, sids) if params is None else params.to(cd)
+    xs = torch.where(torch.isfinite(xd), x2, 0)
+    ste = xs - xs.detach()
+    learn_bits = bits_t.requires_grad
+    y = None
+    for k, (sid, b) in enumerate(zip(sids, ints)):
+        q, mask, D = ref.eval_scheme(sid, xd, p[k], b, need_dbits=learn_bits)
+        yk = q + (ste if mask is None else ste * mask)
+        if learn_bits:
+            bk = bits_t[k].to(cd)
+            yk = yk + (bk - bk.detach()) * D
+        if weights is not None:
+            yk = yk * weights[k].to(cd)
+        y = yk if y is None else y + yk
+    return y.reshape(x.shape).to(x.dtype)
+
+
+def quantize(
+    x: torch.Tensor,
+    scheme: str,
+    bits: BitsArg = None,
+    *,
+    per_channel: bool = False,
+    backend: Optional[str] = None,
+    params: Optional[torch.Tensor] = None,
+) -> torch.Tensor:
+    """Quantize ``x`` with one scheme; differentiable (straight-through estimator).
+
+    Args:
+        x: floating tensor (fp32/fp16/bf16/fp64), any shape, contiguous or not.
+        scheme: ``binary``, ``ternary``, ``quaternary``, ``fixed``, ``residual``, ``zoom``,
+            ``clip`` or ``pot`` (or the paper's letter B/T/Q/F/R/Z/C/P).
+        bits: an int inside the scheme's range (``ValueError`` otherwise), ``None`` for the
+            scheme's default, or a 0-d float tensor (a learned bitwidth, SPEC 4.1: the forward
+            uses ``clip(round(bits), b_min, b_max)`` and ``bits`` receives ∂L/∂b).
+        per_channel: statistics per slice of dim 0 (output channels of a weight).
+        backend: ``auto`` (default or ``$AUTOQNN_BACKEND``), ``torch``, ``cpp``, ``cuda``,
+            ``triton``; an unavailable explicit backend raises ``BackendUnavailableError``.
+        params: precomputed scales ``[1, C, NUM_PARAMS]`` (e.g. EMA statistics of an activation
+            quantizer at eval time) instead of the statistics of ``x``.
+
+    Returns:
+        A tensor of ``x``'s shape and dtype (contiguous).
+    """
+    check_input(x)
+    info = scheme_info(scheme)
+    _check_per_channel(x, per_channel)
+    bits_t, ints = _bits_tensor(bits, [info])
+    if params is not None:
+        params = _check_params_arg(params, x, 1, per_channel)
+    mode = backends.resolve(backend, x.device, ("scheme_params", "quantize", "quantize_backward"))
+    if mode == "torch":
+        return _torch_impl(x, None, bits_t, ints, [info.id], per_channel, params)
+    if params is None:
+        params = torch.ops.autoqnn.scheme_params(x.detach(), bits_t.detach(), [info.id], per_channel)
+    return torch.ops.autoqnn.quantize(x, params, bits_t, info.id, per_channel)
+
+
+def quantize_mixture(
+    x: torch.Tensor,
+    weights: torch.Tensor,
+    schemes: Sequence[str],
+    bits: BitsArg = None,
+    *,
+    per_channel: bool = False,
+    backend: Optional[str] = None,
+    params: Optional[torch.Tensor] = None,
+) -> torch.Tensor:
+    """The QSS soft mixture ``Σ_k weights[k]·q_k(x)`` (SPEC 3), differentiable in ``x``
+    (Σ_k w_k·STE_k), ``weights`` (⟨∂L/∂y, q_k(x)⟩) and ``bits``.
+
+    Args:
+        x: floating tensor.
+        weights: ``[K]`` mixture weights, typically ``softmax((θ + g)/τ)``.
+        schemes: the K candidate scheme names.
+        bits: ``None`` (defaults), one int (every multi-bit candidate; Binary/Ternary/
+            Quaternary keep 1/2/2 bits), one int per candidate, or a float tensor, 0-d or
+            ``[K]`` (learned bits, clipped into each scheme's range in the forward).
+        per_channel, backend, params: as in :func:`quantize` (params is ``[K, C, NUM_PARAMS]``).
+    """
+    check_input(x)
+    check_input(weights, "weights")
+    infos = [scheme_info(s) for s in schemes]
+    K = len(infos)
+    if K == 0:
+        raise ValueError("schemes must name at least one candidate")
+    if len({i.id for i in infos}) != K:
+        raise ValueError(f"schemes contains duplicates: {[i.name for i in infos]}")
+    if weights.numel() != K or weights.dim() > 1:
+        raise ValueError(f"weights must have shape [{K}] (one per scheme), got {list(weights.shape)}")
+    weights = weights.reshape(K)
+    _check_per_channel(x, per_channel)
+    bits_t, ints = _bits_tensor(bits, infos)
+    if params is not None:
+        params = _check_params_arg(params, x, K, per_channel)
+    sids = [i.id for i in infos]
+    mode = backends.resolve(backend, x.device, ("scheme_params", "mixture", "mixture_backward"))
+    if mode == "torch":
+        return _torch_impl(x, weights, bits_t, ints, sids, per_channel, params)
+    if params is None:
+        params = torch.ops.autoqnn.scheme_params(x.detach(), bits_t.detach(), sids, per_channel)
+    return torch.ops.autoqnn.mixture(x, params, weights, bits_t, sids, per_channel)
+
+
+def scheme_params(
+    x: torch.Tensor, schemes: Sequence[str], bits: BitsArg = None, *, per_channel: bool = False
+) -> torch.Tensor:
+    """Every candidate's scales ``[K, C, NUM_PARAMS]`` (see :mod:`autoqnn.ops.reference`)."""
+    check_input(x)
+    _check_per_channel(x, per_channel)
+    infos = [scheme_info(s) for s in schemes]
+    bits_t, _ = _bits_tensor(bits, infos)
+    return torch.ops.autoqnn.scheme_params(x.detach(), bits_t.detach(), [i.id for i in infos], per_channel)
+
+
+def tensor_stats(x: torch.Tensor, per_channel: bool = False) -> torch.Tensor:
+    """``[C, 7]`` statistics over finite elements: count, Σ|x|, Σx, Σx², min, max, max|x|."""
+    check_input(x)
+    _check_per_channel(x, per_channel)
+    return torch.ops.autoqnn.tensor_stats(x.detach(), per_channel)

@@ -1,0 +1,194 @@
+# SPDX-License-Identifier: MIT
+"""The one place where every ``autoqnn::`` op is declared: schema, fake kernel, the
+pure-PyTorch ``default`` kernel and the autograd formula shared by every backend.
+
+Kernels for specific devices are registered elsewhere by dispatch key and win over the
+``default`` (CompositeExplicitAutograd) reference: the C++ CPU kernels and the CUDA kernels from
+``autoqnn._C`` (``TORCH_LIBRARY_IMPL`` blocks in ``csrc/``), the Triton kernels from
+``autoqnn.ops._triton``. Schemas live in Python so the ops exist even without the extension.
+
+Ops (bits is a float tensor ``[K]``, the forward uses ``clip(round(bits), b_min, b_max)``):
+
+``tensor_stats(x, per_channel) -> [C, 7]``
+    count of finite, Σ|x|, Σx, Σx², min, max, max|x| over finite elements (pass 1).
+``scheme_params(x, bits, schemes, per_channel) -> [K, C, NUM_PARAMS]``
+    every candidate's scales (pass 1 plus the dependent passes). Not differentiable
+    (statistics carry no gradient, SPEC 1).
+``quantize(x, params, bits, scheme, per_channel) -> y`` and ``quantize_backward``
+    one scheme: y = q(x); backward gives (mask·grad_y, ⟨grad_y, ∂q/∂b⟩).
+``mixture(x, params, weights, bits, schemes, per_channel) -> y`` and ``mixture_backward``
+    y = Σ_k w_k·q_k(x); backward gives (grad_y·Σ_k w_k·mask_k, ⟨grad_y, q_k⟩_k,
+    (w_k·⟨grad_y, ∂q_k/∂b⟩)_k) without saving anything of size K×N.
+"""
+from __future__ import annotations
+
+import torch
+
+from ..schemes import NUM_PARAMS
+from . import reference as ref
+
+LIB_NAME = "autoqnn"
+
+# Using a FRAGMENT keeps the C++ side free to register implementations (TORCH_LIBRARY_IMPL)
+# before or after these definitions.
+_lib = torch.library.Library(LIB_NAME, "FRAGMENT")
+
+SCHEMAS = {
+    "tensor_stats": "(Tensor x, bool per_channel) -> Tensor",
+    "scheme_params": "(Tensor x, Tensor bits, int[] schemes, bool per_channel) -> Tensor",
+    "quantize": "(Tensor x, Tensor params, Tensor bits, int scheme, bool per_channel) -> Tensor",
+    "quantize_backward": (
+        "(Tensor grad_y, Tensor x, Tensor params, Tensor bits, int scheme, bool per_channel, "
+        "bool need_bits_grad) -> (Tensor, Tensor)"
+    ),
+    "mixture": (
+        "(Tensor x, Tensor params, Tensor weights, Tensor bits, int[] schemes, "
+        "bool per_channel) -> Tensor"
+    ),
+    "mixture_backward": (
+        "(Tensor grad_y, Tensor x, Tensor params, Tensor weights, Tensor bits, int[] schemes, "
+        "bool per_channel, bool need_weights_grad, bool need_bits_grad) -> (Tensor, Tensor, Tensor)"
+    ),
+}
+
+OPS = tuple(SCHEMAS)
+
+
+def qualname(op: str) -> str:
+    return f"{LIB_NAME}::{op}"
+
+
+for _name, _schema in SCHEMAS.items():
+    _lib.define(_name + _schema)
+
+
+def _op(name: str):
+    return getattr(torch.ops.autoqnn, name).default
+
+
+# ----------------------------------------------------------------------------- default kernels
+_DEFAULT_KERNELS = {
+    "tensor_stats": ref.tensor_stats_ref,
+    "scheme_params": ref.scheme_params_ref,
+    "quantize": ref.quantize_ref,
+    "quantize_backward": ref.quantize_backward_ref,
+    "mixture": ref.mixture_ref,
+    "mixture_backward": ref.mixture_backward_ref,
+}
+for _name, _fn in _DEFAULT_KERNELS.items():
+    _lib.impl(_name, _fn, "CompositeExplicitAutograd")
+
+
+# ----------------------------------------------------------------------------- fake kernels
+def _channels(x: torch.Tensor, per_channel: bool):
+    return x.shape[0] if (per_channel and x.dim() > 0) else 1
+
+
+@torch.library.register_fake(qualname("tensor_stats"), lib=_lib)
+def _tensor_stats_fake(x, per_channel):
+    return x.new_empty((_channels(x, per_channel), 7), dtype=ref.compute_dtype(x.dtype))
+
+
+@torch.library.register_fake(qualname("scheme_params"), lib=_lib)
+def _scheme_params_fake(x, bits, schemes, per_channel):
+    torch._check(bits.numel() == len(schemes), lambda: "bits must have one entry per scheme")
+    return x.new_empty(
+        (len(schemes), _channels(x, per_channel), NUM_PARAMS), dtype=ref.compute_dtype(x.dtype)
+    )
+
+
+@torch.library.register_fake(qualname("quantize"), lib=_lib)
+def _quantize_fake(x, params, bits, scheme, per_channel):
+    torch._check(params.dim() == 3 and params.shape[0] == 1, lambda: "params must be [1, C, P]")
+    return torch.empty_like(x, memory_format=torch.contiguous_format)
+
+
+@torch.library.register_fake(qualname("quantize_backward"), lib=_lib)
+def _quantize_backward_fake(grad_y, x, params, bits, scheme, per_channel, need_bits_grad):
+    return torch.empty_like(x, memory_format=torch.contiguous_format), torch.empty_like(bits)
+
+
+@torch.library.register_fake(qualname("mixture"), lib=_lib)
+def _mixture_fake(x, params, weights, bits, schemes, per_channel):
+    K = len(schemes)
+    torch._check(params.dim() == 3 and params.shape[0] == K, lambda: "params must be [K, C, P]")
+    torch._check(weights.numel() == K, lambda: "weights must have one entry per scheme")
+    return torch.empty_like(x, memory_format=torch.contiguous_format)
+
+
+@torch.library.register_fake(qualname("mixture_backward"), lib=_lib)
+def _mixture_backward_fake(
+    grad_y, x, params, weights, bits, schemes, per_channel, need_weights_grad, need_bits_grad
+):
+    return (
+        torch.empty_like(x, memory_format=torch.contiguous_format),
+        torch.empty_like(weights),
+        torch.empty_like(bits),
+    )
+
+
+# ----------------------------------------------------------------------------- autograd
+# One formula for every backend; backward calls the registered backward op, so each device's
+# fastest kernel runs there too and AOTAutograd can trace it. Nothing of size K×N is saved:
+# only x (already alive as the layer's input/weight), params, weights and bits.
+def _quantize_setup(ctx, inputs, output):
+    x, params, bits, scheme, per_channel = inputs
+    ctx.save_for_backward(x, params, bits)
+    ctx.scheme = scheme
+    ctx.per_channel = per_channel
+
+
+def _quantize_bwd(ctx, grad_y):
+    x, params, bits = ctx.saved_tensors
+    need_bits = bool(ctx.needs_input_grad[2])
+    gx, gb = _op("quantize_backward")(
+        grad_y, x, params, bits, ctx.scheme, ctx.per_channel, need_bits
+    )
+    return (
+        gx if ctx.needs_input_grad[0] else None,
+        None,
+        gb if need_bits else None,
+        None,
+        None,
+    )
+
+
+def _mixture_setup(ctx, inputs, output):
+    x, params, weights, bits, schemes, per_channel = inputs
+    ctx.save_for_backward(x, params, weights, bits)
+    ctx.schemes = schemes
+    ctx.per_channel = per_channel
+
+
+def _mixture_bwd(ctx, grad_y):
+    x, params, weights, bits = ctx.saved_tensors
+    need_w = bool(ctx.needs_input_grad[2])
+    need_b = bool(ctx.needs_input_grad[3])
+    gx, gw, gb = _op("mixture_backward")(
+        grad_y, x, params, weights, bits, ctx.schemes, ctx.per_channel, need_w, need_b
+    )
+    return (
+        gx if ctx.needs_input_grad[0] else None,
+        None,
+        gw if need_w else None,
+        gb if need_b else None,
+        None,
+        None,
+    )
+
+
+torch.library.register_autograd(
+    qualname("quantize"), _quantize_bwd, setup_context=_quantize_setup, lib=_lib
+)
+torch.library.register_autograd(
+    qualname("mixture"), _mixture_bwd, setup_context=_mixture_setup, lib=_lib
+)
+
+
+def has_kernel(op: str, dispatch_key: str) -> bool:
+    """Whether ``autoqnn::op`` has a kernel registered directly for ``dispatch_key``
+    (``"CPU"``/``"CUDA"``), i.e. one that beats the ``default`` reference there."""
+    try:
+        return bool(torch._C._dispatch_has_kernel_for_dispatch_key(qualname(op), dispatch_key))
+    except Exception:  # pragma: no cover - private API changed
+        return False

@@ -1,0 +1,380 @@
+# SPDX-License-Identifier: MIT
+"""Pure-PyTorch reference kernels: the oracle every fused kernel is tested against, and the
+``default`` (CompositeExplicitAutograd) kernel of every ``autoqnn::`` op.
+
+Conventions shared by all kernels (C++, CUDA, Triton must match them):
+
+* ``x`` is viewed as ``[C, N]``: ``C`` = ``x.shape[0]`` with ``per_channel`` (weights,
+  output-channel statistics) else 1. A 0-d tensor is always per tensor.
+* Compute dtype ``cd`` is float64 for float64 input, float32 otherwise (fp16/bf16 are upcast).
+* Statistics are taken over the *finite* elements only (NaN and ±Inf excluded). σ is the
+  unbiased standard deviation (0 with fewer than two finite elements).
+* ``params`` is a ``[K, C, NUM_PARAMS]`` tensor in ``cd`` with each candidate's scale(s); the
+  output pass only reads ``x`` and ``params`` (SPEC 2, KERNELS.md "output pass").
+* Bits are a float tensor ``[K]``; the forward uses ``clip(round(b), b_min, b_max)``
+  (:func:`autoqnn.schemes.clamp_bits`). Binary/Ternary/Quaternary ignore it (1/2/2 bits).
+* Output values: NaN stays NaN, ±Inf saturates to the extreme level, a zero scale gives the
+  scheme's offset (0, or ``min`` for ZoomQ).
+* STE: ∂y/∂x = 1, except ClipQ: 1 inside [−(2^{b−1}−½)α, (2^{b−1}−½)α], 0 outside; the
+  gradient is 0 at non-finite x (those elements carry no information).
+* Bitwidth derivative D = ∂y/∂b (SPEC 4.1): for the scale schemes (fixed, zoom, clip, pot)
+  ``D = c_b·(y − mask·x)`` with ``c_b = −ln2·2^b/(2^b−1)`` (= ∂y/∂α·∂α/∂b); for ResQ, which has
+  no single scale, the centred difference ``D = (q_{b+1} − q_{b−1})/2 = (s_b + s_{b+1})/2`` with
+  ``s_i = α_i·sgn(r_i)``; 0 for the fixed-bit schemes, for non-finite x and where the scale is 0.
+"""
+from __future__ import annotations
+
+from typing import Sequence
+
+import torch
+
+from ..schemes import (
+    CLIPQ_LAMBDA,
+    NUM_PARAMS,
+    POTQ_LAMBDA,
+    QUATERNARY_LAMBDA,
+    TERNARY_DELTA,
+    bits_scale_factor,
+    clamp_bits,
+    scheme_info,
+)
+
+__all__ = [
+    "compute_dtype",
+    "num_channels",
+    "tensor_stats_ref",
+    "scheme_params_ref",
+    "quantize_ref",
+    "quantize_backward_ref",
+    "mixture_ref",
+    "mixture_backward_ref",
+    "eval_scheme",
+    "params_rows",
+    "int_bits",
+]
+
+# PotQ rounds log2|u| to the nearest integer: with frexp(|u|) = (f, E), f ∈ [0.5, 1),
+# round(log2|u|) = E − 1 + [f ≥ √½]. √½ is irrational, so these thresholds make the test
+# exact: float32(√½) < √½ (use >), float64(√½) > √½ (use ≥).
+_SQRT_HALF_F32 = 0.70710677
+_SQRT_HALF_F64 = 0.7071067811865476
+
+STAT_COLUMNS = ("count", "sum_abs", "sum", "sum_sq", "min", "max", "max_abs")
+
+
+def compute_dtype(dtype: torch.dtype) -> torch.dtype:
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def num_channels(x: torch.Tensor, per_channel: bool) -> int:
+    return int(x.shape[0]) if (per_channel and x.dim() > 0) else 1
+
+
+def _rows(x: torch.Tensor, per_channel: bool) -> torch.Tensor:
+    """x as [C, N] in the compute dtype (a copy only where needed)."""
+    C = num_channels(x, per_channel)
+    n = x.numel() // C if C else 0
+    return x.detach().to(compute_dtype(x.dtype)).reshape(C, n)
+
+
+def int_bits(bits: torch.Tensor, schemes: Sequence[int]) -> list[int]:
+    """Forward integer bits per candidate from the float bits tensor (SPEC 4.1)."""
+    vals = bits.detach().reshape(-1).tolist()
+    if len(vals) != len(schemes):
+        raise ValueError(f"bits has {len(vals)} entries for {len(schemes)} schemes")
+    return [clamp_bits(s, v) for s, v in zip(schemes, vals)]
+
+
+# ----------------------------------------------------------------------------- statistics
+def _stats_rows(x2: torch.Tensor):
+    """Per-row statistics over finite elements of a [C, N] tensor."""
+    cd = x2.dtype
+    fin = torch.isfinite(x2)
+    xf = torch.where(fin, x2, 0)
+    n = fin.sum(1).to(cd)
+    if x2.shape[1] == 0:
+        z = torch.zeros(x2.shape[0], dtype=cd, device=x2.device)
+        return fin, xf, n, z, z, z, z, z, z
+    big = torch.finfo(cd).max
+    mn = torch.where(n > 0, torch.where(fin, x2, big).amin(1), 0)
+    mx = torch.where(n > 0, torch.where(fin, x2, -big).amax(1), 0)
+    ax = xf.abs()
+    return fin, xf, n, ax.sum(1), xf.sum(1), (xf * xf).sum(1), mn, mx, ax.amax(1)
+
+
+def tensor_stats_ref(x: torch.Tensor, per_channel: bool) -> torch.Tensor:
+    """``[C, 7]``: count of finite, Σ|x|, Σx, Σx², min, max, max|x| (finite elements only)."""
+    _, _, n, s1, sx, s2, mn, mx, ma = _stats_rows(_rows(x, per_channel))
+    return torch.stack([n, s1, sx, s2, mn, mx, ma], 1)
+
+
+def _safe_div(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    return torch.where(b > 0, a / torch.where(b > 0, b, 1), 0)
+
+
+def _sgn(v: torch.Tensor) -> torch.Tensor:
+    """+1 for v > 0, −1 otherwise (the paper's binarisation rule; NaN handled by callers)."""
+    return torch.where(v > 0, 1.0, -1.0).to(v.dtype)
+
+
+def scheme_params_ref(
+    x: torch.Tensor, bits: torch.Tensor, schemes: Sequence[int], per_channel: bool
+) -> torch.Tensor:
+    """Per-candidate, per-channel scales: ``[K, C, NUM_PARAMS]`` in the compute dtype.
+
+    Slots: binary α; ternary (Δ, α); quaternary (s, α); fixed step 2^e; residual α_1..α_{b+1};
+    zoom (min, step); clip α; pot α.
+    """
+    return params_rows(_rows(x, per_channel), int_bits(bits, schemes), schemes)
+
+
+def params_rows(x2: torch.Tensor, b_int: Sequence[int], schemes: Sequence[int]) -> torch.Tensor:
+    """:func:`scheme_params_ref` on an already-flattened ``[C, N]`` compute-dtype tensor with
+    integer bits (traceable by ``torch.compile``: no host reads)."""
+    cd = x2.dtype
+    C = x2.shape[0]
+    out = torch.zeros(len(schemes), C, NUM_PARAMS, dtype=cd, device=x2.device)
+    fin, xf, n, s1, sx, s2, mn, mx, ma = _stats_rows(x2)
+    ax = xf.abs()  # |x| with non-finite -> 0 (excluded through `fin` / n)
+    mean_abs = _safe_div(s1, n)
+    mean = _safe_div(sx, n)
+    dev = torch.where(fin, x2 - mean[:, None], 0)
+    var = torch.where(n > 1, (dev * dev).sum(1) / torch.clamp(n - 1, min=1), 0)
+    sigma = var.sqrt()
+    for k, (sid, b) in enumerate(zip(schemes, b_int)):
+        name = scheme_info(sid).name
+        p = out[k]
+        if name == "binary":
+            p[:, 0] = mean_abs
+        elif name == "ternary":
+            delta = TERNARY_DELTA * mean_abs
+            sel = fin & (ax > delta[:, None])
+            p[:, 0] = delta
+            p[:, 1] = _safe_div(torch.where(sel, ax, 0).sum(1), sel.sum(1).to(cd))
+        elif name == "quaternary":
+            s = QUATERNARY_LAMBDA * sigma
+            v = torch.clamp(torch.round(_safe_div(xf, s[:, None])), -2, 1)
+            v = torch.where(fin, v, 0)
+            p[:, 0] = s
+            p[:, 1] = _safe_div((xf * v).sum(1), (v * v).sum(1))
+        elif name == "fixed":
+            _, e = torch.frexp(ma)  # ma = f·2^e, f in [0.5, 1): floor(log2 ma) = e − 1
+            step = torch.ldexp(torch.ones_like(ma), (e + 1 - b).to(ma.dtype))
+            p[:, 0] = torch.where(ma > 0, step, 0)
+        elif name == "residual":
+            a = ax
+            for i in range(b + 1):
+                alpha = _safe_div(a.sum(1), n)
+                p[:, i] = alpha
+                a = torch.where(fin, (a - alpha[:, None]).abs(), 0)
+        elif name == "zoom":
+            p[:, 0] = mn
+            p[:, 1] = (mx - mn) / (2.0 ** b)
+        elif name == "clip":
+            p[:, 0] = CLIPQ_LAMBDA[b] * sigma
+        elif name == "pot":
+            p[:, 0] = POTQ_LAMBDA[b] * sigma
+        else:  # pragma: no cover - schemes are validated upstream
+            raise AssertionError(name)
+    return out
+
+
+# ----------------------------------------------------------------------------- output pass
+def eval_scheme(
+    sid: int, x2: torch.Tensor, p: torch.Tensor, b: int, need_dbits: bool = False
+):
+    """Evaluate one candidate on ``x2`` ([C, N], compute dtype) with params ``p`` ([C, P]).
+
+    Returns ``(q, mask, D)``: the quantized values, the STE mask (``None`` = identity) and
+    ∂q/∂b (``None`` unless ``need_dbits``).
+    """
+    name = scheme_info(sid).name
+    col = lambda j: p[:, j : j + 1]  # noqa: E731  [C, 1], broadcasts over N
+    nan = torch.isnan(x2)
+    mask = None
+    D = None
+    scale = None
+    if name == "binary":
+        q = col(0) * _sgn(x2)
+    elif name == "ternary":
+        t = torch.where(x2.abs() > col(0), torch.sign(x2), 0)
+        q = col(1) * t
+    elif name == "quaternary":
+        v = torch.clamp(torch.round(_safe_div(x2, col(0))), -2, 1)
+        q = col(1) * v
+    elif name == "fixed":
+        scale = col(0)
+        lim = 2 ** (b - 1)
+        m = torch.clamp(torch.round(_safe_div(x2, scale)), -lim, lim - 1)
+        q = m * scale
+    elif name == "residual":
+        r = x2
+        q = torch.zeros_like(x2)
+        s_prev = None
+        for i in range(b):
+            s = col(i) * _sgn(r)
+            q = q + s
+            r = r - s
+            s_prev = s
+        if need_dbits:
+            s_next = col(b) * _sgn(r)
+            D = 0.5 * (s_prev + s_next)
+    elif name == "zoom":
+        mn, scale = col(0), col(1)
+        k = torch.clamp(torch.floor(_safe_div(x2 - mn, scale)), 0, 2**b - 1)
+        q = mn + scale * (k + 0.5)
+    elif name == "clip":
+        scale = col(0)
+        lim = 2 ** (b - 1)
+        k = torch.clamp(torch.round(_safe_div(x2, scale) - 0.5), -lim, lim - 1)
+        q = scale * (k + 0.5)
+        edge = (lim - 0.5) * scale
+        mask = (x2 >= -edge) & (x2 <= edge)
+    elif name == "pot":
+        scale = col(0)
+        u = _safe_div(x2, scale)
+        a = u.abs()
+        f, e = torch.frexp(a)
+        thr = _SQRT_HALF_F64 if x2.dtype == torch.float64 else _SQRT_HALF_F32
+        up = (f >= thr) if x2.dtype == torch.float64 else (f > thr)
+        lmax = 2 ** (b - 1) - 1
+        lv = (e - 1 + up.to(e.dtype)).to(x2.dtype)
+        lv = torch.where(torch.isinf(a), float(lmax), lv)
+        lv = torch.clamp(lv, 0, lmax)
+        mag = torch.where(lv == 0, 0.5, torch.exp2(lv))
+        q = scale * torch.sign(u) * mag
+    else:  # pragma: no cover
+        raise AssertionError(name)
+    q = torch.where(nan, x2, q)
+    if need_dbits and D is None:
+        if scale is not None:
+            xm = x2 if mask is None else torch.where(mask, x2, 0)
+            D = torch.where(scale > 0, bits_scale_factor(b) * (q - xm), 0)
+        else:
+            D = torch.zeros_like(x2)
+    if D is not None:
+        D = torch.where(torch.isfinite(x2), D, 0)
+    return q, mask, D
+
+
+def _check_params(x, params, K, per_channel):
+    C = num_channels(x, per_channel)
+    if params.dim() != 3 or params.shape[0] != K or params.shape[1] != C:
+        raise ValueError(
+            f"params must have shape [{K}, {C}, {NUM_PARAMS}] for this input, got {list(params.shape)}"
+        )
+
+
+def mixture_ref(
+    x: torch.Tensor,
+    params: torch.Tensor,
+    weights: torch.Tensor,
+    bits: torch.Tensor,
+    schemes: Sequence[int],
+    per_channel: bool,
+) -> torch.Tensor:
+    """y = Σ_k w_k·q_k(x) (SPEC 3), in x's dtype."""
+    K = len(schemes)
+    _check_params(x, params, K, per_channel)
+    if x.numel() == 0:
+        return torch.empty_like(x, memory_format=torch.contiguous_format)
+    b_int = int_bits(bits, schemes)
+    x2 = _rows(x, per_channel)
+    p = params.to(x2.dtype)
+    w = weights.detach().to(x2.dtype).reshape(-1).tolist()
+    y = None
+    for k in range(K):
+        q, _, _ = eval_scheme(schemes[k], x2, p[k], b_int[k])
+        q = q * w[k]
+        y = q if y is None else y + q
+    return y.reshape(x.shape).to(x.dtype)
+
+
+def mixture_backward_ref(
+    grad_y: torch.Tensor,
+    x: torch.Tensor,
+    params: torch.Tensor,
+    weights: torch.Tensor,
+    bits: torch.Tensor,
+    schemes: Sequence[int],
+    per_channel: bool,
+    need_weights_grad: bool = True,
+    need_bits_grad: bool = True,
+):
+    """(grad_x, grad_weights, grad_bits) of :func:`mixture_ref`.
+
+    grad_x = grad_y·Σ_k w_k·mask_k; grad_w[k] = ⟨grad_y, q_k(x)⟩;
+    grad_bits[k] = w_k·⟨grad_y, ∂q_k/∂b⟩.
+    """
+    K = len(schemes)
+    _check_params(x, params, K, per_channel)
+    gw = torch.zeros(K, dtype=weights.dtype, device=weights.device)
+    gb = torch.zeros(K, dtype=bits.dtype, device=bits.device)
+    if x.numel() == 0:
+        return torch.zeros_like(x, memory_format=torch.contiguous_format), gw, gb
+    b_int = int_bits(bits, schemes)
+    x2 = _rows(x, per_channel)
+    cd = x2.dtype
+    g2 = grad_y.detach().to(cd).reshape(x2.shape)
+    p = params.to(cd)
+    wl = weights.detach().to(cd).reshape(-1).tolist()
+    gmask = None  # Σ_k w_k·mask_k, as [C, N] or scalar
+    wsum_identity = 0.0
+    gw_l, gb_l = [], []
+    for k in range(K):
+        q, mask, D = eval_scheme(schemes[k], x2, p[k], b_int[k], need_dbits=need_bits_grad)
+        if mask is None:
+            wsum_identity += wl[k]
+        else:
+            term = mask.to(cd) * wl[k]
+            gmask = term if gmask is None else gmask + term
+        if need_weights_grad:
+            gw_l.append((g2 * q).sum())
+        if need_bits_grad:
+            gb_l.append(wl[k] * (g2 * D).sum())
+    factor = wsum_identity if gmask is None else gmask + wsum_identity
+    gx = torch.where(torch.isfinite(x2), g2 * factor, 0).reshape(x.shape).to(x.dtype)
+    if need_weights_grad:
+        gw = torch.stack(gw_l).to(weights.dtype).reshape(weights.shape)
+    if need_bits_grad:
+        gb = torch.stack(gb_l).to(bits.dtype).reshape(bits.shape)
+    return gx, gw, gb
+
+
+def quantize_ref(
+    x: torch.Tensor, params: torch.Tensor, bits: torch.Tensor, scheme: int, per_channel: bool
+) -> torch.Tensor:
+    """q(x) for one scheme; ``params`` is ``[1, C, NUM_PARAMS]``, ``bits`` is ``[1]``."""
+    _check_params(x, params, 1, per_channel)
+    if x.numel() == 0:
+        return torch.empty_like(x, memory_format=torch.contiguous_format)
+    (b,) = int_bits(bits, [scheme])
+    x2 = _rows(x, per_channel)
+    q, _, _ = eval_scheme(scheme, x2, params[0].to(x2.dtype), b)
+    return q.reshape(x.shape).to(x.dtype)
+
+
+def quantize_backward_ref(
+    grad_y: torch.Tensor,
+    x: torch.Tensor,
+    params: torch.Tensor,
+    bits: torch.Tensor,
+    scheme: int,
+    per_channel: bool,
+    need_bits_grad: bool = True,
+):
+    """(grad_x, grad_bits): grad_x = mask·grad_y, grad_bits = ⟨grad_y, ∂q/∂b⟩."""
+    _check_params(x, params, 1, per_channel)
+    gb = torch.zeros_like(bits)
+    if x.numel() == 0:
+        return torch.zeros_like(x, memory_format=torch.contiguous_format), gb
+    (b,) = int_bits(bits, [scheme])
+    x2 = _rows(x, per_channel)
+    g2 = grad_y.detach().to(x2.dtype).reshape(x2.shape)
+    _, mask, D = eval_scheme(scheme, x2, params[0].to(x2.dtype), b, need_dbits=need_bits_grad)
+    keep = torch.isfinite(x2) if mask is None else mask
+    gx = torch.where(keep, g2, 0)
+    if need_bits_grad:
+        gb = (g2 * D).sum().to(bits.dtype).reshape(bits.shape)
+    return gx.reshape(x.shape).to(x.dtype), gb
+
