@@ -1,0 +1,97 @@
+# SPDX-License-Identifier: MIT
+"""``python -m autoqnn.env``: what runs where (versions, extension status, kernel per op and
+device). Also :func:`collect_env` for bug reports and run logs."""
+from __future__ import annotations
+
+import json
+import platform
+import sys
+
+import torch
+
+from . import _ext, backends
+from .ops import OPS
+
+__all__ = ["collect_env", "format_env", "main"]
+
+
+def _triton_version():
+    try:
+        import triton  # noqa: PLC0415
+
+        return triton.__version__
+    except Exception as e:  # ImportError, or a broken install
+        return f"not importable ({type(e).__name__}: {e})"
+
+
+def collect_env() -> dict:
+    """A JSON-serialisable description of the environment and the kernel each op uses."""
+    cuda_ok = torch.cuda.is_available()
+    devices = ["cpu"] + (["cuda"] if cuda_ok or _ext.HAS_CUDA_KERNELS or backends.TRITON_OPS else [])
+    if "cuda" not in devices:
+        devices.append("cuda")  # report what a CUDA tensor would use, even without a GPU
+    from . import __version__  # noqa: PLC0415
+
+    return {
+        "autoqnn": __version__,
+        "python": sys.version.split()[0],
+        "platform": platform.platform(),
+        "torch": torch.__version__,
+        "torch_cuda": torch.version.cuda,
+        "cuda_available": cuda_ok,
+        "gpus": [torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())] if cuda_ok else [],
+        "triton": _triton_version(),
+        "extension": _ext.ext_status(),
+        "default_backend": backends.default_backend(),
+        "triton_kernels": sorted(backends.TRITON_OPS) or backends.TRITON_ERROR,
+        "kernels": {op: {d: backends.kernel_for(op, d) for d in devices} for op in OPS},
+        "threads": torch.get_num_threads(),
+    }
+
+
+def format_env(info: dict) -> str:
+    ext = info["extension"]
+    lines = [
+        f"autoqnn      {info['autoqnn']}",
+        f"python       {info['python']}  ({info['platform']})",
+        f"torch        {info['torch']}  (CUDA build: {info['torch_cuda']}, GPU available: {info['cuda_available']})",
+    ]
+    if info["gpus"]:
+        lines.append(f"gpus         {', '.join(info['gpus'])}")
+    lines += [
+        f"triton       {info['triton']}",
+        f"autoqnn._C   {'loaded' if ext.get('HAS_EXT') else 'NOT loaded: ' + str(ext.get('LOAD_ERROR'))}",
+    ]
+    bi = ext.get("BUILD_INFO") or {}
+    if bi:
+        lines.append(
+            "             built for torch {} | CUDA kernels: {} {}".format(
+                bi.get("TORCH_VERSION"), bool(bi.get("WITH_CUDA")), bi.get("CUDA_ARCHS") or ""
+            )
+        )
+    lines.append(f"backend      default {info['default_backend']!r} (set AUTOQNN_BACKEND to change)")
+    lines.append(f"threads      {info['threads']}")
+    devs = list(next(iter(info["kernels"].values())).keys())
+    w = max(len(o) for o in info["kernels"])
+    lines.append("")
+    lines.append("kernel used by backend='auto':")
+    lines.append("  " + "op".ljust(w) + "  " + "  ".join(d.ljust(10) for d in devs))
+    for op, per in info["kernels"].items():
+        lines.append("  " + op.ljust(w) + "  " + "  ".join(per[d].ljust(10) for d in devs))
+    if not info["cuda_available"]:
+        lines.append("  (no GPU here: the cuda column says what a CUDA tensor would use)")
+    return "\n".join(lines)
+
+
+def main(argv=None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    info = collect_env()
+    if "--json" in argv:
+        print(json.dumps(info, indent=2, default=str))
+    else:
+        print(format_env(info))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
