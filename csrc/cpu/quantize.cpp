@@ -1,0 +1,463 @@
+// SPDX-License-Identifier: MIT
+// C++ CPU kernels of autoqnn::scheme_params, quantize(_backward) and mixture(_backward).
+//
+// The math is csrc/include/autoqnn/scheme_math.h (a line-by-line twin of
+// autoqnn/ops/reference.py). Reductions use fixed-size chunks whose partial sums (double) are
+// combined in chunk order, so results do not depend on the number of threads.
+#include <ATen/ATen.h>
+#include <ATen/Dispatch.h>
+#include <ATen/OpMathType.h>
+#include <ATen/Parallel.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <array>
+#include <cmath>
+#include <limits>
+#include <vector>
+
+#include "autoqnn/scheme_math.h"
+
+namespace autoqnn {
+namespace {
+
+constexpr int64_t kChunk = 1 << 14;  // elements per reduction chunk (fixed: determinism)
+
+struct Layout {
+  int64_t C;  // channels (rows)
+  int64_t N;  // elements per row
+};
+
+Layout layout_of(const at::Tensor& x, bool per_channel) {
+  const int64_t C = (per_channel && x.dim() > 0) ? x.size(0) : 1;
+  return {C, C > 0 ? x.numel() / C : 0};
+}
+
+void check_float(const at::Tensor& t, const char* name) {
+  TORCH_CHECK_TYPE(at::isFloatingType(t.scalar_type()), "autoqnn: ", name, " has dtype ",
+                   t.scalar_type(), "; expected float32, float16, bfloat16 or float64");
+}
+
+at::ScalarType compute_type(at::ScalarType s) {
+  return s == at::kDouble ? at::kDouble : at::kFloat;
+}
+
+// Forward integer bits: clip(round(b), b_min, b_max) (SPEC 4.1), round half to even.
+std::vector<int> int_bits(const at::Tensor& bits, at::IntArrayRef schemes) {
+  TORCH_CHECK_VALUE(bits.numel() == static_cast<int64_t>(schemes.size()), "autoqnn: bits has ",
+                    bits.numel(), " entries for ", schemes.size(), " schemes");
+  const at::Tensor b = bits.detach().to(at::kCPU, at::kDouble).contiguous();
+  const double* bp = b.data_ptr<double>();
+  std::vector<int> out(schemes.size());
+  for (size_t k = 0; k < schemes.size(); ++k) {
+    const int64_t s = schemes[k];
+    TORCH_CHECK_VALUE(s >= 0 && s < kNumSchemes, "autoqnn: unknown scheme id ", s);
+    TORCH_CHECK_VALUE(std::isfinite(bp[k]), "autoqnn: learned bits for scheme '", scheme_name(s),
+                      "' must be finite, got ", bp[k]);
+    double r = std::nearbyint(bp[k]);
+    r = std::min<double>(std::max<double>(r, kMinBits[s]), kMaxBits[s]);
+    out[k] = static_cast<int>(r);
+  }
+  return out;
+}
+
+// Runs f(row, begin, end, chunk_index) over every (row, chunk) piece in parallel.
+template <typename F>
+void for_each_chunk(const Layout& L, F f) {
+  const int64_t per_row = L.N > 0 ? (L.N + kChunk - 1) / kChunk : 0;
+  const int64_t total = L.C * per_row;
+  if (total == 0) return;
+  at::parallel_for(0, total, 1, [&](int64_t lo, int64_t hi) {
+    for (int64_t t = lo; t < hi; ++t) {
+      const int64_t c = t / per_row, j = t % per_row;
+      const int64_t b = j * kChunk, e = std::min(L.N, b + kChunk);
+      f(c, b, e, t);
+    }
+  });
+}
+
+int64_t chunks_per_row(const Layout& L) { return L.N > 0 ? (L.N + kChunk - 1) / kChunk : 0; }
+
+// ----------------------------------------------------------------------------- statistics
+// Pass 1 per row: n, sum|x|, sum x, sum x^2, min, max, max|x| over finite elements.
+template <typename scalar_t>
+std::vector<std::array<double, kNumStats>> row_stats(const scalar_t* x, const Layout& L) {
+  using T = at::opmath_type<scalar_t>;
+  const int64_t per_row = chunks_per_row(L);
+  const double inf = std::numeric_limits<double>::infinity();
+  std::vector<std::array<double, kNumStats>> part(L.C * per_row);
+  for_each_chunk(L, [&](int64_t c, int64_t b, int64_t e, int64_t t) {
+    const scalar_t* xr = x + c * L.N;
+    double n = 0, s1 = 0, sx = 0, s2 = 0, mn = inf, mx = -inf, ma = 0;
+    for (int64_t i = b; i < e; ++i) {
+      const T v = static_cast<T>(xr[i]);
+      if (!std::isfinite(v)) continue;
+      const double d = v;
+      n += 1;
+      s1 += std::fabs(d);
+      sx += d;
+      s2 += d * d;
+      mn = std::min(mn, d);
+      mx = std::max(mx, d);
+      ma = std::max(ma, std::fabs(d));
+    }
+    part[t] = {n, s1, sx, s2, mn, mx, ma};
+  });
+  std::vector<std::array<double, kNumStats>> out(L.C);
+  for (int64_t c = 0; c < L.C; ++c) {
+    std::array<double, kNumStats> a = {0, 0, 0, 0, inf, -inf, 0};
+    for (int64_t j = 0; j < per_row; ++j) {
+      const auto& p = part[c * per_row + j];
+      for (int s = 0; s < 4; ++s) a[s] += p[s];
+      a[4] = std::min(a[4], p[4]);
+      a[5] = std::max(a[5], p[5]);
+      a[6] = std::max(a[6], p[6]);
+    }
+    if (a[0] == 0) a[4] = a[5] = a[6] = 0;
+    out[c] = a;
+  }
+  return out;
+}
+
+// Sums of up to NACC per-element terms per row, deterministic.
+template <int NACC, typename scalar_t, typename F>
+std::vector<std::array<double, NACC>> row_sums(const scalar_t* x, const Layout& L, F term) {
+  const int64_t per_row = chunks_per_row(L);
+  std::vector<std::array<double, NACC>> part(L.C * per_row);
+  for_each_chunk(L, [&](int64_t c, int64_t b, int64_t e, int64_t t) {
+    std::array<double, NACC> acc{};
+    const scalar_t* xr = x + c * L.N;
+    for (int64_t i = b; i < e; ++i) term(c, xr[i], acc);
+    part[t] = acc;
+  });
+  std::vector<std::array<double, NACC>> out(L.C);
+  for (int64_t c = 0; c < L.C; ++c) {
+    std::array<double, NACC> a{};
+    for (int64_t j = 0; j < per_row; ++j)
+      for (int s = 0; s < NACC; ++s) a[s] += part[c * per_row + j][s];
+    out[c] = a;
+  }
+  return out;
+}
+
+template <typename scalar_t>
+void fill_params(const scalar_t* x, const Layout& L, at::IntArrayRef schemes,
+                 const std::vector<int>& bits, at::opmath_type<scalar_t>* out) {
+  using T = at::opmath_type<scalar_t>;
+  const int64_t K = schemes.size();
+  bool need_ter = false, need_quat = false;
+  int res_bits = 0;  // residual alphas needed: b + 1
+  for (int64_t k = 0; k < K; ++k) {
+    need_ter |= schemes[k] == kTernary;
+    need_quat |= schemes[k] == kQuaternary;
+    if (schemes[k] == kResidual) res_bits = std::max(res_bits, bits[k]);
+  }
+  const auto st = row_stats<scalar_t>(x, L);
+  const int64_t C = L.C;
+  // Values the dependent passes compare against, rounded to T like the reference computes them.
+  std::vector<T> mean(C), mean_abs(C), delta(C), sigma(C), s_quat(C);
+  for (int64_t c = 0; c < C; ++c) {
+    const double n = st[c][0];
+    mean[c] = static_cast<T>(n > 0 ? st[c][2] / n : 0.0);
+    mean_abs[c] = static_cast<T>(n > 0 ? st[c][1] / n : 0.0);
+    delta[c] = static_cast<T>(kTernaryDelta) * mean_abs[c];
+  }
+  // Pass 2: variance (two-pass, like torch.std), ternary masked mean.
+  auto p2 = row_sums<3, scalar_t>(x, L, [&](int64_t c, scalar_t xv, std::array<double, 3>& a) {
+    const T v = static_cast<T>(xv);
+    if (!std::isfinite(v)) return;
+    const T dv = v - mean[c];
+    a[0] += static_cast<double>(dv) * dv;
+    if (need_ter && std::fabs(v) > delta[c]) {
+      a[1] += std::fabs(static_cast<double>(v));
+      a[2] += 1;
+    }
+  });
+  for (int64_t c = 0; c < C; ++c) {
+    const double n = st[c][0];
+    sigma[c] = static_cast<T>(n > 1 ? std::sqrt(static_cast<double>(static_cast<T>(p2[c][0] / (n - 1)))) : 0.0);
+    s_quat[c] = static_cast<T>(kQuaternaryLambda) * sigma[c];
+  }
+  // Pass 3: quaternary least-squares scale.
+  std::vector<std::array<double, 2>> p3(C);
+  if (need_quat) {
+    p3 = row_sums<2, scalar_t>(x, L, [&](int64_t c, scalar_t xv, std::array<double, 2>& a) {
+      const T v = static_cast<T>(xv);
+      if (!std::isfinite(v)) return;
+      const T q = detail::clampv(T(std::nearbyint(detail::safe_div(v, s_quat[c]))), T(-2), T(1));
+      a[0] += static_cast<double>(v) * q;
+      a[1] += static_cast<double>(q) * q;
+    });
+  }
+  // ResQ: alpha_1 = mean|x|, alpha_{i+1} = mean | |r_i| - alpha_i | (one pass each).
+  std::vector<std::vector<T>> ralpha(C);
+  if (res_bits > 0) {
+    for (int64_t c = 0; c < C; ++c) ralpha[c].push_back(mean_abs[c]);
+    for (int i = 1; i <= res_bits; ++i) {
+      auto pr = row_sums<1, scalar_t>(x, L, [&](int64_t c, scalar_t xv, std::array<double, 1>& a) {
+        const T v = static_cast<T>(xv);
+        if (!std::isfinite(v)) return;
+        T r = std::fabs(v);
+        for (int j = 0; j < i; ++j) r = std::fabs(r - ralpha[c][j]);
+        a[0] += r;
+      });
+      for (int64_t c = 0; c < C; ++c) {
+        const double n = st[c][0];
+        ralpha[c].push_back(static_cast<T>(n > 0 ? pr[c][0] / n : 0.0));
+      }
+    }
+  }
+  for (int64_t k = 0; k < K; ++k) {
+    const int b = bits[k];
+    for (int64_t c = 0; c < C; ++c) {
+      T* p = out + (k * C + c) * kNumParams;
+      const double n = st[c][0];
+      switch (schemes[k]) {
+        case kBinary: p[0] = mean_abs[c]; break;
+        case kTernary:
+          p[0] = delta[c];
+          p[1] = static_cast<T>(p2[c][2] > 0 ? p2[c][1] / p2[c][2] : 0.0);
+          break;
+        case kQuaternary:
+          p[0] = s_quat[c];
+          p[1] = static_cast<T>(p3[c][1] > 0 ? p3[c][0] / p3[c][1] : 0.0);
+          break;
+        case kFixed: {
+          const T ma = static_cast<T>(st[c][6]);
+          int e = 0;
+          std::frexp(ma, &e);
+          p[0] = ma > T(0) ? static_cast<T>(std::ldexp(1.0, e + 1 - b)) : T(0);
+          break;
+        }
+        case kResidual:
+          for (int i = 0; i <= b; ++i) p[i] = ralpha[c][i];
+          break;
+        case kZoom: {
+          const T mn = static_cast<T>(st[c][4]), mx = static_cast<T>(st[c][5]);
+          p[0] = mn;
+          p[1] = (mx - mn) / static_cast<T>(std::ldexp(1.0, b));
+          break;
+        }
+        case kClip: p[0] = static_cast<T>(kClipLambda[b]) * sigma[c]; break;
+        case kPot: p[0] = static_cast<T>(kPotLambda[b]) * sigma[c]; break;
+        default: break;
+      }
+      (void)n;
+    }
+  }
+}
+
+at::Tensor scheme_params_impl(const at::Tensor& x_, const at::Tensor& bits, at::IntArrayRef schemes,
+                              bool per_channel) {
+  check_float(x_, "x");
+  const std::vector<int> b = int_bits(bits, schemes);
+  const at::Tensor x = x_.contiguous();
+  const Layout L = layout_of(x, per_channel);
+  const int64_t K = schemes.size();
+  at::Tensor out = at::zeros({K, L.C, kNumParams}, x.options().dtype(compute_type(x.scalar_type())));
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "scheme_params", [&] {
+    using T = at::opmath_type<scalar_t>;
+    fill_params<scalar_t>(x.const_data_ptr<scalar_t>(), L, schemes, b, out.data_ptr<T>());
+  });
+  return out;
+}
+
+// ----------------------------------------------------------------------------- output pass
+struct Candidates {
+  std::vector<int64_t> sid;
+  std::vector<int> bits;
+  std::vector<double> cb;  // bits_scale_factor per candidate
+};
+
+Candidates candidates(const at::Tensor& bits, at::IntArrayRef schemes) {
+  Candidates cs;
+  cs.sid.assign(schemes.begin(), schemes.end());
+  cs.bits = int_bits(bits, schemes);
+  for (int b : cs.bits) cs.cb.push_back(bits_scale_factor(b));
+  return cs;
+}
+
+at::Tensor params_for(const at::Tensor& params, const at::Tensor& x, int64_t K, const Layout& L) {
+  TORCH_CHECK_VALUE(params.dim() == 3 && params.size(0) == K && params.size(1) == L.C &&
+                        params.size(2) == kNumParams,
+                    "autoqnn: params must have shape [", K, ", ", L.C, ", ", kNumParams, "], got ",
+                    params.sizes());
+  return params.detach().to(at::kCPU, compute_type(x.scalar_type())).contiguous();
+}
+
+std::vector<double> host_weights(const at::Tensor& w, int64_t K) {
+  TORCH_CHECK_VALUE(w.numel() == K, "autoqnn: weights must have ", K, " entries, got ", w.numel());
+  const at::Tensor h = w.detach().to(at::kCPU, at::kDouble).contiguous();
+  return std::vector<double>(h.data_ptr<double>(), h.data_ptr<double>() + K);
+}
+
+// y = sum_k w_k q_k(x); weights == nullptr means a single scheme with weight exactly 1.
+at::Tensor forward_impl(const at::Tensor& x_, const at::Tensor& params_, const std::vector<double>* w,
+                        const at::Tensor& bits, at::IntArrayRef schemes, bool per_channel) {
+  check_float(x_, "x");
+  const at::Tensor x = x_.contiguous();
+  const Layout L = layout_of(x, per_channel);
+  const int64_t K = schemes.size();
+  const Candidates cs = candidates(bits, schemes);
+  const at::Tensor params = params_for(params_, x, K, L);
+  at::Tensor y = at::empty_like(x, at::MemoryFormat::Contiguous);
+  if (x.numel() == 0) return y;
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "autoqnn_forward", [&] {
+    using T = at::opmath_type<scalar_t>;
+    const scalar_t* xp = x.const_data_ptr<scalar_t>();
+    scalar_t* yp = y.data_ptr<scalar_t>();
+    const T* pp = params.const_data_ptr<T>();
+    std::vector<T> wt(K, T(1));
+    if (w) for (int64_t k = 0; k < K; ++k) wt[k] = static_cast<T>((*w)[k]);
+    for_each_chunk(L, [&](int64_t c, int64_t b, int64_t e, int64_t) {
+      const scalar_t* xr = xp + c * L.N;
+      scalar_t* yr = yp + c * L.N;
+      for (int64_t i = b; i < e; ++i) {
+        const T v = static_cast<T>(xr[i]);
+        T acc = T(0);
+        for (int64_t k = 0; k < K; ++k) {
+          const T* p = pp + (k * L.C + c) * kNumParams;
+          const auto r = eval_scheme<T, false>(cs.sid[k], v, p, cs.bits[k], T(cs.cb[k]));
+          const T term = w ? r.q * wt[k] : r.q;
+          acc = k == 0 ? term : acc + term;
+        }
+        yr[i] = static_cast<scalar_t>(acc);
+      }
+    });
+  });
+  return y;
+}
+
+// Returns grad_x and fills gw/gb (double, size K) when requested.
+at::Tensor backward_impl(const at::Tensor& gy_, const at::Tensor& x_, const at::Tensor& params_,
+                         const std::vector<double>* w, const at::Tensor& bits, at::IntArrayRef schemes,
+                         bool per_channel, bool need_w, bool need_b, std::vector<double>& gw,
+                         std::vector<double>& gb) {
+  check_float(x_, "x");
+  const at::Tensor x = x_.contiguous();
+  TORCH_CHECK_VALUE(gy_.sizes() == x_.sizes(), "autoqnn: grad_y has shape ", gy_.sizes(),
+                    " but x has shape ", x_.sizes());
+  const at::Tensor gy = gy_.to(x.scalar_type()).contiguous();
+  const Layout L = layout_of(x, per_channel);
+  const int64_t K = schemes.size();
+  const Candidates cs = candidates(bits, schemes);
+  const at::Tensor params = params_for(params_, x, K, L);
+  at::Tensor gx = at::empty_like(x, at::MemoryFormat::Contiguous);
+  gw.assign(K, 0.0);
+  gb.assign(K, 0.0);
+  if (x.numel() == 0) return gx;
+  const int64_t per_row = chunks_per_row(L);
+  const int64_t nacc = 2 * K;
+  std::vector<double> part(L.C * per_row * nacc, 0.0);
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "autoqnn_backward", [&] {
+    using T = at::opmath_type<scalar_t>;
+    const scalar_t* xp = x.const_data_ptr<scalar_t>();
+    const scalar_t* gp = gy.const_data_ptr<scalar_t>();
+    scalar_t* gxp = gx.data_ptr<scalar_t>();
+    const T* pp = params.const_data_ptr<T>();
+    std::vector<T> wt(K, T(1));
+    if (w) for (int64_t k = 0; k < K; ++k) wt[k] = static_cast<T>((*w)[k]);
+    // Sum of the identity-STE candidates' weights, in candidate order (as the reference).
+    T w_identity = T(0);
+    for (int64_t k = 0; k < K; ++k)
+      if (cs.sid[k] != kClip) w_identity = w_identity + wt[k];
+    auto body = [&](auto need_d_tag) {
+      constexpr bool ND = decltype(need_d_tag)::value;
+      for_each_chunk(L, [&](int64_t c, int64_t b, int64_t e, int64_t t) {
+        const scalar_t* xr = xp + c * L.N;
+        const scalar_t* gr = gp + c * L.N;
+        scalar_t* gxr = gxp + c * L.N;
+        double* acc = part.data() + t * nacc;
+        for (int64_t i = b; i < e; ++i) {
+          const T v = static_cast<T>(xr[i]);
+          const T g = static_cast<T>(gr[i]);
+          T masked = T(0);
+          bool any_masked = false;
+          for (int64_t k = 0; k < K; ++k) {
+            const T* p = pp + (k * L.C + c) * kNumParams;
+            const auto r = eval_scheme<T, ND>(cs.sid[k], v, p, cs.bits[k], T(cs.cb[k]));
+            if (cs.sid[k] == kClip) {
+              const T term = r.ste ? wt[k] : T(0);
+              masked = any_masked ? masked + term : term;
+              any_masked = true;
+            }
+            if (need_w) acc[k] += static_cast<double>(g) * r.q;
+            if (ND) acc[K + k] += static_cast<double>(g) * r.d;
+          }
+          const T factor = any_masked ? masked + w_identity : w_identity;
+          gxr[i] = static_cast<scalar_t>(std::isfinite(v) ? g * factor : T(0));
+        }
+      });
+    };
+    if (need_b) body(std::true_type{});
+    else body(std::false_type{});
+  });
+  for (int64_t t = 0; t < L.C * per_row; ++t)
+    for (int64_t k = 0; k < K; ++k) {
+      gw[k] += part[t * nacc + k];
+      gb[k] += part[t * nacc + K + k];
+    }
+  if (w)
+    for (int64_t k = 0; k < K; ++k) gb[k] *= (*w)[k];
+  return gx;
+}
+
+at::Tensor to_like(const std::vector<double>& v, const at::Tensor& like) {
+  at::Tensor t = at::empty({static_cast<int64_t>(v.size())}, at::TensorOptions().dtype(at::kDouble));
+  std::copy(v.begin(), v.end(), t.data_ptr<double>());
+  return t.to(like.options()).reshape(like.sizes());
+}
+
+// ----------------------------------------------------------------------------- op entry points
+at::Tensor scheme_params_cpu(const at::Tensor& x, const at::Tensor& bits, at::IntArrayRef schemes,
+                             bool per_channel) {
+  return scheme_params_impl(x, bits, schemes, per_channel);
+}
+
+at::Tensor quantize_cpu(const at::Tensor& x, const at::Tensor& params, const at::Tensor& bits,
+                        int64_t scheme, bool per_channel) {
+  const int64_t s[1] = {scheme};
+  return forward_impl(x, params, nullptr, bits, at::IntArrayRef(s, 1), per_channel);
+}
+
+std::tuple<at::Tensor, at::Tensor> quantize_backward_cpu(const at::Tensor& grad_y, const at::Tensor& x,
+                                                         const at::Tensor& params, const at::Tensor& bits,
+                                                         int64_t scheme, bool per_channel,
+                                                         bool need_bits_grad) {
+  const int64_t s[1] = {scheme};
+  std::vector<double> gw, gb;
+  at::Tensor gx = backward_impl(grad_y, x, params, nullptr, bits, at::IntArrayRef(s, 1), per_channel,
+                                false, need_bits_grad, gw, gb);
+  return {gx, to_like(gb, bits)};
+}
+
+at::Tensor mixture_cpu(const at::Tensor& x, const at::Tensor& params, const at::Tensor& weights,
+                       const at::Tensor& bits, at::IntArrayRef schemes, bool per_channel) {
+  check_float(weights, "weights");
+  const std::vector<double> w = host_weights(weights, schemes.size());
+  return forward_impl(x, params, &w, bits, schemes, per_channel);
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> mixture_backward_cpu(
+    const at::Tensor& grad_y, const at::Tensor& x, const at::Tensor& params, const at::Tensor& weights,
+    const at::Tensor& bits, at::IntArrayRef schemes, bool per_channel, bool need_weights_grad,
+    bool need_bits_grad) {
+  check_float(weights, "weights");
+  const std::vector<double> w = host_weights(weights, schemes.size());
+  std::vector<double> gw, gb;
+  at::Tensor gx = backward_impl(grad_y, x, params, &w, bits, schemes, per_channel, need_weights_grad,
+                                need_bits_grad, gw, gb);
+  return {gx, to_like(gw, weights), to_like(gb, bits)};
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(autoqnn, CPU, m) {
+  m.impl("scheme_params", &scheme_params_cpu);
+  m.impl("quantize", &quantize_cpu);
+  m.impl("quantize_backward", &quantize_backward_cpu);
+  m.impl("mixture", &mixture_cpu);
+  m.impl("mixture_backward", &mixture_backward_cpu);
+}
+
+}  // namespace autoqnn
