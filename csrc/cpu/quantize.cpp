@@ -291,6 +291,74 @@ std::vector<double> host_weights(const at::Tensor& w, int64_t K) {
   return std::vector<double>(h.data_ptr<double>(), h.data_ptr<double>() + K);
 }
 
+// ---- tiles: each candidate is evaluated over a tile of elements with its scheme known at compile
+// time, so the loops vectorise (see scheme_math.h: no libm calls in the per-element math).
+constexpr int64_t kTile = 256;
+
+template <int SID, typename T, bool ND>
+__attribute__((noinline, noclone)) void eval_tile(const T* __restrict x, int64_t n, const T* p, int b, T cb, T* __restrict q,
+                      T* __restrict ste, T* __restrict d) {
+  if constexpr (SID == kResidual) {
+    T r[kTile], sp[kTile];
+    for (int64_t j = 0; j < n; ++j) {
+      r[j] = x[j];
+      q[j] = T(0);
+      sp[j] = T(0);
+    }
+    for (int i = 0; i < b; ++i) {
+      const T a = p[i];
+      for (int64_t j = 0; j < n; ++j) {
+        const T s = r[j] > T(0) ? a : -a;
+        q[j] = q[j] + s;
+        r[j] = r[j] - s;
+        sp[j] = s;
+      }
+    }
+    const T an = p[b];
+    for (int64_t j = 0; j < n; ++j) {
+      const bool fin = (x[j] - x[j]) == T(0);
+      q[j] = x[j] != x[j] ? x[j] : q[j];
+      ste[j] = fin ? T(1) : T(0);
+      if constexpr (ND) d[j] = fin ? T(0.5) * (sp[j] + (r[j] > T(0) ? an : -an)) : T(0);
+    }
+  } else {
+    for (int64_t j = 0; j < n; ++j) {
+      const auto r = eval_sid<SID, T, ND>(x[j], p, b, cb);
+      q[j] = r.q;
+      ste[j] = static_cast<T>(r.ste);
+      if constexpr (ND) d[j] = r.d;
+    }
+  }
+}
+
+template <typename T, bool ND>
+inline void eval_tile_rt(int64_t sid, const T* x, int64_t n, const T* p, int b, T cb, T* q, T* ste, T* d) {
+  switch (sid) {
+    case kBinary: eval_tile<kBinary, T, ND>(x, n, p, b, cb, q, ste, d); break;
+    case kTernary: eval_tile<kTernary, T, ND>(x, n, p, b, cb, q, ste, d); break;
+    case kQuaternary: eval_tile<kQuaternary, T, ND>(x, n, p, b, cb, q, ste, d); break;
+    case kFixed: eval_tile<kFixed, T, ND>(x, n, p, b, cb, q, ste, d); break;
+    case kResidual: eval_tile<kResidual, T, ND>(x, n, p, b, cb, q, ste, d); break;
+    case kZoom: eval_tile<kZoom, T, ND>(x, n, p, b, cb, q, ste, d); break;
+    case kClip: eval_tile<kClip, T, ND>(x, n, p, b, cb, q, ste, d); break;
+    default: eval_tile<kPot, T, ND>(x, n, p, b, cb, q, ste, d); break;
+  }
+}
+
+// sum_j a[j]*b[j] over a tile with 8 independent float lanes (vectorisable without
+// reassociation flags), lanes combined in double. Deterministic for a given tile.
+template <typename T>
+inline double tile_dot(const T* __restrict a, const T* __restrict b, int64_t n) {
+  T lane[8] = {T(0), T(0), T(0), T(0), T(0), T(0), T(0), T(0)};
+  int64_t j = 0;
+  for (; j + 8 <= n; j += 8)
+    for (int l = 0; l < 8; ++l) lane[l] += a[j + l] * b[j + l];
+  double s = 0;
+  for (int l = 0; l < 8; ++l) s += lane[l];
+  for (; j < n; ++j) s += static_cast<double>(a[j]) * b[j];
+  return s;
+}
+
 // y = sum_k w_k q_k(x); weights == nullptr means a single scheme with weight exactly 1.
 at::Tensor forward_impl(const at::Tensor& x_, const at::Tensor& params_, const std::vector<double>* w,
                         const at::Tensor& bits, at::IntArrayRef schemes, bool per_channel) {
@@ -310,18 +378,24 @@ at::Tensor forward_impl(const at::Tensor& x_, const at::Tensor& params_, const s
     std::vector<T> wt(K, T(1));
     if (w) for (int64_t k = 0; k < K; ++k) wt[k] = static_cast<T>((*w)[k]);
     for_each_chunk(L, [&](int64_t c, int64_t b, int64_t e, int64_t) {
-      const scalar_t* xr = xp + c * L.N;
-      scalar_t* yr = yp + c * L.N;
-      for (int64_t i = b; i < e; ++i) {
-        const T v = static_cast<T>(xr[i]);
-        T acc = T(0);
+      alignas(64) T xt[kTile], yt[kTile], qt[kTile], st[kTile];
+      for (int64_t t0 = b; t0 < e; t0 += kTile) {
+        const int64_t n = std::min(kTile, e - t0);
+        const scalar_t* xr = xp + c * L.N + t0;
+        for (int64_t j = 0; j < n; ++j) xt[j] = static_cast<T>(xr[j]);
         for (int64_t k = 0; k < K; ++k) {
           const T* p = pp + (k * L.C + c) * kNumParams;
-          const auto r = eval_scheme<T, false>(cs.sid[k], v, p, cs.bits[k], T(cs.cb[k]));
-          const T term = w ? r.q * wt[k] : r.q;
-          acc = k == 0 ? term : acc + term;
+          eval_tile_rt<T, false>(cs.sid[k], xt, n, p, cs.bits[k], T(cs.cb[k]), k == 0 ? yt : qt, st, nullptr);
+          if (w) {
+            const T wk = wt[k];
+            if (k == 0)
+              for (int64_t j = 0; j < n; ++j) yt[j] = yt[j] * wk;
+            else
+              for (int64_t j = 0; j < n; ++j) yt[j] = yt[j] + qt[j] * wk;
+          }
         }
-        yr[i] = static_cast<scalar_t>(acc);
+        scalar_t* yr = yp + c * L.N + t0;
+        for (int64_t j = 0; j < n; ++j) yr[j] = static_cast<scalar_t>(yt[j]);
       }
     });
   });
@@ -364,28 +438,37 @@ at::Tensor backward_impl(const at::Tensor& gy_, const at::Tensor& x_, const at::
     auto body = [&](auto need_d_tag) {
       constexpr bool ND = decltype(need_d_tag)::value;
       for_each_chunk(L, [&](int64_t c, int64_t b, int64_t e, int64_t t) {
-        const scalar_t* xr = xp + c * L.N;
-        const scalar_t* gr = gp + c * L.N;
-        scalar_t* gxr = gxp + c * L.N;
+        alignas(64) T xt[kTile], gt[kTile], qt[kTile], st[kTile], dt[kTile], mk[kTile];
         double* acc = part.data() + t * nacc;
-        for (int64_t i = b; i < e; ++i) {
-          const T v = static_cast<T>(xr[i]);
-          const T g = static_cast<T>(gr[i]);
-          T masked = T(0);
+        for (int64_t t0 = b; t0 < e; t0 += kTile) {
+          const int64_t n = std::min(kTile, e - t0);
+          const scalar_t* xr = xp + c * L.N + t0;
+          const scalar_t* gr = gp + c * L.N + t0;
+          for (int64_t j = 0; j < n; ++j) {
+            xt[j] = static_cast<T>(xr[j]);
+            gt[j] = static_cast<T>(gr[j]);
+          }
           bool any_masked = false;
           for (int64_t k = 0; k < K; ++k) {
             const T* p = pp + (k * L.C + c) * kNumParams;
-            const auto r = eval_scheme<T, ND>(cs.sid[k], v, p, cs.bits[k], T(cs.cb[k]));
+            eval_tile_rt<T, ND>(cs.sid[k], xt, n, p, cs.bits[k], T(cs.cb[k]), qt, st, dt);
             if (cs.sid[k] == kClip) {
-              const T term = r.ste ? wt[k] : T(0);
-              masked = any_masked ? masked + term : term;
+              const T wk = wt[k];
+              if (any_masked)
+                for (int64_t j = 0; j < n; ++j) mk[j] = mk[j] + st[j] * wk;
+              else
+                for (int64_t j = 0; j < n; ++j) mk[j] = st[j] * wk;
               any_masked = true;
             }
-            if (need_w) acc[k] += static_cast<double>(g) * r.q;
-            if (ND) acc[K + k] += static_cast<double>(g) * r.d;
+            if (need_w) acc[k] += tile_dot(gt, qt, n);
+            if constexpr (ND) acc[K + k] += tile_dot(gt, dt, n);
           }
-          const T factor = any_masked ? masked + w_identity : w_identity;
-          gxr[i] = static_cast<scalar_t>(std::isfinite(v) ? g * factor : T(0));
+          scalar_t* gxr = gxp + c * L.N + t0;
+          for (int64_t j = 0; j < n; ++j) {
+            const T factor = any_masked ? mk[j] + w_identity : w_identity;
+            const bool fin = (xt[j] - xt[j]) == T(0);
+            gxr[j] = static_cast<scalar_t>(fin ? gt[j] * factor : T(0));
+          }
         }
       });
     };

@@ -9,6 +9,7 @@
 
 #include <cmath>
 #include <cstdint>
+#include <cstring>
 
 namespace autoqnn {
 
@@ -67,9 +68,13 @@ C10_HOST_DEVICE inline T clampv(T v, T lo, T hi) {
   return v != v ? v : (v < lo ? lo : (v > hi ? hi : v));
 }
 
+// a / b where b > 0, else 0. The division is unconditional (the select comes after), so loops
+// stay if-convertible and vectorise under the default -ftrapping-math.
 template <typename T>
 C10_HOST_DEVICE inline T safe_div(T a, T b) {
-  return b > T(0) ? a / b : T(0);
+  const bool ok = b > T(0);
+  const T v = a / (ok ? b : T(1));
+  return ok ? v : T(0);
 }
 
 template <typename T>
@@ -82,17 +87,99 @@ C10_HOST_DEVICE inline T sign0(T v) {  // torch.sign (0 -> 0; NaN handled by cal
   return v > T(0) ? T(1) : (v < T(0) ? T(-1) : T(0));
 }
 
-// Threshold on the frexp mantissa for round(log2|u|) (see reference.py).
+// round(clamp(u, lo, hi)) half to even, for integer lo/hi with |lo|, |hi| < 2^21: the clamp comes
+// first (equivalent for integer bounds), then the classic add/subtract of 1.5*2^(mantissa bits),
+// which rounds half to even in the default FP mode, exactly like nearbyint/torch.round, and
+// vectorises with plain SSE2. NaN passes through (all comparisons are false).
 template <typename T>
-struct SqrtHalf;
+struct RoundMagic;
 template <>
-struct SqrtHalf<float> {
-  C10_HOST_DEVICE static bool up(float f) { return f > 0.70710677f; }
+struct RoundMagic<float> {
+  static constexpr float value = 12582912.0f;  // 1.5 * 2^23
 };
 template <>
-struct SqrtHalf<double> {
-  C10_HOST_DEVICE static bool up(double f) { return f >= 0.7071067811865476; }
+struct RoundMagic<double> {
+  static constexpr double value = 6755399441055744.0;  // 1.5 * 2^52
 };
+
+template <typename T>
+C10_HOST_DEVICE inline T round_clamped(T u, T lo, T hi) {
+  const T c = u < lo ? lo : (u > hi ? hi : u);
+  const T m = RoundMagic<T>::value;
+  return (c + m) - m;
+}
+
+// floor(clamp(v, 0, top)) for top < 2^31; NaN -> 0 (its output is replaced by NaN anyway).
+template <typename T>
+C10_HOST_DEVICE inline T floor_clamped_nonneg(T v, T top) {
+  T c = v > T(0) ? v : T(0);
+  c = c < top ? c : top;
+  return T(static_cast<int32_t>(c));
+}
+
+// PotQ level exponent: clip(round(log2 a), 0, lmax) for a = |u| >= 0, exactly as the reference's
+// frexp test (round up iff the frexp mantissa f satisfies f > float32(sqrt(1/2)), resp.
+// f >= float64(sqrt(1/2))), done on the bit pattern so it vectorises. Inf/NaN -> lmax.
+C10_HOST_DEVICE inline int32_t pot_level(float a, int32_t lmax) {
+#if defined(__CUDA_ARCH__)
+  const uint32_t u = __float_as_uint(a);
+#else
+  uint32_t u;
+  std::memcpy(&u, &a, sizeof(u));
+#endif
+  const int32_t e = static_cast<int32_t>((u >> 23) & 0xffu);
+  const int32_t m = static_cast<int32_t>(u & 0x7fffffu);
+  int32_t l = e - 127 + (m > 0x3504f3 ? 1 : 0);
+  l = e == 255 ? lmax : l;
+  l = l < 0 ? 0 : l;
+  return l > lmax ? lmax : l;
+}
+
+C10_HOST_DEVICE inline int32_t pot_level(double a, int32_t lmax) {
+#if defined(__CUDA_ARCH__)
+  const uint64_t u = static_cast<uint64_t>(__double_as_longlong(a));
+#else
+  uint64_t u;
+  std::memcpy(&u, &a, sizeof(u));
+#endif
+  const int32_t e = static_cast<int32_t>((u >> 52) & 0x7ffu);
+  const uint64_t m = u & 0xfffffffffffffull;
+  int32_t l = e - 1023 + (m >= 0x6a09e667f3bcdull ? 1 : 0);
+  l = e == 2047 ? lmax : l;
+  l = l < 0 ? 0 : l;
+  return l > lmax ? lmax : l;
+}
+
+// 2^l for 1 <= l < 127 built from the exponent bits (a constant shift, so it vectorises), and 1/2
+// for l == 0 (PotQ replaces the level 1 by 1/2).
+C10_HOST_DEVICE inline float pot_magnitude_f(int32_t l) {
+  const uint32_t u = static_cast<uint32_t>(l == 0 ? 126 : l + 127) << 23;
+#if defined(__CUDA_ARCH__)
+  return __uint_as_float(u);
+#else
+  float f;
+  std::memcpy(&f, &u, sizeof(f));
+  return f;
+#endif
+}
+
+C10_HOST_DEVICE inline double pot_magnitude_d(int32_t l) {
+  const uint64_t u = static_cast<uint64_t>(l == 0 ? 1022 : l + 1023) << 52;
+#if defined(__CUDA_ARCH__)
+  return __longlong_as_double(static_cast<long long>(u));
+#else
+  double f;
+  std::memcpy(&f, &u, sizeof(f));
+  return f;
+#endif
+}
+
+template <typename T>
+C10_HOST_DEVICE inline T pot_magnitude(int32_t l);
+template <>
+C10_HOST_DEVICE inline float pot_magnitude<float>(int32_t l) { return pot_magnitude_f(l); }
+template <>
+C10_HOST_DEVICE inline double pot_magnitude<double>(int32_t l) { return pot_magnitude_d(l); }
 
 }  // namespace detail
 
@@ -104,101 +191,78 @@ struct Eval {
   T d;       // dq/db (only when requested)
 };
 
-// Evaluate candidate `sid` at integer bits `b` on element x with params p[0..kNumParams).
-// cb = bits_scale_factor(b) (precomputed by the caller).
-template <typename T, bool NEED_D>
-C10_HOST_DEVICE inline Eval<T> eval_scheme(int64_t sid, T x, const T* p, int b, T cb) {
+// Evaluate candidate SID at integer bits `b` on element x with params p[0..kNumParams).
+// cb = bits_scale_factor(b) (precomputed by the caller). ResQ loops over b here; the CPU kernel
+// has a tile version of it that vectorises across elements.
+template <int SID, typename T, bool NEED_D>
+C10_HOST_DEVICE inline Eval<T> eval_sid(T x, const T* p, int b, T cb) {
   using namespace detail;
   Eval<T> r{T(0), true, T(0)};
-  const bool finite = std::isfinite(x);
-  T scale = T(-1);  // > 0 for the scale schemes once set
+  const bool finite = (x - x) == T(0);  // false for NaN and +-Inf
+  T scale = T(-1);                       // >= 0 for the scale schemes
   bool masked = false;
-  switch (sid) {
-    case kBinary:
-      r.q = p[0] * sgn_le0_neg(x);
-      break;
-    case kTernary: {
-      const T t = (std::fabs(x) > p[0]) ? sign0(x) : T(0);
-      r.q = p[1] * t;
-      break;
+  if constexpr (SID == kBinary) {
+    r.q = p[0] * sgn_le0_neg(x);
+  } else if constexpr (SID == kTernary) {
+    const T ax = x < T(0) ? -x : x;
+    r.q = p[1] * (ax > p[0] ? sign0(x) : T(0));
+  } else if constexpr (SID == kQuaternary) {
+    r.q = p[1] * round_clamped(safe_div(x, p[0]), T(-2), T(1));
+  } else if constexpr (SID == kFixed) {
+    scale = p[0];
+    const T lim = T(int64_t(1) << (b - 1));
+    r.q = round_clamped(safe_div(x, scale), -lim, lim - T(1)) * scale;
+  } else if constexpr (SID == kResidual) {
+    T rr = x, q = T(0), s_prev = T(0);
+    for (int i = 0; i < b; ++i) {
+      const T s = p[i] * sgn_le0_neg(rr);
+      q = q + s;
+      rr = rr - s;
+      s_prev = s;
     }
-    case kQuaternary: {
-      const T v = clampv(T(std::nearbyint(safe_div(x, p[0]))), T(-2), T(1));
-      r.q = p[1] * v;
-      break;
-    }
-    case kFixed: {
-      scale = p[0];
-      const T lim = T(int64_t(1) << (b - 1));
-      const T m = clampv(T(std::nearbyint(safe_div(x, scale))), -lim, lim - T(1));
-      r.q = m * scale;
-      break;
-    }
-    case kResidual: {
-      T rr = x, q = T(0), s_prev = T(0);
-      for (int i = 0; i < b; ++i) {
-        const T s = p[i] * sgn_le0_neg(rr);
-        q = q + s;
-        rr = rr - s;
-        s_prev = s;
-      }
-      r.q = q;
-      if (NEED_D) {
-        const T s_next = p[b] * sgn_le0_neg(rr);
-        r.d = T(0.5) * (s_prev + s_next);
-      }
-      break;
-    }
-    case kZoom: {
-      const T mn = p[0];
-      scale = p[1];
-      const T top = T((int64_t(1) << b) - 1);
-      const T k = clampv(T(std::floor(safe_div(x - mn, scale))), T(0), top);
-      r.q = mn + scale * (k + T(0.5));
-      break;
-    }
-    case kClip: {
-      scale = p[0];
-      const T lim = T(int64_t(1) << (b - 1));
-      const T k = clampv(T(std::nearbyint(safe_div(x, scale) - T(0.5))), -lim, lim - T(1));
-      r.q = scale * (k + T(0.5));
-      const T edge = (lim - T(0.5)) * scale;
-      masked = true;
-      r.ste = (x >= -edge) && (x <= edge);
-      break;
-    }
-    case kPot: {
-      scale = p[0];
-      const T u = safe_div(x, scale);
-      const T a = std::fabs(u);
-      const int lmax = (1 << (b - 1)) - 1;
-      int l;
-      if (std::isinf(a)) {
-        l = lmax;
-      } else {
-        int e = 0;
-        const T f = std::frexp(a, &e);
-        l = e - 1 + (SqrtHalf<T>::up(f) ? 1 : 0);
-      }
-      l = l < 0 ? 0 : (l > lmax ? lmax : l);
-      const T mag = l == 0 ? T(0.5) : T(int64_t(1) << l);
-      r.q = scale * sign0(u) * mag;
-      break;
-    }
-    default:
-      break;
+    r.q = q;
+    if (NEED_D) r.d = T(0.5) * (s_prev + p[b] * sgn_le0_neg(rr));
+  } else if constexpr (SID == kZoom) {
+    const T mn = p[0];
+    scale = p[1];
+    const T top = T((int64_t(1) << b) - 1);
+    r.q = mn + scale * (floor_clamped_nonneg(safe_div(x - mn, scale), top) + T(0.5));
+  } else if constexpr (SID == kClip) {
+    scale = p[0];
+    const T lim = T(int64_t(1) << (b - 1));
+    r.q = scale * (round_clamped(safe_div(x, scale) - T(0.5), -lim, lim - T(1)) + T(0.5));
+    const T edge = (lim - T(0.5)) * scale;
+    masked = true;
+    r.ste = (x >= -edge) && (x <= edge);
+  } else if constexpr (SID == kPot) {
+    scale = p[0];
+    const T u = safe_div(x, scale);
+    const T a = u < T(0) ? -u : u;
+    const int32_t l = pot_level(a, (1 << (b - 1)) - 1);
+    r.q = scale * sign0(u) * pot_magnitude<T>(l);
   }
   if (x != x) r.q = x;  // NaN propagates
   if (!masked) r.ste = finite;
   if (NEED_D) {
-    if (scale >= T(0)) {  // a scale scheme
-      r.d = scale > T(0) ? cb * (r.q - (r.ste ? x : T(0))) : T(0);
-    } else if (sid != kResidual) {
-      r.d = T(0);
-    }
+    if (scale >= T(0)) r.d = scale > T(0) ? cb * (r.q - (r.ste ? x : T(0))) : T(0);
     if (!finite) r.d = T(0);
   }
   return r;
+}
+
+// Runtime-dispatched version (one switch per element: fine on GPU, used by scalar code).
+template <typename T, bool NEED_D>
+C10_HOST_DEVICE inline Eval<T> eval_scheme(int64_t sid, T x, const T* p, int b, T cb) {
+  switch (sid) {
+    case kBinary: return eval_sid<kBinary, T, NEED_D>(x, p, b, cb);
+    case kTernary: return eval_sid<kTernary, T, NEED_D>(x, p, b, cb);
+    case kQuaternary: return eval_sid<kQuaternary, T, NEED_D>(x, p, b, cb);
+    case kFixed: return eval_sid<kFixed, T, NEED_D>(x, p, b, cb);
+    case kResidual: return eval_sid<kResidual, T, NEED_D>(x, p, b, cb);
+    case kZoom: return eval_sid<kZoom, T, NEED_D>(x, p, b, cb);
+    case kClip: return eval_sid<kClip, T, NEED_D>(x, p, b, cb);
+    default: return eval_sid<kPot, T, NEED_D>(x, p, b, cb);
+  }
 }
 
 }  // namespace autoqnn
