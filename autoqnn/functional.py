@@ -112,7 +112,7 @@ def _torch_impl(x, weights, bits_t, ints, sids, per_channel, params):
         if weights is not None:
             yk = yk * weights[k].to(cd)
         y = yk if y is None else y + yk
-    return y.reshape(x.shape).to(x.dtype)
+    return y.reshape(x.shape).to(x.dtype).contiguous()
 
 
 def quantize(

@@ -154,7 +154,12 @@ def resolve_bits(schemes: Sequence, bits) -> list[int]:
     infos = [scheme_info(s) for s in schemes]
     if bits is None:
         return [i.default_bits for i in infos]
-    if isinstance(bits, (int, float)) and not isinstance(bits, bool):
+    if isinstance(bits, bool):
+        raise ValueError(
+            f"bits must be an integer, got {bits!r}; ranges: "
+            + ", ".join(f"'{i.name}' {i.bits_range}" for i in infos)
+        )
+    if isinstance(bits, (int, float)):
         out = []
         for i in infos:
             if i.multi_bit or len(infos) == 1:

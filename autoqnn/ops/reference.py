@@ -18,7 +18,8 @@ Conventions shared by all kernels (C++, CUDA, Triton must match them):
 * STE: ∂y/∂x = 1, except ClipQ: 1 inside [−(2^{b−1}−½)α, (2^{b−1}−½)α], 0 outside; the
   gradient is 0 at non-finite x (those elements carry no information).
 * Bitwidth derivative D = ∂y/∂b (SPEC 4.1): for the scale schemes (fixed, zoom, clip, pot)
-  ``D = c_b·(y − mask·x)`` with ``c_b = −ln2·2^b/(2^b−1)`` (= ∂y/∂α·∂α/∂b); for ResQ, which has
+  ``D = c_b·(y − x)`` with ``c_b = −ln2·2^b/(2^b−1)`` (= ∂y/∂α·∂α/∂b with the STE ∂Φ/∂u = 1 on
+  every element, ClipQ's clipped ones included); for ResQ, which has
   no single scale, the centred difference ``D = (q_{b+1} − q_{b−1})/2 = (s_b + s_{b+1})/2`` with
   ``s_i = α_i·sgn(r_i)``; 0 for the fixed-bit schemes, for non-finite x and where the scale is 0.
 """
@@ -71,10 +72,10 @@ def num_channels(x: torch.Tensor, per_channel: bool) -> int:
 
 
 def _rows(x: torch.Tensor, per_channel: bool) -> torch.Tensor:
-    """x as [C, N] in the compute dtype (a copy only where needed)."""
+    """x as a contiguous [C, N] tensor in the compute dtype (a copy only where needed)."""
     C = num_channels(x, per_channel)
     n = x.numel() // C if C else 0
-    return x.detach().to(compute_dtype(x.dtype)).reshape(C, n)
+    return x.detach().to(compute_dtype(x.dtype)).contiguous().reshape(C, n)
 
 
 def int_bits(bits: torch.Tensor, schemes: Sequence[int]) -> list[int]:
@@ -138,9 +139,11 @@ def params_rows(x2: torch.Tensor, b_int: Sequence[int], schemes: Sequence[int]) 
     ax = xf.abs()  # |x| with non-finite -> 0 (excluded through `fin` / n)
     mean_abs = _safe_div(s1, n)
     mean = _safe_div(sx, n)
-    dev = torch.where(fin, x2 - mean[:, None], 0)
-    var = torch.where(n > 1, (dev * dev).sum(1) / torch.clamp(n - 1, min=1), 0)
-    sigma = var.sqrt()
+    # Σ(x − mean)² accumulated in float64 (as the C++ kernel does): in float32 it overflows for
+    # finite |x| ≳ 1e19; σ itself is then representable again.
+    dev = torch.where(fin, x2 - mean[:, None], 0).double()
+    var = torch.where(n > 1, (dev * dev).sum(1) / torch.clamp(n.double() - 1, min=1), 0)
+    sigma = var.sqrt().to(cd)
     for k, (sid, b) in enumerate(zip(schemes, b_int)):
         name = scheme_info(sid).name
         p = out[k]
@@ -248,8 +251,11 @@ def eval_scheme(
     q = torch.where(nan, x2, q)
     if need_dbits and D is None:
         if scale is not None:
-            xm = x2 if mask is None else torch.where(mask, x2, 0)
-            D = torch.where(scale > 0, bits_scale_factor(b) * (q - xm), 0)
+            # ∂y/∂α·α = Φ(u)·α − u·α·∂Φ/∂u = q − x with the STE ∂Φ/∂u = 1 on every element (SPEC
+            # 4.1 [SEED]), ClipQ's clipped elements included: its x-gradient mask is not applied
+            # here. The LSQ-style alternative (the clip level outside the range) gives ClipQ the
+            # wrong sign against finite differences at the table's α (tests/test_bits_grad.py).
+            D = torch.where(scale > 0, bits_scale_factor(b) * (q - x2), 0)
         else:
             D = torch.zeros_like(x2)
     if D is not None:

@@ -175,7 +175,7 @@ void fill_params(const scalar_t* x, const Layout& L, at::IntArrayRef schemes,
   });
   for (int64_t c = 0; c < C; ++c) {
     const double n = st[c][0];
-    sigma[c] = static_cast<T>(n > 1 ? std::sqrt(static_cast<double>(static_cast<T>(p2[c][0] / (n - 1)))) : 0.0);
+    sigma[c] = static_cast<T>(n > 1 ? std::sqrt(p2[c][0] / (n - 1)) : 0.0);
     s_quat[c] = static_cast<T>(kQuaternaryLambda) * sigma[c];
   }
   // Pass 3: quaternary least-squares scale.

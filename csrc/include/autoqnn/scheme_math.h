@@ -244,7 +244,8 @@ C10_HOST_DEVICE inline Eval<T> eval_sid(T x, const T* p, int b, T cb) {
   if (x != x) r.q = x;  // NaN propagates
   if (!masked) r.ste = finite;
   if (NEED_D) {
-    if (scale >= T(0)) r.d = scale > T(0) ? cb * (r.q - (r.ste ? x : T(0))) : T(0);
+    // STE dPhi/du = 1 on every element (ClipQ's clipped ones too): d = cb * (q - x).
+    if (scale >= T(0)) r.d = scale > T(0) ? cb * (r.q - x) : T(0);
     if (!finite) r.d = T(0);
   }
   return r;

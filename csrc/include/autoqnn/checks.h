@@ -1,0 +1,37 @@
+// SPDX-License-Identifier: MIT
+// Argument checks shared by the host functions of the C++/CUDA kernels. User errors use
+// TORCH_CHECK* (they reach Python as RuntimeError / TypeError with this message); device or
+// layout invariants the dispatcher already guarantees use TORCH_INTERNAL_ASSERT.
+#pragma once
+
+#include <ATen/core/Tensor.h>
+#include <c10/core/ScalarType.h>
+#include <c10/util/Exception.h>
+
+#include <cstdint>
+
+namespace autoqnn {
+
+// Input dtypes every kernel accepts.
+inline bool is_kernel_float(at::ScalarType s) {
+  return s == at::kFloat || s == at::kHalf || s == at::kBFloat16 || s == at::kDouble;
+}
+
+// TypeError naming the dtype, e.g. "autoqnn::tensor_stats: x has dtype torch.int64; ...".
+inline void check_float_input(const at::Tensor& t, const char* op, const char* name) {
+  TORCH_CHECK_TYPE(is_kernel_float(t.scalar_type()), "autoqnn::", op, ": ", name,
+                   " has dtype torch.", c10::getDtypeNames(t.scalar_type()).first,
+                   "; expected float32, float16, bfloat16 or float64");
+}
+
+// Statistics (and every accumulation) are float64 for float64 inputs, float32 otherwise.
+inline at::ScalarType stats_dtype(at::ScalarType s) {
+  return s == at::kDouble ? at::kDouble : at::kFloat;
+}
+
+// Rows of per-channel statistics: channels = dim 0; 0-d tensors are per-tensor (one row).
+inline int64_t num_channels(const at::Tensor& x, bool per_channel) {
+  return (per_channel && x.dim() > 0) ? x.size(0) : 1;
+}
+
+}  // namespace autoqnn
