@@ -318,14 +318,15 @@ __attribute__((noinline, noclone)) void eval_tile(const T* __restrict x, int64_t
     for (int64_t j = 0; j < n; ++j) {
       const bool fin = (x[j] - x[j]) == T(0);
       q[j] = x[j] != x[j] ? x[j] : q[j];
-      ste[j] = fin ? T(1) : T(0);
       if constexpr (ND) d[j] = fin ? T(0.5) * (sp[j] + (r[j] > T(0) ? an : -an)) : T(0);
     }
   } else {
+    // ste is only consumed for ClipQ (the other schemes' STE is "x is finite", applied once in
+    // the grad_x loop); not storing it elsewhere keeps GCC's if-conversion and vectoriser happy.
     for (int64_t j = 0; j < n; ++j) {
       const auto r = eval_sid<SID, T, ND>(x[j], p, b, cb);
       q[j] = r.q;
-      ste[j] = static_cast<T>(r.ste);
+      if constexpr (SID == kClip) ste[j] = r.ste ? T(1) : T(0);
       if constexpr (ND) d[j] = r.d;
     }
   }
