@@ -79,64 +79,106 @@ void for_each_chunk(const Layout& L, F f) {
 int64_t chunks_per_row(const Layout& L) { return L.N > 0 ? (L.N + kChunk - 1) / kChunk : 0; }
 
 // ----------------------------------------------------------------------------- statistics
-// Pass 1 per row: n, sum|x|, sum x, sum x^2, min, max, max|x| over finite elements.
-template <typename scalar_t>
-std::vector<std::array<double, kNumStats>> row_stats(const scalar_t* x, const Layout& L) {
+constexpr int64_t kTile = 256;  // elements per tile (fits L1 with a few temporaries)
+constexpr int kLanes = 8;       // independent accumulators per tile: vectorises w/o reassociation
+
+// Reduces every row of x ([C, N], contiguous) in fixed chunks and fixed tiles: tile_fn(c, xt, n,
+// acc) adds a tile's contribution to acc[NACC] (double); chunks are merged per row in chunk
+// order with merge(into, from). Deterministic whatever the number of threads.
+template <int NACC, typename scalar_t, typename Init, typename TileFn, typename Merge>
+std::vector<std::array<double, NACC>> row_reduce(const scalar_t* x, const Layout& L, Init init,
+                                                 TileFn tile_fn, Merge merge) {
   using T = at::opmath_type<scalar_t>;
   const int64_t per_row = chunks_per_row(L);
-  const double inf = std::numeric_limits<double>::infinity();
-  std::vector<std::array<double, kNumStats>> part(L.C * per_row);
+  std::vector<std::array<double, NACC>> part(L.C * per_row);
   for_each_chunk(L, [&](int64_t c, int64_t b, int64_t e, int64_t t) {
+    std::array<double, NACC> acc = init();
+    alignas(64) T xt[kTile];
     const scalar_t* xr = x + c * L.N;
-    double n = 0, s1 = 0, sx = 0, s2 = 0, mn = inf, mx = -inf, ma = 0;
-    for (int64_t i = b; i < e; ++i) {
-      const T v = static_cast<T>(xr[i]);
-      if (!std::isfinite(v)) continue;
-      const double d = v;
-      n += 1;
-      s1 += std::fabs(d);
-      sx += d;
-      s2 += d * d;
-      mn = std::min(mn, d);
-      mx = std::max(mx, d);
-      ma = std::max(ma, std::fabs(d));
+    for (int64_t t0 = b; t0 < e; t0 += kTile) {
+      const int64_t n = std::min(kTile, e - t0);
+      for (int64_t j = 0; j < n; ++j) xt[j] = static_cast<T>(xr[t0 + j]);
+      tile_fn(c, xt, n, acc.data());
     }
-    part[t] = {n, s1, sx, s2, mn, mx, ma};
+    part[t] = acc;
   });
-  std::vector<std::array<double, kNumStats>> out(L.C);
+  std::vector<std::array<double, NACC>> out(L.C);
   for (int64_t c = 0; c < L.C; ++c) {
-    std::array<double, kNumStats> a = {0, 0, 0, 0, inf, -inf, 0};
-    for (int64_t j = 0; j < per_row; ++j) {
-      const auto& p = part[c * per_row + j];
-      for (int s = 0; s < 4; ++s) a[s] += p[s];
-      a[4] = std::min(a[4], p[4]);
-      a[5] = std::max(a[5], p[5]);
-      a[6] = std::max(a[6], p[6]);
-    }
-    if (a[0] == 0) a[4] = a[5] = a[6] = 0;
+    std::array<double, NACC> a = init();
+    for (int64_t j = 0; j < per_row; ++j) merge(a, part[c * per_row + j]);
     out[c] = a;
   }
   return out;
 }
 
-// Sums of up to NACC per-element terms per row, deterministic.
-template <int NACC, typename scalar_t, typename F>
-std::vector<std::array<double, NACC>> row_sums(const scalar_t* x, const Layout& L, F term) {
-  const int64_t per_row = chunks_per_row(L);
-  std::vector<std::array<double, NACC>> part(L.C * per_row);
-  for_each_chunk(L, [&](int64_t c, int64_t b, int64_t e, int64_t t) {
-    std::array<double, NACC> acc{};
-    const scalar_t* xr = x + c * L.N;
-    for (int64_t i = b; i < e; ++i) term(c, xr[i], acc);
-    part[t] = acc;
-  });
-  std::vector<std::array<double, NACC>> out(L.C);
-  for (int64_t c = 0; c < L.C; ++c) {
-    std::array<double, NACC> a{};
-    for (int64_t j = 0; j < per_row; ++j)
-      for (int s = 0; s < NACC; ++s) a[s] += part[c * per_row + j][s];
-    out[c] = a;
-  }
+template <int NACC>
+auto zeros_init() {
+  return [] { return std::array<double, NACC>{}; };
+}
+
+template <int NACC>
+auto sum_merge() {
+  return [](std::array<double, NACC>& a, const std::array<double, NACC>& b) {
+    for (int s = 0; s < NACC; ++s) a[s] += b[s];
+  };
+}
+
+// Sum of v[0..n) with kLanes float (or double) lanes, combined in double.
+template <typename A>
+inline double lane_sum(const A* v, int64_t n) {
+  A lane[kLanes] = {};
+  int64_t j = 0;
+  for (; j + kLanes <= n; j += kLanes)
+    for (int l = 0; l < kLanes; ++l) lane[l] += v[j + l];
+  double s = 0;
+  for (int l = 0; l < kLanes; ++l) s += lane[l];
+  for (; j < n; ++j) s += v[j];
+  return s;
+}
+
+// Pass 1 per row: n, sum|x|, sum x, min, max, max|x| over finite elements.
+enum { kSN = 0, kSAbs, kSSum, kSMin, kSMax, kSMaxAbs, kP1 };
+
+template <typename scalar_t>
+std::vector<std::array<double, kP1>> row_stats(const scalar_t* x, const Layout& L) {
+  using T = at::opmath_type<scalar_t>;
+  const double inf = std::numeric_limits<double>::infinity();
+  auto init = [inf] { return std::array<double, kP1>{0, 0, 0, inf, -inf, 0}; };
+  auto tile = [](int64_t, const T* xt, int64_t n, double* acc) {
+    alignas(64) T fin[kTile], ab[kTile], vf[kTile];
+    const T big = std::numeric_limits<T>::max();
+    T mn = big, mx = -big, ma = T(0);
+    for (int64_t j = 0; j < n; ++j) {
+      const T v = xt[j];
+      const bool f = (v - v) == T(0);
+      fin[j] = f ? T(1) : T(0);
+      vf[j] = f ? v : T(0);
+      ab[j] = vf[j] < T(0) ? -vf[j] : vf[j];
+    }
+    for (int64_t j = 0; j < n; ++j) {  // min/max reductions are exact in any order
+      const bool f = fin[j] != T(0);
+      mn = std::min(mn, f ? xt[j] : big);
+      mx = std::max(mx, f ? xt[j] : -big);
+      ma = std::max(ma, ab[j]);
+    }
+    acc[kSN] += lane_sum(fin, n);
+    acc[kSAbs] += lane_sum(ab, n);
+    acc[kSSum] += lane_sum(vf, n);
+    acc[kSMin] = std::min<double>(acc[kSMin], mn);
+    acc[kSMax] = std::max<double>(acc[kSMax], mx);
+    acc[kSMaxAbs] = std::max<double>(acc[kSMaxAbs], ma);
+  };
+  auto merge = [](std::array<double, kP1>& a, const std::array<double, kP1>& b) {
+    a[kSN] += b[kSN];
+    a[kSAbs] += b[kSAbs];
+    a[kSSum] += b[kSSum];
+    a[kSMin] = std::min(a[kSMin], b[kSMin]);
+    a[kSMax] = std::max(a[kSMax], b[kSMax]);
+    a[kSMaxAbs] = std::max(a[kSMaxAbs], b[kSMaxAbs]);
+  };
+  auto out = row_reduce<kP1, scalar_t>(x, L, init, tile, merge);
+  for (auto& a : out)
+    if (a[kSN] == 0) a[kSMin] = a[kSMax] = a[kSMaxAbs] = 0;
   return out;
 }
 
@@ -157,52 +199,91 @@ void fill_params(const scalar_t* x, const Layout& L, at::IntArrayRef schemes,
   // Values the dependent passes compare against, rounded to T like the reference computes them.
   std::vector<T> mean(C), mean_abs(C), delta(C), sigma(C), s_quat(C);
   for (int64_t c = 0; c < C; ++c) {
-    const double n = st[c][0];
-    mean[c] = static_cast<T>(n > 0 ? st[c][2] / n : 0.0);
-    mean_abs[c] = static_cast<T>(n > 0 ? st[c][1] / n : 0.0);
+    const double n = st[c][kSN];
+    mean[c] = static_cast<T>(n > 0 ? st[c][kSSum] / n : 0.0);
+    mean_abs[c] = static_cast<T>(n > 0 ? st[c][kSAbs] / n : 0.0);
     delta[c] = static_cast<T>(kTernaryDelta) * mean_abs[c];
   }
-  // Pass 2: variance (two-pass, like torch.std), ternary masked mean.
-  auto p2 = row_sums<3, scalar_t>(x, L, [&](int64_t c, scalar_t xv, std::array<double, 3>& a) {
-    const T v = static_cast<T>(xv);
-    if (!std::isfinite(v)) return;
-    const T dv = v - mean[c];
-    a[0] += static_cast<double>(dv) * dv;
-    if (need_ter && std::fabs(v) > delta[c]) {
-      a[1] += std::fabs(static_cast<double>(v));
-      a[2] += 1;
-    }
-  });
+  // Pass 2: variance (two-pass like torch.std; squares in double so |x| ~ 1e19 cannot overflow)
+  // and the ternary masked mean.
+  auto p2 = row_reduce<3, scalar_t>(
+      x, L, zeros_init<3>(),
+      [&](int64_t c, const T* xt, int64_t n, double* acc) {
+        alignas(64) double sq[kTile];
+        alignas(64) T ta[kTile], tc[kTile];
+        const T m = mean[c], d = delta[c];
+        for (int64_t j = 0; j < n; ++j) {
+          const T v = xt[j];
+          const bool f = (v - v) == T(0);
+          const double dv = f ? static_cast<double>(v - m) : 0.0;
+          sq[j] = dv * dv;
+          const T a = v < T(0) ? -v : v;
+          const bool sel = f & (a > d);
+          ta[j] = sel ? a : T(0);
+          tc[j] = sel ? T(1) : T(0);
+        }
+        acc[0] += lane_sum(sq, n);
+        if (need_ter) {
+          acc[1] += lane_sum(ta, n);
+          acc[2] += lane_sum(tc, n);
+        }
+      },
+      sum_merge<3>());
   for (int64_t c = 0; c < C; ++c) {
-    const double n = st[c][0];
+    const double n = st[c][kSN];
     sigma[c] = static_cast<T>(n > 1 ? std::sqrt(p2[c][0] / (n - 1)) : 0.0);
     s_quat[c] = static_cast<T>(kQuaternaryLambda) * sigma[c];
   }
-  // Pass 3: quaternary least-squares scale.
+  // Pass 3: quaternary least-squares scale <x,v>/<v,v>.
   std::vector<std::array<double, 2>> p3(C);
   if (need_quat) {
-    p3 = row_sums<2, scalar_t>(x, L, [&](int64_t c, scalar_t xv, std::array<double, 2>& a) {
-      const T v = static_cast<T>(xv);
-      if (!std::isfinite(v)) return;
-      const T q = detail::clampv(T(std::nearbyint(detail::safe_div(v, s_quat[c]))), T(-2), T(1));
-      a[0] += static_cast<double>(v) * q;
-      a[1] += static_cast<double>(q) * q;
-    });
+    p3 = row_reduce<2, scalar_t>(
+        x, L, zeros_init<2>(),
+        [&](int64_t c, const T* xt, int64_t n, double* acc) {
+          alignas(64) T xv[kTile], vv[kTile];
+          const T s = s_quat[c];
+          for (int64_t j = 0; j < n; ++j) {
+            const T v = xt[j];
+            const bool f = (v - v) == T(0);
+            const T q = detail::round_clamped(detail::safe_div(v, s), T(-2), T(1));
+            xv[j] = f ? v * q : T(0);
+            vv[j] = f ? q * q : T(0);
+          }
+          acc[0] += lane_sum(xv, n);
+          acc[1] += lane_sum(vv, n);
+        },
+        sum_merge<2>());
   }
   // ResQ: alpha_1 = mean|x|, alpha_{i+1} = mean | |r_i| - alpha_i | (one pass each).
   std::vector<std::vector<T>> ralpha(C);
   if (res_bits > 0) {
     for (int64_t c = 0; c < C; ++c) ralpha[c].push_back(mean_abs[c]);
     for (int i = 1; i <= res_bits; ++i) {
-      auto pr = row_sums<1, scalar_t>(x, L, [&](int64_t c, scalar_t xv, std::array<double, 1>& a) {
-        const T v = static_cast<T>(xv);
-        if (!std::isfinite(v)) return;
-        T r = std::fabs(v);
-        for (int j = 0; j < i; ++j) r = std::fabs(r - ralpha[c][j]);
-        a[0] += r;
-      });
+      auto pr = row_reduce<1, scalar_t>(
+          x, L, zeros_init<1>(),
+          [&](int64_t c, const T* xt, int64_t n, double* acc) {
+            alignas(64) T r[kTile];
+            for (int64_t j = 0; j < n; ++j) {
+              const T v = xt[j];
+              const bool f = (v - v) == T(0);
+              r[j] = f ? (v < T(0) ? -v : v) : T(0);
+            }
+            for (int jj = 0; jj < i; ++jj) {
+              const T a = ralpha[c][jj];
+              for (int64_t j = 0; j < n; ++j) {
+                const T d = r[j] - a;
+                r[j] = d < T(0) ? -d : d;
+              }
+            }
+            for (int64_t j = 0; j < n; ++j) {  // non-finite elements count for nothing
+              const T v = xt[j];
+              r[j] = (v - v) == T(0) ? r[j] : T(0);
+            }
+            acc[0] += lane_sum(r, n);
+          },
+          sum_merge<1>());
       for (int64_t c = 0; c < C; ++c) {
-        const double n = st[c][0];
+        const double n = st[c][kSN];
         ralpha[c].push_back(static_cast<T>(n > 0 ? pr[c][0] / n : 0.0));
       }
     }
@@ -211,7 +292,6 @@ void fill_params(const scalar_t* x, const Layout& L, at::IntArrayRef schemes,
     const int b = bits[k];
     for (int64_t c = 0; c < C; ++c) {
       T* p = out + (k * C + c) * kNumParams;
-      const double n = st[c][0];
       switch (schemes[k]) {
         case kBinary: p[0] = mean_abs[c]; break;
         case kTernary:
@@ -223,7 +303,7 @@ void fill_params(const scalar_t* x, const Layout& L, at::IntArrayRef schemes,
           p[1] = static_cast<T>(p3[c][1] > 0 ? p3[c][0] / p3[c][1] : 0.0);
           break;
         case kFixed: {
-          const T ma = static_cast<T>(st[c][6]);
+          const T ma = static_cast<T>(st[c][kSMaxAbs]);
           int e = 0;
           std::frexp(ma, &e);
           p[0] = ma > T(0) ? static_cast<T>(std::ldexp(1.0, e + 1 - b)) : T(0);
@@ -233,7 +313,7 @@ void fill_params(const scalar_t* x, const Layout& L, at::IntArrayRef schemes,
           for (int i = 0; i <= b; ++i) p[i] = ralpha[c][i];
           break;
         case kZoom: {
-          const T mn = static_cast<T>(st[c][4]), mx = static_cast<T>(st[c][5]);
+          const T mn = static_cast<T>(st[c][kSMin]), mx = static_cast<T>(st[c][kSMax]);
           p[0] = mn;
           p[1] = (mx - mn) / static_cast<T>(std::ldexp(1.0, b));
           break;
@@ -242,7 +322,6 @@ void fill_params(const scalar_t* x, const Layout& L, at::IntArrayRef schemes,
         case kPot: p[0] = static_cast<T>(kPotLambda[b]) * sigma[c]; break;
         default: break;
       }
-      (void)n;
     }
   }
 }
@@ -293,7 +372,6 @@ std::vector<double> host_weights(const at::Tensor& w, int64_t K) {
 
 // ---- tiles: each candidate is evaluated over a tile of elements with its scheme known at compile
 // time, so the loops vectorise (see scheme_math.h: no libm calls in the per-element math).
-constexpr int64_t kTile = 256;
 
 template <int SID, typename T, bool ND>
 __attribute__((noinline, noclone)) void eval_tile(const T* __restrict x, int64_t n, const T* p, int b, T cb, T* __restrict q,
@@ -323,10 +401,16 @@ __attribute__((noinline, noclone)) void eval_tile(const T* __restrict x, int64_t
   } else {
     // ste is only consumed for ClipQ (the other schemes' STE is "x is finite", applied once in
     // the grad_x loop); not storing it elsewhere keeps GCC's if-conversion and vectoriser happy.
+    // ClipQ's mask |x| <= (2^(b-1) - 1/2)*alpha is recomputed here rather than read from
+    // Eval::ste: GCC vectorises this form and not the other (same value, NaN -> 0).
+    const T edge = SID == kClip ? (T(int64_t(1) << (b - 1)) - T(0.5)) * p[0] : T(0);
     for (int64_t j = 0; j < n; ++j) {
       const auto r = eval_sid<SID, T, ND>(x[j], p, b, cb);
       q[j] = r.q;
-      if constexpr (SID == kClip) ste[j] = r.ste ? T(1) : T(0);
+      if constexpr (SID == kClip) {
+        const T ax = x[j] < T(0) ? -x[j] : x[j];
+        ste[j] = ax <= edge ? T(1) : T(0);
+      }
       if constexpr (ND) d[j] = r.d;
     }
   }

@@ -233,7 +233,8 @@ C10_HOST_DEVICE inline Eval<T> eval_sid(T x, const T* p, int b, T cb) {
     r.q = scale * (round_clamped(safe_div(x, scale) - T(0.5), -lim, lim - T(1)) + T(0.5));
     const T edge = (lim - T(0.5)) * scale;
     masked = true;
-    r.ste = (x >= -edge) & (x <= edge);  // no short-circuit: keeps the loop branch-free
+    const T ax = x < T(0) ? -x : x;
+    r.ste = ax <= edge;  // one comparison (NaN -> false): keeps the loop branch-free
   } else if constexpr (SID == kPot) {
     scale = p[0];
     const T u = safe_div(x, scale);
