@@ -18,6 +18,15 @@
 
 #include "autoqnn/scheme_math.h"
 
+// Hot tile loops are compiled for baseline x86-64 (SSE2) and, dispatched at load time by the
+// CPU's features (GCC/clang function multiversioning, like ATen's CPU_CAPABILITY), for AVX2 and
+// AVX-512: no -march=native, so the module runs on any x86-64 and uses what the CPU has.
+#if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__)) && !defined(AUTOQNN_NO_CLONES)
+#define AUTOQNN_TILE_FN __attribute__((noinline, target_clones("default", "arch=x86-64-v3", "arch=x86-64-v4")))
+#else
+#define AUTOQNN_TILE_FN __attribute__((noinline))
+#endif
+
 namespace autoqnn {
 namespace {
 
@@ -139,35 +148,38 @@ inline double lane_sum(const A* v, int64_t n) {
 // Pass 1 per row: n, sum|x|, sum x, min, max, max|x| over finite elements.
 enum { kSN = 0, kSAbs, kSSum, kSMin, kSMax, kSMaxAbs, kP1 };
 
+template <typename T>
+AUTOQNN_TILE_FN void stats_tile(const T* __restrict xt, int64_t n, double* acc) {
+  alignas(64) T fin[kTile], ab[kTile], vf[kTile];
+  const T big = std::numeric_limits<T>::max();
+  T mn = big, mx = -big, ma = T(0);
+  for (int64_t j = 0; j < n; ++j) {
+    const T v = xt[j];
+    const bool f = (v - v) == T(0);
+    fin[j] = f ? T(1) : T(0);
+    vf[j] = f ? v : T(0);
+    ab[j] = vf[j] < T(0) ? -vf[j] : vf[j];
+  }
+  for (int64_t j = 0; j < n; ++j) {  // min/max reductions are exact in any order
+    const bool f = fin[j] != T(0);
+    mn = std::min(mn, f ? xt[j] : big);
+    mx = std::max(mx, f ? xt[j] : -big);
+    ma = std::max(ma, ab[j]);
+  }
+  acc[kSN] += lane_sum(fin, n);
+  acc[kSAbs] += lane_sum(ab, n);
+  acc[kSSum] += lane_sum(vf, n);
+  acc[kSMin] = std::min<double>(acc[kSMin], mn);
+  acc[kSMax] = std::max<double>(acc[kSMax], mx);
+  acc[kSMaxAbs] = std::max<double>(acc[kSMaxAbs], ma);
+}
+
 template <typename scalar_t>
 std::vector<std::array<double, kP1>> row_stats(const scalar_t* x, const Layout& L) {
   using T = at::opmath_type<scalar_t>;
   const double inf = std::numeric_limits<double>::infinity();
   auto init = [inf] { return std::array<double, kP1>{0, 0, 0, inf, -inf, 0}; };
-  auto tile = [](int64_t, const T* xt, int64_t n, double* acc) {
-    alignas(64) T fin[kTile], ab[kTile], vf[kTile];
-    const T big = std::numeric_limits<T>::max();
-    T mn = big, mx = -big, ma = T(0);
-    for (int64_t j = 0; j < n; ++j) {
-      const T v = xt[j];
-      const bool f = (v - v) == T(0);
-      fin[j] = f ? T(1) : T(0);
-      vf[j] = f ? v : T(0);
-      ab[j] = vf[j] < T(0) ? -vf[j] : vf[j];
-    }
-    for (int64_t j = 0; j < n; ++j) {  // min/max reductions are exact in any order
-      const bool f = fin[j] != T(0);
-      mn = std::min(mn, f ? xt[j] : big);
-      mx = std::max(mx, f ? xt[j] : -big);
-      ma = std::max(ma, ab[j]);
-    }
-    acc[kSN] += lane_sum(fin, n);
-    acc[kSAbs] += lane_sum(ab, n);
-    acc[kSSum] += lane_sum(vf, n);
-    acc[kSMin] = std::min<double>(acc[kSMin], mn);
-    acc[kSMax] = std::max<double>(acc[kSMax], mx);
-    acc[kSMaxAbs] = std::max<double>(acc[kSMaxAbs], ma);
-  };
+  auto tile = [](int64_t, const T* xt, int64_t n, double* acc) { stats_tile<T>(xt, n, acc); };
   auto merge = [](std::array<double, kP1>& a, const std::array<double, kP1>& b) {
     a[kSN] += b[kSN];
     a[kSAbs] += b[kSAbs];
@@ -180,6 +192,66 @@ std::vector<std::array<double, kP1>> row_stats(const scalar_t* x, const Layout& 
   for (auto& a : out)
     if (a[kSN] == 0) a[kSMin] = a[kSMax] = a[kSMaxAbs] = 0;
   return out;
+}
+
+// Pass 2 tile: sum (x - mean)^2 (double), ternary sum |x| and count over |x| > delta.
+template <typename T>
+AUTOQNN_TILE_FN void var_ternary_tile(const T* __restrict xt, int64_t n, T m, T d, bool ter, double* acc) {
+  alignas(64) double sq[kTile];
+  alignas(64) T ta[kTile], tc[kTile];
+  for (int64_t j = 0; j < n; ++j) {
+    const T v = xt[j];
+    const bool f = (v - v) == T(0);
+    const double dv = f ? static_cast<double>(v - m) : 0.0;
+    sq[j] = dv * dv;
+    const T a = v < T(0) ? -v : v;
+    const bool sel = f & (a > d);
+    ta[j] = sel ? a : T(0);
+    tc[j] = sel ? T(1) : T(0);
+  }
+  acc[0] += lane_sum(sq, n);
+  if (ter) {
+    acc[1] += lane_sum(ta, n);
+    acc[2] += lane_sum(tc, n);
+  }
+}
+
+// Pass 3 tile: quaternary <x, v> and <v, v> with v = clip(round(x/s), -2, 1).
+template <typename T>
+AUTOQNN_TILE_FN void quaternary_tile(const T* __restrict xt, int64_t n, T s, double* acc) {
+  alignas(64) T xv[kTile], vv[kTile];
+  for (int64_t j = 0; j < n; ++j) {
+    const T v = xt[j];
+    const bool f = (v - v) == T(0);
+    const T q = detail::round_clamped(detail::safe_div(v, s), T(-2), T(1));
+    xv[j] = f ? v * q : T(0);
+    vv[j] = f ? q * q : T(0);
+  }
+  acc[0] += lane_sum(xv, n);
+  acc[1] += lane_sum(vv, n);
+}
+
+// ResQ tile: sum |r_{i+1}| with |r_1| = |x| and |r_{j+1}| = | |r_j| - alpha_j | (finite x only).
+template <typename T>
+AUTOQNN_TILE_FN void residual_tile(const T* __restrict xt, int64_t n, const T* alpha, int i, double* acc) {
+  alignas(64) T r[kTile];
+  for (int64_t j = 0; j < n; ++j) {
+    const T v = xt[j];
+    const bool f = (v - v) == T(0);
+    r[j] = f ? (v < T(0) ? -v : v) : T(0);
+  }
+  for (int jj = 0; jj < i; ++jj) {
+    const T a = alpha[jj];
+    for (int64_t j = 0; j < n; ++j) {
+      const T d = r[j] - a;
+      r[j] = d < T(0) ? -d : d;
+    }
+  }
+  for (int64_t j = 0; j < n; ++j) {  // non-finite elements count for nothing
+    const T v = xt[j];
+    r[j] = (v - v) == T(0) ? r[j] : T(0);
+  }
+  acc[0] += lane_sum(r, n);
 }
 
 template <typename scalar_t>
@@ -209,24 +281,7 @@ void fill_params(const scalar_t* x, const Layout& L, at::IntArrayRef schemes,
   auto p2 = row_reduce<3, scalar_t>(
       x, L, zeros_init<3>(),
       [&](int64_t c, const T* xt, int64_t n, double* acc) {
-        alignas(64) double sq[kTile];
-        alignas(64) T ta[kTile], tc[kTile];
-        const T m = mean[c], d = delta[c];
-        for (int64_t j = 0; j < n; ++j) {
-          const T v = xt[j];
-          const bool f = (v - v) == T(0);
-          const double dv = f ? static_cast<double>(v - m) : 0.0;
-          sq[j] = dv * dv;
-          const T a = v < T(0) ? -v : v;
-          const bool sel = f & (a > d);
-          ta[j] = sel ? a : T(0);
-          tc[j] = sel ? T(1) : T(0);
-        }
-        acc[0] += lane_sum(sq, n);
-        if (need_ter) {
-          acc[1] += lane_sum(ta, n);
-          acc[2] += lane_sum(tc, n);
-        }
+        var_ternary_tile<T>(xt, n, mean[c], delta[c], need_ter, acc);
       },
       sum_merge<3>());
   for (int64_t c = 0; c < C; ++c) {
@@ -239,19 +294,7 @@ void fill_params(const scalar_t* x, const Layout& L, at::IntArrayRef schemes,
   if (need_quat) {
     p3 = row_reduce<2, scalar_t>(
         x, L, zeros_init<2>(),
-        [&](int64_t c, const T* xt, int64_t n, double* acc) {
-          alignas(64) T xv[kTile], vv[kTile];
-          const T s = s_quat[c];
-          for (int64_t j = 0; j < n; ++j) {
-            const T v = xt[j];
-            const bool f = (v - v) == T(0);
-            const T q = detail::round_clamped(detail::safe_div(v, s), T(-2), T(1));
-            xv[j] = f ? v * q : T(0);
-            vv[j] = f ? q * q : T(0);
-          }
-          acc[0] += lane_sum(xv, n);
-          acc[1] += lane_sum(vv, n);
-        },
+        [&](int64_t c, const T* xt, int64_t n, double* acc) { quaternary_tile<T>(xt, n, s_quat[c], acc); },
         sum_merge<2>());
   }
   // ResQ: alpha_1 = mean|x|, alpha_{i+1} = mean | |r_i| - alpha_i | (one pass each).
@@ -262,24 +305,7 @@ void fill_params(const scalar_t* x, const Layout& L, at::IntArrayRef schemes,
       auto pr = row_reduce<1, scalar_t>(
           x, L, zeros_init<1>(),
           [&](int64_t c, const T* xt, int64_t n, double* acc) {
-            alignas(64) T r[kTile];
-            for (int64_t j = 0; j < n; ++j) {
-              const T v = xt[j];
-              const bool f = (v - v) == T(0);
-              r[j] = f ? (v < T(0) ? -v : v) : T(0);
-            }
-            for (int jj = 0; jj < i; ++jj) {
-              const T a = ralpha[c][jj];
-              for (int64_t j = 0; j < n; ++j) {
-                const T d = r[j] - a;
-                r[j] = d < T(0) ? -d : d;
-              }
-            }
-            for (int64_t j = 0; j < n; ++j) {  // non-finite elements count for nothing
-              const T v = xt[j];
-              r[j] = (v - v) == T(0) ? r[j] : T(0);
-            }
-            acc[0] += lane_sum(r, n);
+            residual_tile<T>(xt, n, ralpha[c].data(), i, acc);
           },
           sum_merge<1>());
       for (int64_t c = 0; c < C; ++c) {
@@ -374,7 +400,7 @@ std::vector<double> host_weights(const at::Tensor& w, int64_t K) {
 // time, so the loops vectorise (see scheme_math.h: no libm calls in the per-element math).
 
 template <int SID, typename T, bool ND>
-__attribute__((noinline, noclone)) void eval_tile(const T* __restrict x, int64_t n, const T* p, int b, T cb, T* __restrict q,
+AUTOQNN_TILE_FN void eval_tile(const T* __restrict x, int64_t n, const T* p, int b, T cb, T* __restrict q,
                       T* __restrict ste, T* __restrict d) {
   if constexpr (SID == kResidual) {
     T r[kTile], sp[kTile];
@@ -403,15 +429,19 @@ __attribute__((noinline, noclone)) void eval_tile(const T* __restrict x, int64_t
     // the grad_x loop); not storing it elsewhere keeps GCC's if-conversion and vectoriser happy.
     // ClipQ's mask |x| <= (2^(b-1) - 1/2)*alpha is recomputed here rather than read from
     // Eval::ste: GCC vectorises this form and not the other (same value, NaN -> 0).
-    const T edge = SID == kClip ? (T(int64_t(1) << (b - 1)) - T(0.5)) * p[0] : T(0);
     for (int64_t j = 0; j < n; ++j) {
       const auto r = eval_sid<SID, T, ND>(x[j], p, b, cb);
       q[j] = r.q;
-      if constexpr (SID == kClip) {
-        const T ax = x[j] < T(0) ? -x[j] : x[j];
-        ste[j] = ax <= edge ? T(1) : T(0);
-      }
       if constexpr (ND) d[j] = r.d;
+    }
+    if constexpr (SID == kClip) {
+      if (ste) {  // only the backward needs it; a separate loop so both loops vectorise
+        const T edge = (T(int64_t(1) << (b - 1)) - T(0.5)) * p[0];
+        for (int64_t j = 0; j < n; ++j) {
+          const T ax = x[j] < T(0) ? -x[j] : x[j];
+          ste[j] = ax <= edge ? T(1) : T(0);
+        }
+      }
     }
   }
 }
@@ -463,14 +493,14 @@ at::Tensor forward_impl(const at::Tensor& x_, const at::Tensor& params_, const s
     std::vector<T> wt(K, T(1));
     if (w) for (int64_t k = 0; k < K; ++k) wt[k] = static_cast<T>((*w)[k]);
     for_each_chunk(L, [&](int64_t c, int64_t b, int64_t e, int64_t) {
-      alignas(64) T xt[kTile], yt[kTile], qt[kTile], st[kTile];
+      alignas(64) T xt[kTile], yt[kTile], qt[kTile];
       for (int64_t t0 = b; t0 < e; t0 += kTile) {
         const int64_t n = std::min(kTile, e - t0);
         const scalar_t* xr = xp + c * L.N + t0;
         for (int64_t j = 0; j < n; ++j) xt[j] = static_cast<T>(xr[j]);
         for (int64_t k = 0; k < K; ++k) {
           const T* p = pp + (k * L.C + c) * kNumParams;
-          eval_tile_rt<T, false>(cs.sid[k], xt, n, p, cs.bits[k], T(cs.cb[k]), k == 0 ? yt : qt, st, nullptr);
+          eval_tile_rt<T, false>(cs.sid[k], xt, n, p, cs.bits[k], T(cs.cb[k]), k == 0 ? yt : qt, nullptr, nullptr);
           if (w) {
             const T wk = wt[k];
             if (k == 0)
