@@ -1,0 +1,120 @@
+# SPDX-License-Identifier: MIT
+"""The C++ CPU kernels against the pure-PyTorch reference, op by op: every scheme, dtype and
+awkward shape; bitwise determinism across thread counts; errors raised by the kernels."""
+import pytest
+import torch
+
+from autoqnn import _ext
+from autoqnn.ops import has_kernel
+from autoqnn.ops import reference as ref
+from autoqnn.schemes import WEIGHT_CANDIDATES, scheme_info
+
+pytestmark = pytest.mark.skipif(
+    not (_ext.HAS_EXT and has_kernel("mixture", "CPU")), reason=f"C++ CPU kernels not built: {_ext.LOAD_ERROR}"
+)
+
+OPS = torch.ops.autoqnn
+SIDS = list(range(8))
+DTYPES = [torch.float32, torch.float16, torch.bfloat16, torch.float64]
+# sizes straddle the kernels' tile (256) and chunk (16384) boundaries
+SHAPES = [(1,), (2,), (255,), (257,), (769,), (5125,), (16385,), (16, 3, 3, 3), (3, 7000), (0,), (4, 0)]
+
+
+def _bits(b):
+    return torch.tensor([1, 2, 2, b, b, b, b, min(b, 4)], dtype=torch.float32)
+
+
+def _x(shape, dtype, special=True, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(shape, generator=g) * torch.rand(shape, generator=g).add(0.5)
+    if special and x.numel() > 20:
+        flat = x.view(-1)
+        flat[3], flat[5], flat[7], flat[11] = float("nan"), float("inf"), -float("inf"), 0.0
+    return x.to(dtype)
+
+
+def _close_levels(a, b, frac=1e-3):
+    a, b = a.double(), b.double()
+    ok = torch.isclose(a, b, rtol=1e-5, atol=1e-7, equal_nan=True)
+    bad = int((~ok).sum())
+    assert bad <= max(2, int(frac * a.numel())), f"{bad}/{a.numel()} differ"
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("shape", SHAPES, ids=lambda s: "x".join(map(str, s)))
+@pytest.mark.parametrize("per_channel", [False, True], ids=["tensor", "channel"])
+def test_cpu_kernels_match_reference(dtype, shape, per_channel):
+    x = _x(shape, dtype)
+    gy = _x(shape, dtype, special=False, seed=1)
+    w = torch.softmax(torch.randn(8, generator=torch.Generator().manual_seed(2)), 0)
+    for b in (2, 3, 8):
+        bits = _bits(b)
+        p_cpp = OPS.scheme_params(x, bits, SIDS, per_channel)
+        p_ref = ref.scheme_params_ref(x, bits, SIDS, per_channel)
+        assert p_cpp.dtype == p_ref.dtype and p_cpp.shape == p_ref.shape
+        torch.testing.assert_close(p_cpp, p_ref, rtol=2e-5, atol=1e-7)
+        # the output pass on identical params: levels identical (exact), grads close
+        y = OPS.mixture(x, p_ref, w, bits, SIDS, per_channel)
+        assert y.dtype == dtype and y.shape == x.shape and y.is_contiguous()
+        _close_levels(y, ref.mixture_ref(x, p_ref, w, bits, SIDS, per_channel))
+        got = OPS.mixture_backward(gy, x, p_ref, w, bits, SIDS, per_channel, True, True)
+        exp = ref.mixture_backward_ref(gy, x, p_ref, w, bits, SIDS, per_channel, True, True)
+        _close_levels(got[0], exp[0])
+        torch.testing.assert_close(got[1], exp[1], rtol=1e-3, atol=1e-3, equal_nan=True)  # NaN x -> NaN q
+        torch.testing.assert_close(got[2], exp[2], rtol=1e-3, atol=1e-3)
+        for k in SIDS:
+            pk, bk = p_ref[k : k + 1], bits[k : k + 1]
+            q = OPS.quantize(x, pk, bk, k, per_channel)
+            qr = ref.quantize_ref(x, pk, bk, k, per_channel)
+            if dtype in (torch.float32, torch.float64):  # same params, same math: bit-identical
+                assert torch.equal(q.nan_to_num(), qr.nan_to_num()), scheme_info(k).name
+            else:
+                _close_levels(q, qr)
+            gx, gb = OPS.quantize_backward(gy, x, pk, bk, k, per_channel, True)
+            gxr, gbr = ref.quantize_backward_ref(gy, x, pk, bk, k, per_channel, True)
+            _close_levels(gx, gxr)
+            torch.testing.assert_close(gb, gbr, rtol=1e-3, atol=1e-3)
+
+
+@pytest.mark.parametrize("per_channel", [False, True], ids=["tensor", "channel"])
+def test_cpu_kernels_deterministic_across_threads(per_channel):
+    x = _x((8, 40000), torch.float32)
+    gy = _x((8, 40000), torch.float32, special=False, seed=3)
+    w = torch.softmax(torch.randn(8), 0)
+    bits = _bits(3)
+    old = torch.get_num_threads()
+    outs = []
+    try:
+        for nt in (1, 2):
+            torch.set_num_threads(nt)
+            p = OPS.scheme_params(x, bits, SIDS, per_channel)
+            y = OPS.mixture(x, p, w, bits, SIDS, per_channel)
+            g = OPS.mixture_backward(gy, x, p, w, bits, SIDS, per_channel, True, True)
+            outs.append((p, y) + tuple(g))
+    finally:
+        torch.set_num_threads(old)
+    for a, b in zip(*outs):
+        assert torch.equal(a.nan_to_num(), b.nan_to_num())
+
+
+def test_cpu_kernel_errors():
+    x = torch.randn(10)
+    p = ref.scheme_params_ref(x, _bits(3), SIDS, False)
+    with pytest.raises(TypeError, match="Int"):
+        OPS.mixture(torch.arange(10, dtype=torch.int32), p, torch.ones(8) / 8, _bits(3), SIDS, False)
+    with pytest.raises(ValueError, match="finite"):
+        OPS.scheme_params(x, torch.full((8,), float("nan")), SIDS, False)
+    with pytest.raises(ValueError, match="params must have shape"):
+        OPS.mixture(x, p[:, :, :5], torch.ones(8) / 8, _bits(3), SIDS, False)
+    with pytest.raises(ValueError, match="unknown scheme"):
+        OPS.quantize(x, p[:1], _bits(3)[:1], 11, False)
+
+
+def test_learned_bits_are_clipped_by_the_kernel():
+    x = torch.randn(1000)
+    sid = scheme_info("clip").id
+    hi = OPS.scheme_params(x, torch.tensor([9.4]), [sid], False)
+    assert torch.equal(hi, OPS.scheme_params(x, torch.tensor([8.0]), [sid], False))
+    lo = OPS.scheme_params(x, torch.tensor([1.2]), [sid], False)
+    assert torch.equal(lo, OPS.scheme_params(x, torch.tensor([2.0]), [sid], False))
+    assert WEIGHT_CANDIDATES[sid] == "clip"
