@@ -89,7 +89,7 @@ int64_t chunks_per_row(const Layout& L) { return L.N > 0 ? (L.N + kChunk - 1) / 
 
 // ----------------------------------------------------------------------------- statistics
 constexpr int64_t kTile = 256;  // elements per tile (fits L1 with a few temporaries)
-constexpr int kLanes = 8;       // independent accumulators per tile: vectorises w/o reassociation
+constexpr int kLanes = 16;  // independent accumulators per tile (one AVX-512 register): vectorises w/o reassociation
 
 // Reduces every row of x ([C, N], contiguous) in fixed chunks and fixed tiles: tile_fn(c, xt, n,
 // acc) adds a tile's contribution to acc[NACC] (double); chunks are merged per row in chunk
@@ -134,7 +134,7 @@ auto sum_merge() {
 
 // Sum of v[0..n) with kLanes float (or double) lanes, combined in double.
 template <typename A>
-inline double lane_sum(const A* v, int64_t n) {
+__attribute__((always_inline)) inline double lane_sum(const A* v, int64_t n) {
   A lane[kLanes] = {};
   int64_t j = 0;
   for (; j + kLanes <= n; j += kLanes)
@@ -194,64 +194,65 @@ std::vector<std::array<double, kP1>> row_stats(const scalar_t* x, const Layout& 
   return out;
 }
 
-// Pass 2 tile: sum (x - mean)^2 (double), ternary sum |x| and count over |x| > delta.
+// What one dependent pass computes (each needs only results of earlier passes).
 template <typename T>
-AUTOQNN_TILE_FN void var_ternary_tile(const T* __restrict xt, int64_t n, T m, T d, bool ter, double* acc) {
+struct DepPass {
+  bool var = false;   // sum (x - mean)^2 (double: |x| ~ 1e19 cannot overflow)   -> acc[0]
+  bool ter = false;   // ternary: sum |x| and count over |x| > delta               -> acc[1], acc[2]
+  bool quat = false;  // quaternary: <x, v>, <v, v>, v = clip(round(x/s), -2, 1)  -> acc[3], acc[4]
+  int res = 0;        // ResQ: sum |r_{res+1}|, |r_{j+1}| = | |r_j| - alpha_j |      -> acc[5]
+  T mean{}, delta{}, s{};
+  const T* alpha = nullptr;
+};
+constexpr int kDepAcc = 6;
+
+template <typename T>
+AUTOQNN_TILE_FN void dependent_tile(const T* __restrict xt, int64_t n, const DepPass<T>& d, double* acc) {
+  alignas(64) T fin[kTile], a[kTile], u[kTile], v[kTile];
   alignas(64) double sq[kTile];
-  alignas(64) T ta[kTile], tc[kTile];
   for (int64_t j = 0; j < n; ++j) {
-    const T v = xt[j];
-    const bool f = (v - v) == T(0);
-    const double dv = f ? static_cast<double>(v - m) : 0.0;
-    sq[j] = dv * dv;
-    const T a = v < T(0) ? -v : v;
-    const bool sel = f & (a > d);
-    ta[j] = sel ? a : T(0);
-    tc[j] = sel ? T(1) : T(0);
+    const T x = xt[j];
+    const bool f = (x - x) == T(0);
+    fin[j] = f ? T(1) : T(0);
+    a[j] = f ? (x < T(0) ? -x : x) : T(0);  // |x|, 0 at non-finite
   }
-  acc[0] += lane_sum(sq, n);
-  if (ter) {
-    acc[1] += lane_sum(ta, n);
-    acc[2] += lane_sum(tc, n);
-  }
-}
-
-// Pass 3 tile: quaternary <x, v> and <v, v> with v = clip(round(x/s), -2, 1).
-template <typename T>
-AUTOQNN_TILE_FN void quaternary_tile(const T* __restrict xt, int64_t n, T s, double* acc) {
-  alignas(64) T xv[kTile], vv[kTile];
-  for (int64_t j = 0; j < n; ++j) {
-    const T v = xt[j];
-    const bool f = (v - v) == T(0);
-    const T q = detail::round_clamped(detail::safe_div(v, s), T(-2), T(1));
-    xv[j] = f ? v * q : T(0);
-    vv[j] = f ? q * q : T(0);
-  }
-  acc[0] += lane_sum(xv, n);
-  acc[1] += lane_sum(vv, n);
-}
-
-// ResQ tile: sum |r_{i+1}| with |r_1| = |x| and |r_{j+1}| = | |r_j| - alpha_j | (finite x only).
-template <typename T>
-AUTOQNN_TILE_FN void residual_tile(const T* __restrict xt, int64_t n, const T* alpha, int i, double* acc) {
-  alignas(64) T r[kTile];
-  for (int64_t j = 0; j < n; ++j) {
-    const T v = xt[j];
-    const bool f = (v - v) == T(0);
-    r[j] = f ? (v < T(0) ? -v : v) : T(0);
-  }
-  for (int jj = 0; jj < i; ++jj) {
-    const T a = alpha[jj];
+  if (d.var) {
     for (int64_t j = 0; j < n; ++j) {
-      const T d = r[j] - a;
-      r[j] = d < T(0) ? -d : d;
+      const double dv = fin[j] != T(0) ? static_cast<double>(xt[j] - d.mean) : 0.0;
+      sq[j] = dv * dv;
     }
+    acc[0] += lane_sum(sq, n);
   }
-  for (int64_t j = 0; j < n; ++j) {  // non-finite elements count for nothing
-    const T v = xt[j];
-    r[j] = (v - v) == T(0) ? r[j] : T(0);
+  if (d.ter) {
+    for (int64_t j = 0; j < n; ++j) {
+      const bool sel = a[j] > d.delta;  // a = 0 at non-finite, delta >= 0
+      u[j] = sel ? a[j] : T(0);
+      v[j] = sel ? T(1) : T(0);
+    }
+    acc[1] += lane_sum(u, n);
+    acc[2] += lane_sum(v, n);
   }
-  acc[0] += lane_sum(r, n);
+  if (d.quat) {
+    for (int64_t j = 0; j < n; ++j) {
+      const T x = fin[j] != T(0) ? xt[j] : T(0);
+      const T q = detail::round_clamped(detail::safe_div(x, d.s), T(-2), T(1));
+      u[j] = x * q;
+      v[j] = q * q;
+    }
+    acc[3] += lane_sum(u, n);
+    acc[4] += lane_sum(v, n);
+  }
+  if (d.res > 0) {
+    for (int jj = 0; jj < d.res; ++jj) {
+      const T al = d.alpha[jj];
+      for (int64_t j = 0; j < n; ++j) {
+        const T t = a[j] - al;
+        a[j] = t < T(0) ? -t : t;
+      }
+    }
+    for (int64_t j = 0; j < n; ++j) a[j] = fin[j] != T(0) ? a[j] : T(0);
+    acc[5] += lane_sum(a, n);
+  }
 }
 
 template <typename scalar_t>
@@ -259,9 +260,10 @@ void fill_params(const scalar_t* x, const Layout& L, at::IntArrayRef schemes,
                  const std::vector<int>& bits, at::opmath_type<scalar_t>* out) {
   using T = at::opmath_type<scalar_t>;
   const int64_t K = schemes.size();
-  bool need_ter = false, need_quat = false;
+  bool need_ter = false, need_quat = false, need_sigma = false;
   int res_bits = 0;  // residual alphas needed: b + 1
   for (int64_t k = 0; k < K; ++k) {
+    need_sigma |= schemes[k] == kQuaternary || schemes[k] == kClip || schemes[k] == kPot;
     need_ter |= schemes[k] == kTernary;
     need_quat |= schemes[k] == kQuaternary;
     if (schemes[k] == kResidual) res_bits = std::max(res_bits, bits[k]);
@@ -276,42 +278,41 @@ void fill_params(const scalar_t* x, const Layout& L, at::IntArrayRef schemes,
     mean_abs[c] = static_cast<T>(n > 0 ? st[c][kSAbs] / n : 0.0);
     delta[c] = static_cast<T>(kTernaryDelta) * mean_abs[c];
   }
-  // Pass 2: variance (two-pass like torch.std; squares in double so |x| ~ 1e19 cannot overflow)
-  // and the ternary masked mean.
-  auto p2 = row_reduce<3, scalar_t>(
-      x, L, zeros_init<3>(),
-      [&](int64_t c, const T* xt, int64_t n, double* acc) {
-        var_ternary_tile<T>(xt, n, mean[c], delta[c], need_ter, acc);
-      },
-      sum_merge<3>());
-  for (int64_t c = 0; c < C; ++c) {
-    const double n = st[c][kSN];
-    sigma[c] = static_cast<T>(n > 1 ? std::sqrt(p2[c][0] / (n - 1)) : 0.0);
-    s_quat[c] = static_cast<T>(kQuaternaryLambda) * sigma[c];
-  }
-  // Pass 3: quaternary least-squares scale <x,v>/<v,v>.
-  std::vector<std::array<double, 2>> p3(C);
-  if (need_quat) {
-    p3 = row_reduce<2, scalar_t>(
-        x, L, zeros_init<2>(),
-        [&](int64_t c, const T* xt, int64_t n, double* acc) { quaternary_tile<T>(xt, n, s_quat[c], acc); },
-        sum_merge<2>());
-  }
-  // ResQ: alpha_1 = mean|x|, alpha_{i+1} = mean | |r_i| - alpha_i | (one pass each).
+  // Dependent passes, fused: pass 2 = variance (two-pass, like torch.std) + ternary + ResQ
+  // alpha_2; pass 3 = quaternary (needs sigma) + alpha_3; pass q >= 4 = alpha_q. ResQ needs
+  // alpha_1..alpha_{b+1} (the last one feeds the bitwidth gradient).
   std::vector<std::vector<T>> ralpha(C);
-  if (res_bits > 0) {
-    for (int64_t c = 0; c < C; ++c) ralpha[c].push_back(mean_abs[c]);
-    for (int i = 1; i <= res_bits; ++i) {
-      auto pr = row_reduce<1, scalar_t>(
-          x, L, zeros_init<1>(),
-          [&](int64_t c, const T* xt, int64_t n, double* acc) {
-            residual_tile<T>(xt, n, ralpha[c].data(), i, acc);
-          },
-          sum_merge<1>());
-      for (int64_t c = 0; c < C; ++c) {
-        const double n = st[c][kSN];
-        ralpha[c].push_back(static_cast<T>(n > 0 ? pr[c][0] / n : 0.0));
+  for (int64_t c = 0; c < C; ++c) ralpha[c].push_back(mean_abs[c]);
+  std::vector<std::array<double, kDepAcc>> p2(C), p3(C);
+  const int last = std::max(need_quat ? 3 : 2, res_bits + 1);
+  for (int q = 2; q <= last; ++q) {
+    const bool res = res_bits + 1 >= q;
+    if (q == 2 && !(need_sigma || need_ter || res)) continue;
+    if (q >= 3 && !res && !(q == 3 && need_quat)) continue;
+    auto r = row_reduce<kDepAcc, scalar_t>(
+        x, L, zeros_init<kDepAcc>(),
+        [&](int64_t c, const T* xt, int64_t n, double* acc) {
+          DepPass<T> d;
+          d.var = q == 2;
+          d.ter = q == 2 && need_ter;
+          d.quat = q == 3 && need_quat;
+          d.res = res ? q - 1 : 0;
+          d.mean = mean[c];
+          d.delta = delta[c];
+          d.s = s_quat[c];
+          d.alpha = ralpha[c].data();
+          dependent_tile<T>(xt, n, d, acc);
+        },
+        sum_merge<kDepAcc>());
+    for (int64_t c = 0; c < C; ++c) {
+      const double n = st[c][kSN];
+      if (q == 2) {
+        p2[c] = r[c];
+        sigma[c] = static_cast<T>(n > 1 ? std::sqrt(r[c][0] / (n - 1)) : 0.0);
+        s_quat[c] = static_cast<T>(kQuaternaryLambda) * sigma[c];
       }
+      if (q == 3) p3[c] = r[c];
+      if (res) ralpha[c].push_back(static_cast<T>(n > 0 ? r[c][5] / n : 0.0));
     }
   }
   for (int64_t k = 0; k < K; ++k) {
@@ -326,7 +327,7 @@ void fill_params(const scalar_t* x, const Layout& L, at::IntArrayRef schemes,
           break;
         case kQuaternary:
           p[0] = s_quat[c];
-          p[1] = static_cast<T>(p3[c][1] > 0 ? p3[c][0] / p3[c][1] : 0.0);
+          p[1] = static_cast<T>(p3[c][4] > 0 ? p3[c][3] / p3[c][4] : 0.0);
           break;
         case kFixed: {
           const T ma = static_cast<T>(st[c][kSMaxAbs]);
@@ -460,18 +461,57 @@ inline void eval_tile_rt(int64_t sid, const T* x, int64_t n, const T* p, int b, 
   }
 }
 
-// sum_j a[j]*b[j] over a tile with 8 independent float lanes (vectorisable without
-// reassociation flags), lanes combined in double. Deterministic for a given tile.
+// sum_j a[j]*b[j] over a tile: products into a buffer, then lane_sum (deterministic per tile).
 template <typename T>
-inline double tile_dot(const T* __restrict a, const T* __restrict b, int64_t n) {
-  T lane[8] = {T(0), T(0), T(0), T(0), T(0), T(0), T(0), T(0)};
-  int64_t j = 0;
-  for (; j + 8 <= n; j += 8)
-    for (int l = 0; l < 8; ++l) lane[l] += a[j + l] * b[j + l];
-  double s = 0;
-  for (int l = 0; l < 8; ++l) s += lane[l];
-  for (; j < n; ++j) s += static_cast<double>(a[j]) * b[j];
-  return s;
+__attribute__((always_inline)) inline double tile_dot(const T* __restrict a, const T* __restrict b, int64_t n) {
+  alignas(64) T prod[kTile];
+  for (int64_t j = 0; j < n; ++j) prod[j] = a[j] * b[j];
+  return lane_sum(prod, n);
+}
+
+// y = q*w (first candidate) or y += q*w.
+template <typename T>
+AUTOQNN_TILE_FN void axpy_tile(T* __restrict y, const T* __restrict q, T w, int64_t n, bool first) {
+  if (first)
+    for (int64_t j = 0; j < n; ++j) y[j] = q[j] * w;
+  else
+    for (int64_t j = 0; j < n; ++j) y[j] = y[j] + q[j] * w;
+}
+
+// mk = st*w (first masked candidate) or mk += st*w.
+template <typename T>
+AUTOQNN_TILE_FN void mask_tile(T* __restrict mk, const T* __restrict st, T w, int64_t n, bool first) {
+  if (first)
+    for (int64_t j = 0; j < n; ++j) mk[j] = st[j] * w;
+  else
+    for (int64_t j = 0; j < n; ++j) mk[j] = mk[j] + st[j] * w;
+}
+
+template <typename T>
+AUTOQNN_TILE_FN double dot_tile(const T* __restrict a, const T* __restrict b, int64_t n) {
+  return tile_dot(a, b, n);
+}
+
+// grad_x = g * (sum_k w_k mask_k) at finite x, 0 elsewhere, cast to the output dtype.
+template <typename scalar_t, typename T>
+AUTOQNN_TILE_FN void grad_x_tile(scalar_t* __restrict gx, const T* __restrict x, const T* __restrict g,
+                                 const T* __restrict mk, bool any_masked, T w_identity, int64_t n) {
+  for (int64_t j = 0; j < n; ++j) {
+    const T factor = any_masked ? mk[j] + w_identity : w_identity;
+    const bool fin = (x[j] - x[j]) == T(0);
+    gx[j] = static_cast<scalar_t>(fin ? g[j] * factor : T(0));
+  }
+}
+
+// y = mixture accumulated in compute type, cast to the output dtype; and the input conversion.
+template <typename scalar_t, typename T>
+AUTOQNN_TILE_FN void store_tile(scalar_t* __restrict out, const T* __restrict v, int64_t n) {
+  for (int64_t j = 0; j < n; ++j) out[j] = static_cast<scalar_t>(v[j]);
+}
+
+template <typename scalar_t, typename T>
+AUTOQNN_TILE_FN void load_tile(T* __restrict out, const scalar_t* __restrict v, int64_t n) {
+  for (int64_t j = 0; j < n; ++j) out[j] = static_cast<T>(v[j]);
 }
 
 // y = sum_k w_k q_k(x); weights == nullptr means a single scheme with weight exactly 1.
@@ -497,20 +537,18 @@ at::Tensor forward_impl(const at::Tensor& x_, const at::Tensor& params_, const s
       for (int64_t t0 = b; t0 < e; t0 += kTile) {
         const int64_t n = std::min(kTile, e - t0);
         const scalar_t* xr = xp + c * L.N + t0;
-        for (int64_t j = 0; j < n; ++j) xt[j] = static_cast<T>(xr[j]);
+        load_tile<scalar_t, T>(xt, xr, n);
         for (int64_t k = 0; k < K; ++k) {
           const T* p = pp + (k * L.C + c) * kNumParams;
           eval_tile_rt<T, false>(cs.sid[k], xt, n, p, cs.bits[k], T(cs.cb[k]), k == 0 ? yt : qt, nullptr, nullptr);
           if (w) {
-            const T wk = wt[k];
             if (k == 0)
-              for (int64_t j = 0; j < n; ++j) yt[j] = yt[j] * wk;
+              axpy_tile<T>(yt, yt, wt[k], n, true);
             else
-              for (int64_t j = 0; j < n; ++j) yt[j] = yt[j] + qt[j] * wk;
+              axpy_tile<T>(yt, qt, wt[k], n, false);
           }
         }
-        scalar_t* yr = yp + c * L.N + t0;
-        for (int64_t j = 0; j < n; ++j) yr[j] = static_cast<scalar_t>(yt[j]);
+        store_tile<scalar_t, T>(yp + c * L.N + t0, yt, n);
       }
     });
   });
@@ -559,31 +597,20 @@ at::Tensor backward_impl(const at::Tensor& gy_, const at::Tensor& x_, const at::
           const int64_t n = std::min(kTile, e - t0);
           const scalar_t* xr = xp + c * L.N + t0;
           const scalar_t* gr = gp + c * L.N + t0;
-          for (int64_t j = 0; j < n; ++j) {
-            xt[j] = static_cast<T>(xr[j]);
-            gt[j] = static_cast<T>(gr[j]);
-          }
+          load_tile<scalar_t, T>(xt, xr, n);
+          load_tile<scalar_t, T>(gt, gr, n);
           bool any_masked = false;
           for (int64_t k = 0; k < K; ++k) {
             const T* p = pp + (k * L.C + c) * kNumParams;
             eval_tile_rt<T, ND>(cs.sid[k], xt, n, p, cs.bits[k], T(cs.cb[k]), qt, st, dt);
             if (cs.sid[k] == kClip) {
-              const T wk = wt[k];
-              if (any_masked)
-                for (int64_t j = 0; j < n; ++j) mk[j] = mk[j] + st[j] * wk;
-              else
-                for (int64_t j = 0; j < n; ++j) mk[j] = st[j] * wk;
+              mask_tile<T>(mk, st, wt[k], n, !any_masked);
               any_masked = true;
             }
-            if (need_w) acc[k] += tile_dot(gt, qt, n);
-            if constexpr (ND) acc[K + k] += tile_dot(gt, dt, n);
+            if (need_w) acc[k] += dot_tile<T>(gt, qt, n);
+            if constexpr (ND) acc[K + k] += dot_tile<T>(gt, dt, n);
           }
-          scalar_t* gxr = gxp + c * L.N + t0;
-          for (int64_t j = 0; j < n; ++j) {
-            const T factor = any_masked ? mk[j] + w_identity : w_identity;
-            const bool fin = (xt[j] - xt[j]) == T(0);
-            gxr[j] = static_cast<scalar_t>(fin ? gt[j] * factor : T(0));
-          }
+          grad_x_tile<scalar_t, T>(gxp + c * L.N + t0, xt, gt, mk, any_masked, w_identity, n);
         }
       });
     };
