@@ -123,7 +123,7 @@ def scheme_params_ref(
 ) -> torch.Tensor:
     """Per-candidate, per-channel scales: ``[K, C, NUM_PARAMS]`` in the compute dtype.
 
-    Slots: binary α; ternary (Δ, α); quaternary (s, α); fixed step 2^e; residual α_1..α_{b+1};
+    Slots: binary α; ternary (Δ, α); quaternary (s, α); fixed (step 2^e, max|x|); residual α_1..α_{b+1};
     zoom (min, step); clip α; pot α.
     """
     return params_rows(_rows(x, per_channel), int_bits(bits, schemes), schemes)
@@ -164,6 +164,7 @@ def params_rows(x2: torch.Tensor, b_int: Sequence[int], schemes: Sequence[int]) 
             _, e = torch.frexp(ma)  # ma = f·2^e, f in [0.5, 1): floor(log2 ma) = e − 1
             step = torch.ldexp(torch.ones_like(ma), (e + 1 - b).to(ma.dtype))
             p[:, 0] = torch.where(ma > 0, step, 0)
+            p[:, 1] = ma  # not used by the output pass: lets an EMA of params re-derive the step
         elif name == "residual":
             a = ax
             for i in range(b + 1):

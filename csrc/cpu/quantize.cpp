@@ -334,6 +334,7 @@ void fill_params(const scalar_t* x, const Layout& L, at::IntArrayRef schemes,
           int e = 0;
           std::frexp(ma, &e);
           p[0] = ma > T(0) ? static_cast<T>(std::ldexp(1.0, e + 1 - b)) : T(0);
+          p[1] = ma;  // unused by the output pass; lets an EMA of params re-derive the step
           break;
         }
         case kResidual:

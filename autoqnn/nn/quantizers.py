@@ -1,0 +1,352 @@
+# SPDX-License-Identifier: MIT
+"""Quantizer modules: the quantizing vertices QAG inserts (SPEC 5.1).
+
+* :class:`Quantizer` - one scheme; bits fixed or learnable (QPL, SPEC 4.1).
+* :class:`SchemeMixture` - the QSS vertex (SPEC 3): y = Σ_k m_k·q_k(x), m = softmax((θ + g)/τ).
+
+Everything a search decides or needs to resume lives in parameters and buffers (θ, bits, the
+temperature, the Gumbel step counter and seed, activation EMA statistics, the chosen scheme), so
+it survives ``state_dict``, ``deepcopy``, DDP broadcast and ``torch.compile``. Python-side copies
+of scalar buffers avoid a host read (a GPU sync) on every forward; ``load_state_dict`` refreshes
+them.
+"""
+from __future__ import annotations
+
+import math
+import warnings
+from typing import Optional, Sequence, Union
+
+import torch
+from torch import nn
+
+from .. import functional as AF
+from ..schemes import NUM_PARAMS, clamp_bits, resolve_bits, scheme_info
+
+__all__ = ["Quantizer", "SchemeMixture", "QuantizerBase"]
+
+_KINDS = ("weight", "activation")
+
+
+def _fix_fixed_step(params: torch.Tensor, sids: Sequence[int], bits: Sequence[int]) -> torch.Tensor:
+    """After an EMA of params, FixedQ's step must again be a power of two: re-derive it from the
+    averaged max|x| kept in slot 1 (e = ⌊log2 max|x|⌋ − (b − 2), SPEC 2.4)."""
+    out = params
+    for k, (sid, b) in enumerate(zip(sids, bits)):
+        if scheme_info(sid).name == "fixed":
+            if out is params:
+                out = params.clone()
+            ma = out[k, :, 1]
+            _, e = torch.frexp(ma)
+            step = torch.ldexp(torch.ones_like(ma), (e + 1 - b).to(ma.dtype))
+            out[k, :, 0] = torch.where(ma > 0, step, 0)
+    return out
+
+
+class QuantizerBase(nn.Module):
+    """Shared plumbing: kind, enable switch, per-channel option, activation EMA statistics."""
+
+    def __init__(self, schemes: Sequence[str], kind: str, per_channel: bool, ema_momentum: float,
+                 backend: Optional[str], channel_dim: int = 0):
+        super().__init__()
+        if kind not in _KINDS:
+            raise ValueError(f"kind must be 'weight' or 'activation', got {kind!r}")
+        if per_channel and kind == "activation":
+            raise ValueError("per_channel statistics are for weights only")
+        if not 0.0 <= ema_momentum < 1.0:
+            raise ValueError(f"ema_momentum must be in [0, 1), got {ema_momentum}")
+        self.kind = kind
+        self.per_channel = bool(per_channel)
+        self.channel_dim = int(channel_dim)
+        self.ema_momentum = float(ema_momentum)
+        self.backend = backend
+        self.enabled = True
+        self._sids = [scheme_info(s).id for s in schemes]
+        K = len(self._sids)
+        if kind == "activation":
+            # EMA of every candidate's scales (SPEC 1: batch statistics in training, EMA at eval)
+            self.register_buffer("ema_params", torch.zeros(K, 1, NUM_PARAMS))
+            self.register_buffer("ema_bits", torch.zeros(K))
+            self.register_buffer("ema_valid", torch.zeros((), dtype=torch.bool))
+            self._ema_ok = False  # python mirror of ema_valid
+
+    # ------------------------------------------------------------------ helpers
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+        self._refresh_from_buffers()
+
+    def _refresh_from_buffers(self):
+        if self.kind == "activation":
+            self._ema_ok = bool(self.ema_valid)
+
+    def _prep(self, x: torch.Tensor) -> torch.Tensor:
+        if self.per_channel and self.channel_dim != 0:
+            return x.transpose(0, self.channel_dim)
+        return x
+
+    def _unprep(self, y: torch.Tensor) -> torch.Tensor:
+        if self.per_channel and self.channel_dim != 0:
+            return y.transpose(0, self.channel_dim)
+        return y
+
+    @torch.no_grad()
+    def _update_ema(self, params: torch.Tensor, bits: Sequence[int]):
+        bits_t = torch.tensor([float(b) for b in bits], device=self.ema_bits.device)
+        p = params.to(self.ema_params.device, self.ema_params.dtype)
+        if not self._ema_ok or not torch.equal(self.ema_bits, bits_t):
+            # first batch, or the integer bits changed (QPL): restart the average
+            self.ema_params.copy_(p)
+            self.ema_bits.copy_(bits_t)
+            self.ema_valid.fill_(True)
+            self._ema_ok = True
+        else:
+            m = self.ema_momentum
+            self.ema_params.mul_(m).add_(p, alpha=1.0 - m)
+
+    def _eval_params(self, bits: Sequence[int], x: torch.Tensor) -> Optional[torch.Tensor]:
+        """EMA params for eval, or None (batch statistics) when they do not fit these bits."""
+        if self.kind != "activation" or self.training or not self._ema_ok:
+            return None
+        if [int(b) for b in self.ema_bits.tolist()] != list(bits):
+            if not getattr(self, "_warned_bits", False):
+                warnings.warn(
+                    f"{type(self).__name__}: EMA statistics were collected at bits "
+                    f"{[int(b) for b in self.ema_bits.tolist()]}, now {list(bits)}: using batch "
+                    "statistics until the next training step", RuntimeWarning, stacklevel=3)
+                self._warned_bits = True
+            return None
+        p = _fix_fixed_step(self.ema_params, self._sids, bits)
+        return p.to(x.device)
+
+
+class Quantizer(QuantizerBase):
+    """A single-scheme quantizing vertex.
+
+    Args:
+        scheme: one of the eight schemes (``clip``, ``pot``, ...).
+        bits: integer bits (default: the scheme's default); validated against the scheme's range.
+        learn_bits: make the bitwidth a parameter (float, init ``bits``; the forward uses
+            ``clip(round(b), b_min, b_max)``, SPEC 4.1).
+        kind: ``"weight"`` or ``"activation"`` (activations keep EMA statistics for eval).
+        per_channel: weight statistics per output channel.
+        channel_dim: the output-channel dim of the weight (1 for ConvTranspose).
+
+    Example:
+        >>> q = Quantizer("clip", 3, kind="activation")
+        >>> y = q(torch.randn(8, 16))
+    """
+
+    def __init__(self, scheme: str = "clip", bits: Optional[int] = None, *, learn_bits: bool = False,
+                 kind: str = "weight", per_channel: bool = False, channel_dim: int = 0,
+                 ema_momentum: float = 0.9, backend: Optional[str] = None):
+        info = scheme_info(scheme)
+        super().__init__([info.name], kind, per_channel, ema_momentum, backend, channel_dim)
+        (b,) = resolve_bits([info.name], bits)
+        if learn_bits and not info.multi_bit:
+            raise ValueError(f"scheme '{info.name}' has a fixed bitwidth ({info.bits_range}); it cannot learn bits")
+        self.register_buffer("scheme_id", torch.tensor(info.id, dtype=torch.int64))
+        self.learn_bits = bool(learn_bits)
+        if self.learn_bits:
+            self.bits = nn.Parameter(torch.tensor(float(b)))
+        else:
+            self.register_buffer("bits", torch.tensor(float(b)))
+        self._scheme = info.name
+        self._bits_int = b
+
+    def _refresh_from_buffers(self):
+        super()._refresh_from_buffers()
+        self._scheme = scheme_info(int(self.scheme_id)).name
+        self._bits_int = clamp_bits(self._scheme, float(self.bits))
+
+    @property
+    def scheme(self) -> str:
+        return self._scheme
+
+    def int_bits(self) -> int:
+        """The integer bitwidth the forward uses (reads a learned value: a host sync on GPU)."""
+        if self.learn_bits:
+            return clamp_bits(self._scheme, float(self.bits.detach()))
+        return self._bits_int
+
+    @torch.no_grad()
+    def clamp_bits_(self) -> None:
+        """Keep a learned bitwidth inside the scheme's range (call after optimizer steps)."""
+        if self.learn_bits:
+            info = scheme_info(self._scheme)
+            self.bits.clamp_(info.min_bits - 0.5 + 1e-3, info.max_bits + 0.5 - 1e-3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not self.enabled or x.numel() == 0:
+            return x
+        bits_arg = self.bits if self.learn_bits else self._bits_int
+        xin = self._prep(x)
+        params = None
+        if self.kind == "activation":
+            b_int = [self.int_bits()]
+            if self.training:
+                params = AF.scheme_params(xin.detach(), [self._scheme], b_int)
+                self._update_ema(params, b_int)
+            else:
+                params = self._eval_params(b_int, xin)
+        y = AF.quantize(xin, self._scheme, bits_arg, per_channel=self.per_channel,
+                        backend=self.backend, params=params)
+        return self._unprep(y)
+
+    def extra_repr(self) -> str:
+        b = f"{float(self.bits.detach()):.2f} (learned)" if self.learn_bits else str(self._bits_int)
+        s = f"{self.kind}, scheme={self._scheme}, bits={b}"
+        if self.per_channel:
+            s += ", per_channel"
+        if not self.enabled:
+            s += ", disabled"
+        return s
+
+
+class SchemeMixture(QuantizerBase):
+    """The QSS quantizing vertex (SPEC 3): y = Σ_k m_k·q_k(x), m = softmax((θ + g)/τ).
+
+    Args:
+        schemes: the K candidates (default: the 8 weight schemes or the 5 activation schemes).
+        bits: one int for every multi-bit candidate (Binary/Ternary/Quaternary keep 1/2/2), or one
+            per candidate.
+        kind, per_channel, channel_dim, ema_momentum, backend: as in :class:`Quantizer`.
+        theta: a shared logits parameter (coarse-grained QSS); default: a fresh zeros(K).
+        tau: initial temperature (buffer; set it with :meth:`set_temperature`).
+        eval_selection: at eval, ``"argmax"`` quantizes with the chosen scheme only, ``"soft"``
+            uses softmax(θ/τ) without noise.
+        seed: Gumbel noise seed; noise for step t comes from a generator seeded with (seed, t), so
+            every DDP rank and every member of a coarse group draws the same noise.
+
+    Example:
+        >>> mix = SchemeMixture(kind="weight")
+        >>> y = mix(torch.randn(16, 3, 3, 3)); y.sum().backward()   # grads reach mix.theta
+        >>> mix.chosen()
+        'binary'
+    """
+
+    def __init__(self, schemes: Optional[Sequence[str]] = None, bits: Union[int, Sequence[int]] = 3, *,
+                 kind: str = "weight", per_channel: bool = False, channel_dim: int = 0,
+                 theta: Optional[nn.Parameter] = None, tau: float = 5.0, eval_selection: str = "argmax",
+                 ema_momentum: float = 0.9, backend: Optional[str] = None, seed: int = 0):
+        from ..schemes import ACTIVATION_CANDIDATES, WEIGHT_CANDIDATES
+
+        if schemes is None:
+            schemes = WEIGHT_CANDIDATES if kind == "weight" else ACTIVATION_CANDIDATES
+        names = [scheme_info(s).name for s in schemes]
+        if len(set(names)) != len(names) or not names:
+            raise ValueError(f"schemes must be distinct and non-empty, got {names}")
+        super().__init__(names, kind, per_channel, ema_momentum, backend, channel_dim)
+        if eval_selection not in ("argmax", "soft"):
+            raise ValueError(f"eval_selection must be 'argmax' or 'soft', got {eval_selection!r}")
+        self.schemes = tuple(names)
+        self._bits = resolve_bits(names, bits)
+        self.register_buffer("bits", torch.tensor([float(b) for b in self._bits]))
+        K = len(names)
+        if theta is None:
+            theta = nn.Parameter(torch.zeros(K))
+        elif theta.shape != (K,):
+            raise ValueError(f"shared theta must have shape [{K}], got {list(theta.shape)}")
+        self.theta = theta
+        self.eval_selection = eval_selection
+        self.register_buffer("tau", torch.tensor(float(tau)))
+        self.register_buffer("step", torch.zeros((), dtype=torch.int64))
+        self.register_buffer("seed", torch.tensor(int(seed), dtype=torch.int64))
+        self._tau = float(tau)
+        self._step = 0
+        self._seed = int(seed)
+
+    def _refresh_from_buffers(self):
+        super()._refresh_from_buffers()
+        self._tau = float(self.tau)
+        self._step = int(self.step)
+        self._seed = int(self.seed)
+        self._bits = [int(b) for b in self.bits.tolist()]
+
+    # ------------------------------------------------------------------ search state
+    def set_temperature(self, tau: float) -> None:
+        if not tau > 0 or not math.isfinite(tau):
+            raise ValueError(f"temperature must be positive and finite, got {tau}")
+        self._tau = float(tau)
+        self.tau.fill_(self._tau)
+
+    def set_step(self, step: int) -> None:
+        """Set the Gumbel step counter (the trainer does this so all ranks agree)."""
+        self._step = int(step)
+        self.step.fill_(self._step)
+
+    def gumbel(self, step: Optional[int] = None) -> torch.Tensor:
+        """The Gumbel noise g for a step: identical for the same (seed, step) on every process."""
+        s = self._step if step is None else int(step)
+        gen = torch.Generator().manual_seed((self._seed * 1_000_003 + s) % (2**63 - 1))
+        u = torch.rand(len(self.schemes), generator=gen, dtype=torch.float64).clamp_(1e-20, 1.0 - 1e-12)
+        return (-torch.log(-torch.log(u))).to(torch.float32)
+
+    def mixture_weights(self) -> torch.Tensor:
+        """m = softmax((θ + g)/τ) with fresh noise (training) — differentiable in θ."""
+        g = self.gumbel().to(self.theta.device)
+        return torch.softmax((self.theta + g) / self._tau, 0)
+
+    @torch.no_grad()
+    def probs(self) -> torch.Tensor:
+        """The sampling distribution softmax(θ) (what Fig. 6/8 of the paper plot)."""
+        return torch.softmax(self.theta.detach().float(), 0)
+
+    def chosen_index(self) -> int:
+        return int(torch.argmax(self.theta.detach()))
+
+    def chosen(self) -> str:
+        """The selected scheme: argmax θ (SPEC decisions)."""
+        return self.schemes[self.chosen_index()]
+
+    def to_quantizer(self, *, learn_bits: bool = False) -> Quantizer:
+        """The single-scheme quantizer this vertex settles on, EMA statistics included."""
+        k = self.chosen_index()
+        q = Quantizer(self.schemes[k], self._bits[k], learn_bits=learn_bits and scheme_info(self.schemes[k]).multi_bit,
+                      kind=self.kind, per_channel=self.per_channel, channel_dim=self.channel_dim,
+                      ema_momentum=self.ema_momentum, backend=self.backend)
+        q.train(self.training)
+        q.to(self.theta.device)
+        if self.kind == "activation" and self._ema_ok:
+            with torch.no_grad():
+                q.ema_params.copy_(self.ema_params[k : k + 1])
+                q.ema_bits.copy_(self.ema_bits[k : k + 1])
+                q.ema_valid.fill_(True)
+                q._ema_ok = True
+        return q
+
+    # ------------------------------------------------------------------ forward
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not self.enabled or x.numel() == 0:
+            return x
+        xin = self._prep(x)
+        params = None
+        if self.kind == "activation":
+            if self.training:
+                params = AF.scheme_params(xin.detach(), self.schemes, self._bits)
+                self._update_ema(params, self._bits)
+            else:
+                params = self._eval_params(self._bits, xin)
+        if not self.training and self.eval_selection == "argmax":
+            k = self.chosen_index()
+            pk = None if params is None else params[k : k + 1]
+            y = AF.quantize(xin, self.schemes[k], self._bits[k], per_channel=self.per_channel,
+                            backend=self.backend, params=pk)
+            return self._unprep(y)
+        if self.training:
+            w = self.mixture_weights()
+            self._step += 1
+            self.step.fill_(self._step)
+        else:
+            w = torch.softmax(self.theta / self._tau, 0)
+        y = AF.quantize_mixture(xin, w, self.schemes, self._bits, per_channel=self.per_channel,
+                                backend=self.backend, params=params)
+        return self._unprep(y)
+
+    def extra_repr(self) -> str:
+        probs = self.probs().tolist()
+        cands = ", ".join(f"{s}:{p:.2f}" for s, p in zip(self.schemes, probs))
+        s = f"{self.kind}, bits={self._bits}, tau={self._tau:.3g}, probs=[{cands}]"
+        if self.per_channel:
+            s += ", per_channel"
+        if not self.enabled:
+            s += ", disabled"
+        return s
