@@ -34,7 +34,8 @@ from torch import nn
 from torch.overrides import TorchFunctionMode
 
 from .config import QuantConfig
-from .nn import FLOAT_TO_QUANT, QUANT_LAYERS, Quantizer, QuantizerBase, SchemeMixture, quantizers
+from .nn import FLOAT_TO_QUANT, QUANT_LAYERS, QMultiheadAttention, Quantizer, QuantizerBase, SchemeMixture, quantizers
+from .nn.attention import supports as _mha_supports
 from .schemes import scheme_info
 
 __all__ = ["convert", "QAGReport", "VertexInfo", "QAGError", "FUNCTIONAL_OPS"]
@@ -410,6 +411,39 @@ def convert(model: nn.Module, config: Optional[QuantConfig] = None, example_inpu
     report = QAGReport(config=config.to_dict())
     factory = _Factory(config)
 
+    # 0. nn.MultiheadAttention applies its projection weights inside F.multi_head_attention_forward:
+    # swap it for QMultiheadAttention (in_proj + out_proj quantized) where supported
+    mha_in = {}  # "<mha>.in_proj" -> (QMultiheadAttention, reason)
+    if "Linear" in types:
+        for name, m in list(model.named_modules()):
+            if not isinstance(m, nn.MultiheadAttention):
+                continue
+            vname = f"{name}.in_proj" if name else "in_proj"
+            if isinstance(m, QMultiheadAttention):
+                mha_in[vname] = (m, "" if m.in_weight_quant is not None or m.in_act_quant is not None
+                                 else "excluded: converted earlier without quantizers")
+                continue
+            why = _mha_supports(m)
+            if why:
+                mha_in[vname] = (m, f"MultiheadAttention: {why}")
+                continue
+            ov_in = config.override_for(vname)
+            oname = f"{name}.out_proj" if name else "out_proj"
+            ov_out = config.override_for(oname)
+            ex_in = bool(ov_in and ov_in.exclude)
+            ex_out = bool(ov_out and ov_out.exclude)
+            q = QMultiheadAttention.from_float(
+                m,
+                None if ex_in else factory.make("weight", vname, ov_in),
+                None if ex_in else factory.make("activation", vname, ov_in),
+                None if ex_out else factory.make("weight", oname, ov_out),
+                None if ex_out else factory.make("activation", oname, ov_out))
+            if m is model:
+                model = q
+            else:
+                _set_child(model, m, q)
+            mha_in[vname] = (q, f"excluded: override {ov_in.pattern!r}" if ex_in else "")
+
     # existing functional table (idempotence: a converted model already has one)
     fq_root = getattr(model, "_qag_functional", None)
     already_intercepting = isinstance(fq_root, nn.ModuleDict)
@@ -523,7 +557,7 @@ def convert(model: nn.Module, config: Optional[QuantConfig] = None, example_inpu
                 wq = factory.make("weight", name, ov, qcls.weight_channel_dim)
                 aq = factory.make("activation", name, ov)
                 pname = param_name_of.get(id(w))
-                if type(m) is _float_type(m):
+                if type(m).forward is _float_type(m).forward:
                     q = qcls.from_float(m, wq, aq)
                     if m is model:
                         model = q
@@ -565,6 +599,22 @@ def convert(model: nn.Module, config: Optional[QuantConfig] = None, example_inpu
                            weight_quant=_describe(fq.weight_quant) if fq else "",
                            act_quant=_describe(fq.act_quant) if fq else "")
         report.vertices.append(v)
+
+    for vname, (m, reason) in mha_in.items():
+        w = m.in_proj_weight
+        quantized = isinstance(m, QMultiheadAttention) and (m.in_weight_quant is not None or m.in_act_quant is not None)
+        E = m.embed_dim
+        report.vertices.append(VertexInfo(
+            name=vname, kind="module", op_type="Linear", quantized=quantized, reason="" if quantized else reason,
+            weight_elements=int(w.numel()) if w is not None else None,
+            params=int(w.numel()) + (int(m.in_proj_bias.numel()) if m.in_proj_bias is not None else 0),
+            weight_quant=_describe(getattr(m, "in_weight_quant", None)),
+            act_quant=_describe(getattr(m, "in_act_quant", None)), macs=None, act_elements=None))
+        out_v = next((v for v in report.vertices if v.name == vname[: -len("in_proj")] + "out_proj"), None)
+        if out_v is not None and out_v.act_elements is not None and E:
+            # self-attention: the projections see the same L·E elements per sample
+            report.vertices[-1].act_elements = out_v.act_elements
+            report.vertices[-1].macs = out_v.act_elements * 3 * E
 
     # 5. functional interception: holders in a ModuleDict on the root (state_dict carries them),
     # the param -> holder map as a plain dict, module-level hooks

@@ -18,12 +18,13 @@ from .layers import (  # noqa: F401
     QLinear,
     QuantLayerMixin,
 )
+from .attention import QMultiheadAttention  # noqa: F401
 from .quantizers import Quantizer, QuantizerBase, SchemeMixture  # noqa: F401
 
 __all__ = [
     "Quantizer", "SchemeMixture", "QuantizerBase", "QConv1d", "QConv2d", "QConv3d",
     "QConvTranspose1d", "QConvTranspose2d", "QConvTranspose3d", "QLinear", "QUANT_LAYERS",
-    "FLOAT_TO_QUANT", "QuantLayerMixin", "quantizers", "set_quant_enabled",
+    "FLOAT_TO_QUANT", "QuantLayerMixin", "QMultiheadAttention", "quantizers", "set_quant_enabled",
 ]
 
 

@@ -47,8 +47,9 @@ class QuantLayerMixin:
                    act_quant: Optional[nn.Module] = None):
         """The quantized twin of ``mod``, sharing its weight and bias Parameters (so optimizer
         state and parameter identity survive the swap)."""
-        if type(mod) is not cls._float_cls:
-            raise TypeError(f"{cls.__name__}.from_float expects a {cls._float_cls.__name__}, got {type(mod).__name__}")
+        if not isinstance(mod, cls._float_cls) or type(mod).forward is not cls._float_cls.forward:
+            raise TypeError(f"{cls.__name__}.from_float expects a {cls._float_cls.__name__} (or a subclass "
+                            f"that keeps its forward), got {type(mod).__name__}")
         q = cls.__new__(cls)
         nn.Module.__init__(q)
         # copy the float module's state (hyper-parameters, hooks, training flag) then its params
