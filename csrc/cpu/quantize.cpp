@@ -14,6 +14,7 @@
 #include <array>
 #include <cmath>
 #include <limits>
+#include <type_traits>
 #include <vector>
 
 #include "autoqnn/scheme_math.h"
@@ -91,6 +92,20 @@ int64_t chunks_per_row(const Layout& L) { return L.N > 0 ? (L.N + kChunk - 1) / 
 constexpr int64_t kTile = 256;  // elements per tile (fits L1 with a few temporaries)
 constexpr int kLanes = 16;  // independent accumulators per tile (one AVX-512 register): vectorises w/o reassociation
 
+// A tile of x in the compute type for a pass that reads each element once: the input itself when
+// it already has that type (float32/float64), else a converted copy in `buf`.
+template <typename scalar_t, typename T>
+__attribute__((always_inline)) inline const T* tile_view(const scalar_t* src, T* buf, int64_t n) {
+  if constexpr (std::is_same_v<scalar_t, T>) {
+    (void)buf;
+    (void)n;
+    return src;
+  } else {
+    for (int64_t j = 0; j < n; ++j) buf[j] = static_cast<T>(src[j]);
+    return buf;
+  }
+}
+
 // Reduces every row of x ([C, N], contiguous) in fixed chunks and fixed tiles: tile_fn(c, xt, n,
 // acc) adds a tile's contribution to acc[NACC] (double); chunks are merged per row in chunk
 // order with merge(into, from). Deterministic whatever the number of threads.
@@ -106,8 +121,7 @@ std::vector<std::array<double, NACC>> row_reduce(const scalar_t* x, const Layout
     const scalar_t* xr = x + c * L.N;
     for (int64_t t0 = b; t0 < e; t0 += kTile) {
       const int64_t n = std::min(kTile, e - t0);
-      for (int64_t j = 0; j < n; ++j) xt[j] = static_cast<T>(xr[t0 + j]);
-      tile_fn(c, xt, n, acc.data());
+      tile_fn(c, tile_view<scalar_t, T>(xr + t0, xt, n), n, acc.data());
     }
     part[t] = acc;
   });
@@ -538,10 +552,11 @@ at::Tensor forward_impl(const at::Tensor& x_, const at::Tensor& params_, const s
       for (int64_t t0 = b; t0 < e; t0 += kTile) {
         const int64_t n = std::min(kTile, e - t0);
         const scalar_t* xr = xp + c * L.N + t0;
-        load_tile<scalar_t, T>(xt, xr, n);
+        load_tile<scalar_t, T>(xt, xr, n);  // aligned L1 copy: read K times below
+        const T* xv = xt;
         for (int64_t k = 0; k < K; ++k) {
           const T* p = pp + (k * L.C + c) * kNumParams;
-          eval_tile_rt<T, false>(cs.sid[k], xt, n, p, cs.bits[k], T(cs.cb[k]), k == 0 ? yt : qt, nullptr, nullptr);
+          eval_tile_rt<T, false>(cs.sid[k], xv, n, p, cs.bits[k], T(cs.cb[k]), k == 0 ? yt : qt, nullptr, nullptr);
           if (w) {
             if (k == 0)
               axpy_tile<T>(yt, yt, wt[k], n, true);
@@ -598,20 +613,22 @@ at::Tensor backward_impl(const at::Tensor& gy_, const at::Tensor& x_, const at::
           const int64_t n = std::min(kTile, e - t0);
           const scalar_t* xr = xp + c * L.N + t0;
           const scalar_t* gr = gp + c * L.N + t0;
-          load_tile<scalar_t, T>(xt, xr, n);
+          load_tile<scalar_t, T>(xt, xr, n);  // aligned L1 copies: read K times below
           load_tile<scalar_t, T>(gt, gr, n);
+          const T* xv = xt;
+          const T* gv = gt;
           bool any_masked = false;
           for (int64_t k = 0; k < K; ++k) {
             const T* p = pp + (k * L.C + c) * kNumParams;
-            eval_tile_rt<T, ND>(cs.sid[k], xt, n, p, cs.bits[k], T(cs.cb[k]), qt, st, dt);
+            eval_tile_rt<T, ND>(cs.sid[k], xv, n, p, cs.bits[k], T(cs.cb[k]), qt, st, dt);
             if (cs.sid[k] == kClip) {
               mask_tile<T>(mk, st, wt[k], n, !any_masked);
               any_masked = true;
             }
-            if (need_w) acc[k] += dot_tile<T>(gt, qt, n);
-            if constexpr (ND) acc[K + k] += dot_tile<T>(gt, dt, n);
+            if (need_w) acc[k] += dot_tile<T>(gv, qt, n);
+            if constexpr (ND) acc[K + k] += dot_tile<T>(gv, dt, n);
           }
-          grad_x_tile<scalar_t, T>(gxp + c * L.N + t0, xt, gt, mk, any_masked, w_identity, n);
+          grad_x_tile<scalar_t, T>(gxp + c * L.N + t0, xv, gv, mk, any_masked, w_identity, n);
         }
       });
     };
