@@ -20,7 +20,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .layers import QLinear
+from .layers import QLinear, rebind
 
 __all__ = ["QMultiheadAttention", "supports"]
 
@@ -55,34 +55,18 @@ class QMultiheadAttention(nn.MultiheadAttention):
         why = supports(mha)
         if why:
             raise ValueError(f"QMultiheadAttention.from_float: {why}")
-        q = cls.__new__(cls)
-        nn.Module.__init__(q)
-        for k, v in mha.__dict__.items():
-            if k not in ("_parameters", "_buffers", "_modules"):
-                q.__dict__[k] = v
-        q._parameters = dict(mha._parameters)
-        q._buffers = dict(mha._buffers)
-        q._modules = dict(mha._modules)
+        q = rebind(mha, cls)
         q.in_weight_quant = in_weight_quant
         q.in_act_quant = in_act_quant
         q.out_proj = QLinear.from_float(_as_linear(mha.out_proj), out_weight_quant, out_act_quant)
         return q
 
     def to_float(self) -> nn.MultiheadAttention:
-        f = nn.MultiheadAttention.__new__(nn.MultiheadAttention)
-        nn.Module.__init__(f)
-        for k, v in self.__dict__.items():
-            if k not in ("_parameters", "_buffers", "_modules"):
-                f.__dict__[k] = v
-        f._parameters = dict(self._parameters)
-        f._buffers = dict(self._buffers)
-        f._modules = {"out_proj": nn.modules.linear.NonDynamicallyQuantizableLinear.__new__(
-            nn.modules.linear.NonDynamicallyQuantizableLinear)}
-        lin = f._modules["out_proj"]
-        nn.Module.__init__(lin)
-        src = self.out_proj
-        lin.in_features, lin.out_features = src.in_features, src.out_features
-        lin._parameters = dict(src._parameters)
+        out = self.out_proj
+        lin = rebind(out, nn.modules.linear.NonDynamicallyQuantizableLinear, {})
+        f = rebind(self, nn.MultiheadAttention, {"out_proj": lin})
+        for k in ("in_weight_quant", "in_act_quant"):
+            f.__dict__.pop(k, None)
         return f
 
     def _q_in(self, t: torch.Tensor) -> torch.Tensor:
@@ -146,12 +130,7 @@ def _as_linear(m: nn.Module) -> nn.Linear:
     """MHA's out_proj is a ``NonDynamicallyQuantizableLinear``: view it as a plain Linear."""
     if type(m) is nn.Linear or isinstance(m, QLinear):
         return m
-    lin = nn.Linear.__new__(nn.Linear)
-    nn.Module.__init__(lin)
-    for k, v in m.__dict__.items():
-        if k not in ("_parameters", "_buffers", "_modules"):
-            lin.__dict__[k] = v
-    lin._parameters = dict(m._parameters)
+    lin = rebind(m, nn.Linear, {})
     return lin
 
 

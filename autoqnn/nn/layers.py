@@ -20,8 +20,22 @@ from torch import nn
 
 __all__ = [
     "QConv1d", "QConv2d", "QConv3d", "QConvTranspose1d", "QConvTranspose2d", "QConvTranspose3d",
-    "QLinear", "QUANT_LAYERS", "FLOAT_TO_QUANT", "QuantLayerMixin",
+    "QLinear", "QUANT_LAYERS", "FLOAT_TO_QUANT", "QuantLayerMixin", "rebind",
 ]
+
+
+def rebind(src: nn.Module, cls: type, modules: Optional[dict] = None) -> nn.Module:
+    """A ``cls`` instance sharing ``src``'s attributes, Parameters and buffers (no copy, no
+    re-initialisation); ``modules`` replaces its children (default: the same children)."""
+    out = cls.__new__(cls)
+    nn.Module.__init__(out)
+    for k, v in src.__dict__.items():
+        if k not in ("_parameters", "_buffers", "_modules"):
+            out.__dict__[k] = v
+    out._parameters = dict(src._parameters)
+    out._buffers = dict(src._buffers)
+    out._modules = dict(src._modules) if modules is None else dict(modules)
+    return out
 
 
 class QuantLayerMixin:
@@ -50,28 +64,14 @@ class QuantLayerMixin:
         if not isinstance(mod, cls._float_cls) or type(mod).forward is not cls._float_cls.forward:
             raise TypeError(f"{cls.__name__}.from_float expects a {cls._float_cls.__name__} (or a subclass "
                             f"that keeps its forward), got {type(mod).__name__}")
-        q = cls.__new__(cls)
-        nn.Module.__init__(q)
-        # copy the float module's state (hyper-parameters, hooks, training flag) then its params
-        for k, v in mod.__dict__.items():
-            if k not in ("_parameters", "_buffers", "_modules"):
-                q.__dict__[k] = v
-        q._parameters = dict(mod._parameters)
-        q._buffers = dict(mod._buffers)
-        q._modules = dict(mod._modules)
+        q = rebind(mod, cls)
         q._set_quantizers(weight_quant, act_quant)
         return q
 
     def to_float(self) -> nn.Module:
         """The float module with the same (unquantized) weight and bias Parameters."""
-        f = self._float_cls.__new__(self._float_cls)
-        nn.Module.__init__(f)
-        for k, v in self.__dict__.items():
-            if k not in ("_parameters", "_buffers", "_modules"):
-                f.__dict__[k] = v
-        f._parameters = dict(self._parameters)
-        f._buffers = dict(self._buffers)
-        f._modules = {k: v for k, v in self._modules.items() if k not in ("weight_quant", "act_quant")}
+        f = rebind(self, self._float_cls,
+                   {k: v for k, v in self._modules.items() if k not in ("weight_quant", "act_quant")})
         return f
 
 
