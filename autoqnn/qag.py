@@ -213,10 +213,11 @@ def _replace_call_args(args, kwargs, x, w):
 class _InterceptMode(TorchFunctionMode):
     """Quantizes functional expensive calls whose weight is a known Parameter."""
 
-    def __init__(self, table: dict, record: Optional[list] = None):
+    def __init__(self, table: dict, record: Optional[list] = None, events: Optional[list] = None):
         super().__init__()
         self.table = table  # id(param) -> module with weight_quant/act_quant (or None = leave float)
-        self.record = record  # discovery: list of (op, input, weight, output)
+        self.record = record  # discovery: list of (op, input, weight, output, event index)
+        self.events = events  # discovery: shared execution-order sequence with the module hooks
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
@@ -225,8 +226,11 @@ class _InterceptMode(TorchFunctionMode):
             return func(*args, **kwargs)
         x, w = _call_args(func, args, kwargs)
         if self.record is not None:
+            idx = len(self.events) if self.events is not None else len(self.record)
+            if self.events is not None:
+                self.events.append(("fn", op))
             out = func(*args, **kwargs)
-            self.record.append((op, x, w, out))
+            self.record.append((op, x, w, out, idx))
             return out
         holder = self.table.get(id(w)) if isinstance(w, nn.Parameter) else None
         if holder is not None:
@@ -338,24 +342,31 @@ def _set_child(model: nn.Module, old: nn.Module, new: nn.Module) -> None:
 def _discover(model, example_inputs, expensive_mods):
     """Run example_inputs once: execution order and shapes of modules, functional call sites."""
     order, shapes = {}, {}
+    events = []  # one sequence for module entries and functional calls: execution order
     hooks = []
 
-    def mk(name):
-        def hook(mod, inp, out):
+    def mk_pre(name):
+        def pre(mod, inp):
             if name not in order:
-                order[name] = len(order)
-                x = inp[0] if inp else None
-                if isinstance(x, torch.Tensor) and isinstance(out, torch.Tensor):
-                    shapes[name] = (tuple(x.shape), tuple(out.shape))
-        return hook
+                order[name] = len(events)
+            events.append(("module", name))
+        return pre
+
+    def mk_post(name):
+        def post(mod, inp, out):
+            x = inp[0] if inp else None
+            if name not in shapes and isinstance(x, torch.Tensor) and isinstance(out, torch.Tensor):
+                shapes[name] = (tuple(x.shape), tuple(out.shape))
+        return post
 
     for name, m in expensive_mods:
-        hooks.append(m.register_forward_hook(mk(name)))
+        hooks.append(m.register_forward_pre_hook(mk_pre(name)))
+        hooks.append(m.register_forward_hook(mk_post(name)))
     record = []
     was_training = model.training
     model.eval()
     try:
-        with torch.no_grad(), _InterceptMode({}, record=record):
+        with torch.no_grad(), _InterceptMode({}, record=record, events=events):
             model(*example_inputs)
     finally:
         for h in hooks:
@@ -473,7 +484,7 @@ def convert(model: nn.Module, config: Optional[QuantConfig] = None, example_inpu
     fn_sites = {}  # param name -> dict(op, weight, x_shape, out_shape, order)
     called_modules = set(order)
     if example_inputs is not None:
-        for i, (op, x, w, out) in enumerate(record):
+        for op, x, w, out, ev in record:
             if not isinstance(w, nn.Parameter):
                 if isinstance(w, torch.Tensor) and w.requires_grad and w.grad_fn is None:
                     pass
@@ -489,7 +500,7 @@ def convert(model: nn.Module, config: Optional[QuantConfig] = None, example_inpu
                 continue
             fn_sites[pname] = {"op": op, "weight": w, "x": tuple(x.shape) if isinstance(x, torch.Tensor) else None,
                                "out": tuple(out.shape) if isinstance(out, torch.Tensor) else None,
-                               "order": len(order) + i}
+                               "order": ev}
     elif config.functional:
         found = _fx_functional_params(model)
         if found is None:
@@ -601,13 +612,14 @@ def convert(model: nn.Module, config: Optional[QuantConfig] = None, example_inpu
         report.vertices.append(v)
 
     for vname, (m, reason) in mha_in.items():
-        w = m.in_proj_weight
+        ws = [w for w in (m.in_proj_weight, m.q_proj_weight, m.k_proj_weight, m.v_proj_weight) if w is not None]
         quantized = isinstance(m, QMultiheadAttention) and (m.in_weight_quant is not None or m.in_act_quant is not None)
         E = m.embed_dim
+        n_w = sum(int(w.numel()) for w in ws)
         report.vertices.append(VertexInfo(
             name=vname, kind="module", op_type="Linear", quantized=quantized, reason="" if quantized else reason,
-            weight_elements=int(w.numel()) if w is not None else None,
-            params=int(w.numel()) + (int(m.in_proj_bias.numel()) if m.in_proj_bias is not None else 0),
+            weight_elements=n_w,
+            params=n_w + (int(m.in_proj_bias.numel()) if m.in_proj_bias is not None else 0),
             weight_quant=_describe(getattr(m, "in_weight_quant", None)),
             act_quant=_describe(getattr(m, "in_act_quant", None)), macs=None, act_elements=None))
         out_v = next((v for v in report.vertices if v.name == vname[: -len("in_proj")] + "out_proj"), None)
