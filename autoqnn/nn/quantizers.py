@@ -155,7 +155,7 @@ class Quantizer(QuantizerBase):
     def _refresh_from_buffers(self):
         super()._refresh_from_buffers()
         self._scheme = scheme_info(int(self.scheme_id)).name
-        self._bits_int = clamp_bits(self._scheme, float(self.bits))
+        self._bits_int = clamp_bits(self._scheme, float(self.bits.detach()))
 
     @property
     def scheme(self) -> str:

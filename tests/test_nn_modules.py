@@ -1,0 +1,162 @@
+# SPDX-License-Identifier: MIT
+"""autoqnn.nn: quantizer modules and drop-in layers."""
+import copy
+import io
+
+import pytest
+import torch
+from torch import nn
+
+import autoqnn.functional as AF
+import autoqnn.nn as qnn
+from autoqnn.nn import QConv2d, QConvTranspose2d, QLinear, Quantizer, SchemeMixture
+
+
+def test_quantizer_matches_functional_and_learns_bits():
+    x = torch.randn(64, 32)
+    q = Quantizer("clip", 3)
+    torch.testing.assert_close(q(x), AF.quantize(x, "clip", 3))
+    ql = Quantizer("pot", 3, learn_bits=True)
+    assert isinstance(ql.bits, nn.Parameter)
+    (ql(x.requires_grad_()) ** 2).sum().backward()
+    assert ql.bits.grad is not None and ql.bits.grad != 0
+    with torch.no_grad():
+        ql.bits.fill_(9.0)
+    ql.clamp_bits_()
+    assert ql.int_bits() == 4
+    with pytest.raises(ValueError, match="pot.*2..4"):
+        Quantizer("pot", 6)
+    with pytest.raises(ValueError, match="fixed bitwidth"):
+        Quantizer("binary", learn_bits=True)
+    with pytest.raises(ValueError, match="unknown scheme"):
+        Quantizer("nope")
+
+
+def test_activation_ema_used_at_eval():
+    torch.manual_seed(0)
+    q = Quantizer("clip", 3, kind="activation")
+    x_eval = torch.randn(256) * 10  # a very different scale than training
+    q.eval()
+    torch.testing.assert_close(q(x_eval), AF.quantize(x_eval, "clip", 3))  # no EMA yet: batch stats
+    q.train()
+    for _ in range(20):
+        q(torch.randn(256))
+    q.eval()
+    expected = AF.quantize(x_eval, "clip", 3, params=q.ema_params)
+    torch.testing.assert_close(q(x_eval), expected)
+    assert not torch.equal(q(x_eval), AF.quantize(x_eval, "clip", 3))
+    assert 0.5 < float(q.ema_params[0, 0, 0]) / 0.586 < 1.5  # ~ λ₃·σ of N(0,1)
+
+
+def test_fixed_ema_step_stays_power_of_two():
+    q = Quantizer("fixed", 4, kind="activation")
+    for s in (1.0, 3.0, 7.0):
+        q(torch.randn(128) * s)
+    q.eval()
+    y = q(torch.randn(128))
+    step = q._eval_params([4], y)[0, 0, 0]
+    assert torch.log2(step) == torch.round(torch.log2(step))
+
+
+def test_mixture_gumbel_deterministic_per_seed_and_step():
+    a, b = SchemeMixture(kind="weight", seed=3), SchemeMixture(kind="weight", seed=3)
+    assert torch.equal(a.gumbel(5), b.gumbel(5))
+    assert not torch.equal(a.gumbel(5), a.gumbel(6))
+    assert not torch.equal(a.gumbel(5), SchemeMixture(kind="weight", seed=4).gumbel(5))
+    x = torch.randn(16, 3, 3, 3)
+    a.train()
+    a(x)
+    a(x)
+    assert int(a.step) == 2
+    c = SchemeMixture(kind="weight", seed=3)
+    c.load_state_dict(a.state_dict())
+    assert c._step == 2 and torch.equal(c.gumbel(), a.gumbel())
+
+
+def test_mixture_gradients_temperature_and_selection():
+    torch.manual_seed(0)
+    m = SchemeMixture(kind="weight")
+    x = torch.randn(32, 16)
+    m(x).sum().backward()
+    assert m.theta.grad is not None and m.theta.grad.abs().sum() > 0
+    with torch.no_grad():
+        m.theta.copy_(torch.tensor([0, 0, 0, 0, 0, 0, 9.0, 0]))
+    assert m.chosen() == "clip"
+    m.set_temperature(1e-3)
+    m.train()
+    torch.testing.assert_close(m(x), AF.quantize(x, "clip", 3), rtol=1e-4, atol=1e-4)  # nearly hard
+    m.eval()
+    torch.testing.assert_close(m(x), AF.quantize(x, "clip", 3))  # argmax at eval
+    q = m.to_quantizer()
+    assert isinstance(q, Quantizer) and q.scheme == "clip" and q.int_bits() == 3
+    assert "clip" in repr(m) and "tau" in repr(m)
+
+
+def test_coarse_shared_theta_survives_deepcopy():
+    theta = nn.Parameter(torch.zeros(8))
+    model = nn.ModuleDict({"a": SchemeMixture(kind="weight", theta=theta), "b": SchemeMixture(kind="weight", theta=theta)})
+    x = torch.randn(8, 8)
+    (model["a"](x).sum() + model["b"](x).sum()).backward()
+    assert model["a"].theta is model["b"].theta and theta.grad.abs().sum() > 0
+    c = copy.deepcopy(model)
+    assert c["a"].theta is c["b"].theta and c["a"].theta is not theta
+
+
+@pytest.mark.parametrize("cls,args,x", [
+    (nn.Conv1d, (4, 6, 3), torch.randn(2, 4, 9)),
+    (nn.Conv2d, (4, 6, 3), torch.randn(2, 4, 9, 9)),
+    (nn.Conv3d, (2, 3, 3), torch.randn(1, 2, 5, 5, 5)),
+    (nn.ConvTranspose1d, (4, 6, 3), torch.randn(2, 4, 9)),
+    (nn.ConvTranspose2d, (4, 6, 3), torch.randn(2, 4, 9, 9)),
+    (nn.ConvTranspose3d, (2, 3, 3), torch.randn(1, 2, 5, 5, 5)),
+    (nn.Linear, (7, 5), torch.randn(3, 7)),
+], ids=lambda v: v.__name__ if isinstance(v, type) else "")
+def test_drop_in_layers(cls, args, x):
+    torch.manual_seed(0)
+    f = cls(*args)
+    qcls = qnn.FLOAT_TO_QUANT[cls]
+    built = qcls(*args)  # same constructor signature
+    assert sorted(built.state_dict()) == sorted(f.state_dict())
+    q = qcls.from_float(f, Quantizer("clip", 3, per_channel=True), Quantizer("clip", 3, kind="activation"))
+    assert q.weight is f.weight
+    assert set(q.state_dict()) >= set(f.state_dict())
+    assert {k.split(".")[0] for k in set(q.state_dict()) - set(f.state_dict())} == {"weight_quant", "act_quant"}
+    y = q(x)
+    assert y.shape == f(x).shape and not torch.equal(y, f(x))
+    qnn.set_quant_enabled(q, False)
+    assert torch.equal(q(x), f(x))
+    assert type(q.to_float()) is cls and q.to_float().weight is f.weight
+    if cls in (nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d):
+        assert q.weight_quant.channel_dim == 1
+
+
+def test_conv_transpose_output_size():
+    q = QConvTranspose2d(4, 6, 3, stride=2, weight_quant=Quantizer("clip", 3))
+    y = q(torch.randn(1, 4, 5, 5), output_size=[12, 12])
+    assert y.shape[-2:] == (12, 12)
+
+
+def test_state_dict_round_trip_file():
+    torch.manual_seed(0)
+
+    def build():
+        return nn.Sequential(QConv2d(3, 8, 3, weight_quant=SchemeMixture(kind="weight"),
+                                     act_quant=SchemeMixture(kind="activation")), nn.ReLU(), nn.Flatten(),
+                             QLinear(8 * 6 * 6, 4, weight_quant=Quantizer("pot", 3), act_quant=Quantizer("clip", 4, kind="activation", learn_bits=True)))
+
+    m = build()
+    opt = torch.optim.SGD(m.parameters(), lr=0.1)
+    for _ in range(3):
+        opt.zero_grad()
+        m(torch.randn(4, 3, 8, 8)).sum().backward()
+        opt.step()
+    buf = io.BytesIO()
+    torch.save(m.state_dict(), buf)
+    buf.seek(0)
+    m2 = build()
+    m2.load_state_dict(torch.load(buf, weights_only=True))
+    m.eval()
+    m2.eval()
+    x = torch.randn(2, 3, 8, 8)
+    torch.testing.assert_close(m2(x), m(x))
+    assert m2[0].weight_quant._step == 3 and torch.equal(m2[0].act_quant.ema_params, m[0].act_quant.ema_params)
