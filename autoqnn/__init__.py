@@ -6,6 +6,10 @@ torch; without it every op runs through the pure-PyTorch reference (one warning 
 """
 from . import _ext  # noqa: F401  (loads autoqnn._C before the op schemas are declared)
 from . import ops  # noqa: F401
+try:  # Triton kernels (optional): registers autoqnn::*_triton and sets backends.TRITON_ERROR
+    from .ops import _triton  # noqa: F401
+except Exception:  # pragma: no cover - never let an optional backend break the import
+    pass
 from . import functional, schemes  # noqa: F401
 from .backends import BackendUnavailableError  # noqa: F401
 from .functional import quantize, quantize_mixture  # noqa: F401

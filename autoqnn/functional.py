@@ -115,6 +115,12 @@ def _torch_impl(x, weights, bits_t, ints, sids, per_channel, params):
     return y.reshape(x.shape).to(x.dtype).contiguous()
 
 
+def _needs(backend, *ops):
+    """Ops an explicit backend must implement: scheme_params has no Triton kernel yet and runs
+    through the dispatcher (any device) with backend="triton"."""
+    return ops if backends.check_backend_name(backend) == "triton" else ("scheme_params",) + ops
+
+
 def quantize(
     x: torch.Tensor,
     scheme: str,
@@ -148,11 +154,13 @@ def quantize(
     bits_t, ints = _bits_tensor(bits, [info])
     if params is not None:
         params = _check_params_arg(params, x, 1, per_channel)
-    mode = backends.resolve(backend, x.device, ("scheme_params", "quantize", "quantize_backward"))
+    mode = backends.resolve(backend, x.device, _needs(backend, "quantize", "quantize_backward"))
     if mode == "torch":
         return _torch_impl(x, None, bits_t, ints, [info.id], per_channel, params)
     if params is None:
         params = torch.ops.autoqnn.scheme_params(x.detach(), bits_t.detach(), [info.id], per_channel)
+    if mode == "triton":
+        return torch.ops.autoqnn.quantize_triton(x, params, bits_t, info.id, per_channel)
     return torch.ops.autoqnn.quantize(x, params, bits_t, info.id, per_channel)
 
 
@@ -194,11 +202,13 @@ def quantize_mixture(
     if params is not None:
         params = _check_params_arg(params, x, K, per_channel)
     sids = [i.id for i in infos]
-    mode = backends.resolve(backend, x.device, ("scheme_params", "mixture", "mixture_backward"))
+    mode = backends.resolve(backend, x.device, _needs(backend, "mixture", "mixture_backward"))
     if mode == "torch":
         return _torch_impl(x, weights, bits_t, ints, sids, per_channel, params)
     if params is None:
         params = torch.ops.autoqnn.scheme_params(x.detach(), bits_t.detach(), sids, per_channel)
+    if mode == "triton":
+        return torch.ops.autoqnn.mixture_triton(x, params, weights, bits_t, sids, per_channel)
     return torch.ops.autoqnn.mixture(x, params, weights, bits_t, sids, per_channel)
 
 

@@ -138,10 +138,10 @@ def _quantize_setup(ctx, inputs, output):
     ctx.per_channel = per_channel
 
 
-def _quantize_bwd(ctx, grad_y):
+def _quantize_bwd(ctx, grad_y, bwd_op=None):
     x, params, bits = ctx.saved_tensors
     need_bits = bool(ctx.needs_input_grad[2])
-    gx, gb = _op("quantize_backward")(
+    gx, gb = (bwd_op or _op("quantize_backward"))(
         grad_y, x, params, bits, ctx.scheme, ctx.per_channel, need_bits
     )
     return (
@@ -160,11 +160,11 @@ def _mixture_setup(ctx, inputs, output):
     ctx.per_channel = per_channel
 
 
-def _mixture_bwd(ctx, grad_y):
+def _mixture_bwd(ctx, grad_y, bwd_op=None):
     x, params, weights, bits = ctx.saved_tensors
     need_w = bool(ctx.needs_input_grad[2])
     need_b = bool(ctx.needs_input_grad[3])
-    gx, gw, gb = _op("mixture_backward")(
+    gx, gw, gb = (bwd_op or _op("mixture_backward"))(
         grad_y, x, params, weights, bits, ctx.schemes, ctx.per_channel, need_w, need_b
     )
     return (
@@ -177,12 +177,24 @@ def _mixture_bwd(ctx, grad_y):
     )
 
 
-torch.library.register_autograd(
-    qualname("quantize"), _quantize_bwd, setup_context=_quantize_setup, lib=_lib
-)
-torch.library.register_autograd(
-    qualname("mixture"), _mixture_bwd, setup_context=_mixture_setup, lib=_lib
-)
+def register_autograd_for(fwd: str, bwd: str, kind: str) -> None:
+    """Attach the shared autograd formula to a forward op whose backward op is ``bwd`` (the
+    Triton twins reuse it)."""
+    bwd_op = lambda: _op(bwd)  # noqa: E731  (resolved at backward time)
+    if kind == "quantize":
+        def backward(ctx, grad_y):
+            return _quantize_bwd(ctx, grad_y, bwd_op())
+
+        torch.library.register_autograd(qualname(fwd), backward, setup_context=_quantize_setup, lib=_lib)
+    else:
+        def backward(ctx, grad_y):
+            return _mixture_bwd(ctx, grad_y, bwd_op())
+
+        torch.library.register_autograd(qualname(fwd), backward, setup_context=_mixture_setup, lib=_lib)
+
+
+register_autograd_for("quantize", "quantize_backward", kind="quantize")
+register_autograd_for("mixture", "mixture_backward", kind="mixture")
 
 
 def has_kernel(op: str, dispatch_key: str) -> bool:
