@@ -263,6 +263,8 @@ def _intercept_table(root: nn.Module) -> dict:
 
 
 def _qag_pre_hook(mod, args):
+    if mod.__dict__.get("_qag_discovering"):
+        return  # convert() is looking at the raw calls: do not quantize them
     mode = _InterceptMode(_intercept_table(mod))
     mode.__enter__()
     mod.__dict__.setdefault("_qag_mode_stack", []).append(mode)
@@ -365,12 +367,14 @@ def _discover(model, example_inputs, expensive_mods):
     record = []
     was_training = model.training
     model.eval()
+    model.__dict__["_qag_discovering"] = True
     try:
         with torch.no_grad(), _InterceptMode({}, record=record, events=events):
             model(*example_inputs)
     finally:
         for h in hooks:
             h.remove()
+        model.__dict__.pop("_qag_discovering", None)
         model.train(was_training)
     return order, shapes, record
 
@@ -483,12 +487,16 @@ def convert(model: nn.Module, config: Optional[QuantConfig] = None, example_inpu
         order, shapes, record = _discover(model, example_inputs, expensive)
     fn_sites = {}  # param name -> dict(op, weight, x_shape, out_shape, order)
     called_modules = set(order)
-    if example_inputs is not None:
+    # weights of every float Conv/Linear-like module, selected by layer_types or not: their own
+    # calls are the module's business (swapped, or deliberately left float), not functional vertices
+    any_owner = {id(m.weight) for m in model.modules()
+                 if _float_type(m) is not None and isinstance(getattr(m, "weight", None), torch.Tensor)}
+    if example_inputs is not None and config.functional:
         for op, x, w, out, ev in record:
             if not isinstance(w, nn.Parameter):
-                if isinstance(w, torch.Tensor) and w.requires_grad and w.grad_fn is None:
-                    pass
-                continue
+                continue  # a computed weight (known gap: see tests/test_qag.py xfail)
+            if id(w) in any_owner and id(w) not in owner:
+                continue  # a module type outside config.layer_types: left float on purpose
             if id(w) in owner and owner[id(w)][0] in called_modules and type(owner[id(w)][1]).forward is not nn.Module.forward:
                 # the owning module's own forward made this call (already covered by the swap),
                 # unless the module itself was never called as a module

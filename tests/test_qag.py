@@ -280,17 +280,11 @@ def test_layer_types_restricts_the_expensive_set():
     _layer_types_check(None)
 
 
-@pytest.mark.xfail(strict=True, reason="BUG: with example_inputs, modules whose type is not in "
-                   "config.layer_types are quantized anyway: their own F.conv*/F.linear calls are "
-                   "discovered as functional vertices ('c1.weight', ...) and intercepted")
 def test_layer_types_restricts_the_expensive_set_with_examples():
     _layer_types_check((torch.randn(1, 2, 4, 4),))
 
 
-@pytest.mark.parametrize("with_examples", [False, pytest.param(True, marks=pytest.mark.xfail(
-    strict=True, reason="BUG: config.functional=False is ignored when example_inputs are given (convert only "
-    "checks it on the torch.fx path): functional calls are discovered and quantized"))],
-    ids=["fx", "examples"])
+@pytest.mark.parametrize("with_examples", [False, True], ids=["fx", "examples"])
 def test_functional_false_leaves_functional_calls_float(with_examples):
     torch.manual_seed(0)
     model = Traceable()
@@ -742,9 +736,6 @@ def test_convert_is_idempotent_with_functional_calls_model():
         assert torch.equal(q2(X), q1(X))
 
 
-@pytest.mark.xfail(strict=True, reason="BUG: converting an already converted model with example_inputs drops "
-                   "its functional vertices from the report (discovery runs under the model's own "
-                   "interception, so the recorded weight is the quantized tensor, not the Parameter)")
 @pytest.mark.parametrize("ctor", [Branchy, Shared, Traceable])
 def test_idempotent_report_keeps_functional_vertices(ctor):
     q1, r1 = convert(ctor(), QuantConfig(), example_inputs=(X,))
