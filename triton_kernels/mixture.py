@@ -1,228 +1,500 @@
 # SPDX-License-Identifier: MIT
-"""Triton kernels for autoqnn's quantize/mixture ops (forward and backward, one pass each).
+"""Triton output pass of the AutoQNN quantizers: one scheme (``quantize``) or the QSS mixture
+y = Σ_k w_k·q_k(x) (``mixture``), forward and backward, with exactly the semantics of
+:func:`autoqnn.ops.reference.mixture_ref` / :func:`~autoqnn.ops.reference.mixture_backward_ref`
+(and ``quantize_ref`` / ``quantize_backward_ref``).
 
-Math: a line-by-line twin of csrc/include/autoqnn/scheme_math.h (itself the twin of
-autoqnn/ops/reference.py::eval_scheme): round half to even by clamp-then-(c + 1.5·2^23) − 1.5·2^23,
-PotQ's level from the float bit pattern, ZoomQ's floor as rint minus overshoot, IEEE division
-(``tl.div_rn``), no libdevice (so the kernels also run in TRITON_INTERPRET=1 on CPU).
+Layout: ``x`` is viewed as ``[C, N]`` (C = channels with ``per_channel``, else 1), contiguous.
+A 1-D grid of ``C·cdiv(N, BLOCK)`` programs; program ``pid`` handles row ``pid // NBLK``, block
+``pid % NBLK`` (a 1-D grid has no 65535 limit on either factor).
 
-The candidate schemes and their integer bits are compile-time constants packed 4 bits per
-candidate (SCHEMES, BITS), so each combination compiles one specialised kernel.
+Specialisation: the candidate scheme ids ``S0..S7`` (−1 = absent) and their integer bits
+``B0..B7`` are ``tl.constexpr``, so every combination compiles its own straight-line kernel
+(ResQ's loop over the bits is unrolled). The per-(candidate, row) scales are read from the
+``params`` tensor ``[K, C, NUM_PARAMS]`` and the mixture weights from their device tensor: the
+launch itself never reads a tensor on the host (the callers read ``bits`` to pick the kernel,
+as the reference and the C++ kernels do).
+
+Per-element math mirrors ``csrc/include/autoqnn/scheme_math.h`` (and so the reference):
+
+* compute dtype float32 (fp16/bf16/fp32 input) or float64 (float64 input, supported natively:
+  float64 division, a 1.5·2^52 rounding constant and the float64 bit pattern for PotQ);
+* division only where the reference divides, unconditional on a safe denominator then a select
+  (``_safe_div``), with ``tl.div_rn`` (IEEE round to nearest) in float32;
+* round half to even without libdevice: clamp to the integer bounds first, then
+  ``(c + 1.5·2^23) − 1.5·2^23`` (exact for |c| < 2^22);
+* ZoomQ's floor: clamp to [0, 2^b − 1] then truncate to int (NaN → 0, replaced by NaN later);
+* PotQ's level from the float bit pattern (mantissa > 0x3504f3 rounds up, as the reference's
+  frexp test), its magnitude 2^l (½ for l = 0) built from exponent bits;
+* launched with ``enable_fp_fusion=False``: every product and sum is rounded on its own, as in
+  the reference (Triton otherwise contracts ``y + q·w`` and ``min + step·(k + ½)`` into FMAs,
+  which moves levels by an ulp).
+
+Backward: one pass over ``x`` and ``grad_y`` gives grad_x = grad_y·(Σ_k w_k·ste_k) (0 at
+non-finite x) and, per program, the partial sums ⟨grad_y, q_k⟩ and ⟨grad_y, ∂q_k/∂b⟩ written to a
+``[num_programs, 2K]`` buffer that the host reduces with ``torch.sum`` (fixed order, no atomics:
+deterministic). Nothing of size K×N is materialised.
 """
+from __future__ import annotations
+
+import math
+import os
+from typing import Optional, Sequence
+
 import torch
 import triton
 import triton.language as tl
 
-NUM_PARAMS = 12
-_MAGIC = 12582912.0  # 1.5 * 2^23
+__all__ = [
+    "INTERPRET",
+    "NUM_PARAMS",
+    "MAX_CANDIDATES",
+    "mixture_fwd",
+    "mixture_bwd",
+    "quantize_fwd",
+    "quantize_bwd",
+]
+
+NUM_PARAMS = 12  # autoqnn.schemes.NUM_PARAMS (literal: this module does not import autoqnn)
+MAX_CANDIDATES = 8
+# Bit ranges per scheme id (SPEC decisions; autoqnn.schemes): the launchers check the ints.
+_MIN_BITS = (1, 2, 2, 2, 2, 2, 2, 2)
+_MAX_BITS = (1, 2, 2, 8, 8, 8, 8, 4)
 
 
+def _interpret_enabled() -> bool:
+    try:
+        return bool(triton.knobs.runtime.interpret)
+    except AttributeError:  # older triton: the environment variable is the switch
+        return os.environ.get("TRITON_INTERPRET", "0").strip().lower() in ("1", "true", "yes", "on")
+
+
+#: True when ``@triton.jit`` produced interpreter functions (``TRITON_INTERPRET=1`` when this
+#: module was imported): the kernels then run on CPU tensors through NumPy.
+INTERPRET = _interpret_enabled()
+
+
+# ----------------------------------------------------------------------------- per-element math
 @triton.jit
-def _safe_div(a, s):
-    ok = s > 0.0
-    v = tl.div_rn(a, tl.where(ok, s, 1.0))
+def _safe_div(a, b, IS64: tl.constexpr):
+    """a / b where b > 0, else 0 (``b`` a per-row scalar). Division first, select after."""
+    ok = b > 0
+    den = tl.where(ok, b, 1.0) + tl.zeros_like(a)
+    if IS64:
+        v = a / den  # float64 division is IEEE round-to-nearest
+    else:
+        v = tl.div_rn(a, den)  # `/` in float32 is an approximate division on GPUs
     return tl.where(ok, v, 0.0)
 
 
 @triton.jit
-def _round_clamped(u, lo, hi):
+def _round_clamped(u, lo, hi, IS64: tl.constexpr):
+    """round(clamp(u, lo, hi)) half to even (integer bounds, |bounds| < 2^21); NaN passes."""
     c = tl.where(u < lo, lo, tl.where(u > hi, hi, u))
-    return (c + 12582912.0) - 12582912.0
+    if IS64:
+        r = (c + 6755399441055744.0) - 6755399441055744.0  # 1.5·2^52
+    else:
+        r = (c + 12582912.0) - 12582912.0  # 1.5·2^23
+    return r
 
 
 @triton.jit
-def _sgn(v):  # +1 for v > 0, -1 otherwise
-    return tl.where(v > 0.0, 1.0, -1.0)
+def _floor_clamped_nonneg(v, top):
+    """floor(clamp(v, 0, top)) for top < 2^22; NaN → 0."""
+    c = tl.where(v > 0, v, 0.0)
+    c = tl.where(c < top, c, top)
+    return c.to(tl.int32).to(v.dtype)
+
+
+@triton.jit
+def _sgn(v):
+    """+1 for v > 0, −1 otherwise (the paper's binarisation rule)."""
+    return tl.where(v > 0, 1.0, -1.0)
 
 
 @triton.jit
 def _sign0(v):
-    return tl.where(v > 0.0, 1.0, tl.where(v < 0.0, -1.0, 0.0))
+    """torch.sign for non-NaN v (NaN outputs are replaced by the caller)."""
+    return tl.where(v > 0, 1.0, tl.where(v < 0, -1.0, 0.0))
 
 
 @triton.jit
-def _eval(x, p_ptr, SID: tl.constexpr, B: tl.constexpr, CB, NEED_D: tl.constexpr):
-    """(q, ste, d) of candidate SID at B bits on a block x (fp32)."""
-    finite = (x - x) == 0.0
-    d = tl.zeros_like(x)
-    ste = finite
+def _pot_magnitude(a, LMAX: tl.constexpr, IS64: tl.constexpr):
+    """2^l (½ for l = 0) with l = clip(round(log2 a), 0, LMAX) from the bit pattern of a ≥ 0;
+    Inf/NaN → LMAX (the reference's frexp test, exactly)."""
+    if IS64:
+        bits = a.to(tl.int64, bitcast=True)
+        e = ((bits >> 52) & 0x7FF).to(tl.int32)
+        m = bits & 0xFFFFFFFFFFFFF
+        lv = e - 1023 + (m >= 0x6A09E667F3BCD).to(tl.int32)
+        lv = tl.where(e == 2047, LMAX, lv)
+        lv = tl.minimum(tl.maximum(lv, 0), LMAX)
+        eb = tl.where(lv == 0, 1022, lv + 1023).to(tl.int64)
+        mag = (eb << 52).to(tl.float64, bitcast=True)
+    else:
+        bits = a.to(tl.int32, bitcast=True)
+        e = (bits >> 23) & 0xFF
+        m = bits & 0x7FFFFF
+        lv = e - 127 + (m > 0x3504F3).to(tl.int32)
+        lv = tl.where(e == 255, LMAX, lv)
+        lv = tl.minimum(tl.maximum(lv, 0), LMAX)
+        eb = tl.where(lv == 0, 126, lv + 127)
+        mag = (eb << 23).to(tl.float32, bitcast=True)
+    return mag
+
+
+@triton.jit
+def _eval(x, fin, pp, SID: tl.constexpr, B: tl.constexpr, CB: tl.constexpr,
+          IS64: tl.constexpr, NEED_D: tl.constexpr):
+    """One candidate on a block: ``(q, keep, d)`` as ``reference.eval_scheme``.
+
+    ``pp`` points at params[k, row, 0]; ``fin`` = isfinite(x); ``keep`` is ClipQ's STE mask
+    (``fin`` for the other schemes, unused); ``d`` = ∂q/∂b (zeros unless ``NEED_D``); ``CB`` =
+    −ln2·2^b/(2^b − 1).
+    """
+    CD: tl.constexpr = tl.float64 if IS64 else tl.float32
+    zero = tl.zeros_like(x)
+    keep = fin
+    d = zero
     if SID == 0:  # binary
-        q = tl.load(p_ptr) * _sgn(x)
+        q = tl.load(pp) * _sgn(x)
     elif SID == 1:  # ternary
-        ax = tl.where(x < 0.0, -x, x)
-        q = tl.load(p_ptr + 1) * tl.where(ax > tl.load(p_ptr), _sign0(x), 0.0)
+        t = tl.where(tl.abs(x) > tl.load(pp), _sign0(x), 0.0)
+        q = tl.load(pp + 1) * t
     elif SID == 2:  # quaternary
-        q = tl.load(p_ptr + 1) * _round_clamped(_safe_div(x, tl.load(p_ptr)), -2.0, 1.0)
+        v = _round_clamped(_safe_div(x, tl.load(pp), IS64), -2.0, 1.0, IS64)
+        q = tl.load(pp + 1) * v
     elif SID == 3:  # fixed
-        scale = tl.load(p_ptr)
-        lim: tl.constexpr = 1 << (B - 1)
-        q = _round_clamped(_safe_div(x, scale), -lim * 1.0, lim - 1.0) * scale
+        scale = tl.load(pp)
+        LIM: tl.constexpr = float(2 ** (B - 1))
+        m = _round_clamped(_safe_div(x, scale, IS64), -LIM, LIM - 1.0, IS64)
+        q = m * scale
         if NEED_D:
-            d = tl.where(scale > 0.0, CB * (q - x), 0.0)
-    elif SID == 4:  # residual
+            d = tl.where(scale > 0, tl.full([], CB, CD) * (q - x), 0.0)
+    elif SID == 4:  # residual: B greedy binarisations (unrolled)
         r = x
-        q = tl.zeros_like(x)
-        s_prev = tl.zeros_like(x)
+        q = zero
+        s_prev = zero
         for i in tl.static_range(B):
-            s = tl.load(p_ptr + i) * _sgn(r)
+            s = tl.load(pp + i) * _sgn(r)
             q = q + s
             r = r - s
             s_prev = s
         if NEED_D:
-            d = 0.5 * (s_prev + tl.load(p_ptr + B) * _sgn(r))
+            d = 0.5 * (s_prev + tl.load(pp + B) * _sgn(r))
     elif SID == 5:  # zoom
-        mn = tl.load(p_ptr)
-        scale = tl.load(p_ptr + 1)
-        top: tl.constexpr = (1 << B) - 1
-        v = _safe_div(x - mn, scale)
-        c = tl.where(v > 0.0, v, 0.0)
-        c = tl.where(c < top * 1.0, c, top * 1.0)
-        rr = (c + 12582912.0) - 12582912.0
-        k = tl.where(rr > c, rr - 1.0, rr)
+        mn = tl.load(pp)
+        scale = tl.load(pp + 1)
+        TOP: tl.constexpr = float(2 ** B - 1)
+        k = _floor_clamped_nonneg(_safe_div(x - mn, scale, IS64), TOP)
         q = mn + scale * (k + 0.5)
         if NEED_D:
-            d = tl.where(scale > 0.0, CB * (q - x), 0.0)
-    elif SID == 6:  # clip
-        scale = tl.load(p_ptr)
-        lim: tl.constexpr = 1 << (B - 1)
-        q = scale * (_round_clamped(_safe_div(x, scale) - 0.5, -lim * 1.0, lim - 1.0) + 0.5)
-        ax = tl.where(x < 0.0, -x, x)
-        ste = ax <= (lim - 0.5) * scale
+            d = tl.where(scale > 0, tl.full([], CB, CD) * (q - x), 0.0)
+    elif SID == 6:  # clip (masked STE)
+        scale = tl.load(pp)
+        LIM: tl.constexpr = float(2 ** (B - 1))
+        k = _round_clamped(_safe_div(x, scale, IS64) - 0.5, -LIM, LIM - 1.0, IS64)
+        q = scale * (k + 0.5)
+        edge = (LIM - 0.5) * scale
+        keep = (x >= -edge) & (x <= edge)
         if NEED_D:
-            d = tl.where(scale > 0.0, CB * (q - x), 0.0)
+            d = tl.where(scale > 0, tl.full([], CB, CD) * (q - x), 0.0)
     else:  # pot
-        scale = tl.load(p_ptr)
-        lmax: tl.constexpr = (1 << (B - 1)) - 1
-        u = _safe_div(x, scale)
-        a = tl.where(u < 0.0, -u, u)
-        bits = a.to(tl.int32, bitcast=True)
-        e = (bits >> 23) & 0xFF
-        m = bits & 0x7FFFFF
-        lv = e - 127 + tl.where(m > 0x3504F3, 1, 0)
-        lv = tl.where(e == 255, lmax, lv)
-        lv = tl.where(lv < 0, 0, lv)
-        lv = tl.where(lv > lmax, lmax, lv)
-        mag = tl.where(lv == 0, 126, lv + 127) << 23
-        q = scale * _sign0(u) * mag.to(tl.float32, bitcast=True)
+        scale = tl.load(pp)
+        u = _safe_div(x, scale, IS64)
+        mag = _pot_magnitude(tl.abs(u), 2 ** (B - 1) - 1, IS64)
+        q = scale * _sign0(u) * mag
         if NEED_D:
-            d = tl.where(scale > 0.0, CB * (q - x), 0.0)
-    q = tl.where(x != x, x, q)
+            d = tl.where(scale > 0, tl.full([], CB, CD) * (q - x), 0.0)
+    q = tl.where(x != x, x, q)  # NaN propagates
     if NEED_D:
-        d = tl.where(finite, d, 0.0)
-    return q, ste, d
+        d = tl.where(fin, d, 0.0)
+    return q, keep, d
+
+
+# ----------------------------------------------------------------------------- kernels
+@triton.jit
+def _fwd_term(x, fin, p_ptr, w_ptr, K_IDX: tl.constexpr, C, row, SID: tl.constexpr,
+              B: tl.constexpr, HAS_W: tl.constexpr, IS64: tl.constexpr):
+    pp = p_ptr + (K_IDX * C + row).to(tl.int64) * 12  # params[K_IDX, row, :]
+    q, keep, d = _eval(x, fin, pp, SID, B, 0.0, IS64, False)
+    if HAS_W:
+        q = q * tl.load(w_ptr + K_IDX)
+    return q
 
 
 @triton.jit
-def _mixture_fwd_kernel(x_ptr, y_ptr, p_ptr, w_ptr, C, N,
-                        K: tl.constexpr, SCHEMES: tl.constexpr, BITS: tl.constexpr, HAS_W: tl.constexpr,
-                        BLOCK: tl.constexpr):
-    row = tl.program_id(0)
-    offs = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
-    mask = offs < N
-    x = tl.load(x_ptr + row * N + offs, mask=mask, other=0.0).to(tl.float32)
-    acc = tl.zeros_like(x)
-    for k in tl.static_range(K):
-        SID: tl.constexpr = (SCHEMES >> (4 * k)) & 15
-        B: tl.constexpr = (BITS >> (4 * k)) & 15
-        q, ste, d = _eval(x, p_ptr + (k * C + row) * 12, SID, B, 0.0, False)
-        if HAS_W:
-            q = q * tl.load(w_ptr + k)
-        if k == 0:
-            acc = q
-        else:
-            acc = acc + q
-    tl.store(y_ptr + row * N + offs, acc.to(y_ptr.dtype.element_ty), mask=mask)
-
-
-@triton.jit
-def _mixture_bwd_kernel(g_ptr, x_ptr, gx_ptr, p_ptr, w_ptr, part_ptr, C, N, CBS_PTR,
-                        K: tl.constexpr, SCHEMES: tl.constexpr, BITS: tl.constexpr, HAS_W: tl.constexpr,
-                        NEED_D: tl.constexpr, BLOCK: tl.constexpr):
-    row = tl.program_id(0)
-    blk = tl.program_id(1)
+def _mixture_fwd_kernel(
+    x_ptr,  # [C, N] contiguous, x's dtype
+    p_ptr,  # [K, C, NUM_PARAMS] compute dtype
+    w_ptr,  # [K] compute dtype (not read without HAS_W)
+    y_ptr,  # [C, N] contiguous, x's dtype
+    N, C, NBLK,
+    S0: tl.constexpr, S1: tl.constexpr, S2: tl.constexpr, S3: tl.constexpr,
+    S4: tl.constexpr, S5: tl.constexpr, S6: tl.constexpr, S7: tl.constexpr,
+    B0: tl.constexpr, B1: tl.constexpr, B2: tl.constexpr, B3: tl.constexpr,
+    B4: tl.constexpr, B5: tl.constexpr, B6: tl.constexpr, B7: tl.constexpr,
+    HAS_W: tl.constexpr, IS64: tl.constexpr, BLOCK: tl.constexpr,
+):
+    CD: tl.constexpr = tl.float64 if IS64 else tl.float32
+    pid = tl.program_id(0)
+    row = pid // NBLK
+    blk = pid - row * NBLK
     offs = blk * BLOCK + tl.arange(0, BLOCK)
-    mask = offs < N
-    x = tl.load(x_ptr + row * N + offs, mask=mask, other=0.0).to(tl.float32)
-    g = tl.load(g_ptr + row * N + offs, mask=mask, other=0.0).to(tl.float32)
-    w_id = 0.0
-    masked = tl.zeros_like(x)
-    pid = row * tl.num_programs(1) + blk
-    for k in tl.static_range(K):
-        SID: tl.constexpr = (SCHEMES >> (4 * k)) & 15
-        B: tl.constexpr = (BITS >> (4 * k)) & 15
-        if HAS_W:
-            wk = tl.load(w_ptr + k)
-        else:
-            wk = 1.0
-        cb = tl.load(CBS_PTR + k)
-        q, ste, d = _eval(x, p_ptr + (k * C + row) * 12, SID, B, cb, NEED_D)
-        if SID == 6:
-            masked = masked + tl.where(ste, wk, 0.0)
-        else:
-            w_id = w_id + wk
-        tl.store(part_ptr + pid * 2 * K + k, tl.sum(tl.where(mask, g * q, 0.0), axis=0))
-        if NEED_D:
-            tl.store(part_ptr + pid * 2 * K + K + k, tl.sum(tl.where(mask, g * d, 0.0), axis=0))
-        else:
-            tl.store(part_ptr + pid * 2 * K + K + k, 0.0)
-    finite = (x - x) == 0.0
-    gx = tl.where(finite, g * (masked + w_id), 0.0)
-    tl.store(gx_ptr + row * N + offs, gx.to(gx_ptr.dtype.element_ty), mask=mask)
+    inb = offs < N
+    base = row.to(tl.int64) * N
+    x = tl.load(x_ptr + base + offs, mask=inb, other=0.0).to(CD)
+    fin = tl.abs(x) < float("inf")
+    # the reference's accumulation order: y = q_0·w_0, then y = y + q_k·w_k
+    y = _fwd_term(x, fin, p_ptr, w_ptr, 0, C, row, S0, B0, HAS_W, IS64)
+    if S1 >= 0:
+        y = y + _fwd_term(x, fin, p_ptr, w_ptr, 1, C, row, S1, B1, HAS_W, IS64)
+    if S2 >= 0:
+        y = y + _fwd_term(x, fin, p_ptr, w_ptr, 2, C, row, S2, B2, HAS_W, IS64)
+    if S3 >= 0:
+        y = y + _fwd_term(x, fin, p_ptr, w_ptr, 3, C, row, S3, B3, HAS_W, IS64)
+    if S4 >= 0:
+        y = y + _fwd_term(x, fin, p_ptr, w_ptr, 4, C, row, S4, B4, HAS_W, IS64)
+    if S5 >= 0:
+        y = y + _fwd_term(x, fin, p_ptr, w_ptr, 5, C, row, S5, B5, HAS_W, IS64)
+    if S6 >= 0:
+        y = y + _fwd_term(x, fin, p_ptr, w_ptr, 6, C, row, S6, B6, HAS_W, IS64)
+    if S7 >= 0:
+        y = y + _fwd_term(x, fin, p_ptr, w_ptr, 7, C, row, S7, B7, HAS_W, IS64)
+    tl.store(y_ptr + base + offs, y.to(y_ptr.dtype.element_ty), mask=inb)
 
 
-def _pack(vals):
-    out = 0
-    for i, v in enumerate(vals):
-        out |= (int(v) & 15) << (4 * i)
-    return out
+@triton.jit
+def _bwd_term(gmask, wsum, x, fin, g, inb, p_ptr, w_ptr, part_ptr, K_IDX: tl.constexpr, C, row,
+              SID: tl.constexpr, B: tl.constexpr, CB: tl.constexpr, K: tl.constexpr,
+              HAS_W: tl.constexpr, NEED_W: tl.constexpr, NEED_B: tl.constexpr,
+              IS64: tl.constexpr):
+    CD: tl.constexpr = tl.float64 if IS64 else tl.float32
+    pp = p_ptr + (K_IDX * C + row).to(tl.int64) * 12  # params[K_IDX, row, :]
+    q, keep, d = _eval(x, fin, pp, SID, B, CB, IS64, NEED_B)
+    if HAS_W:
+        w = tl.load(w_ptr + K_IDX)
+    else:
+        w = tl.full([], 1.0, CD)
+    if SID == 6:  # masked STE: Σ over the masked candidates, in candidate order
+        gmask = gmask + tl.where(keep, w, 0.0)
+    else:  # identity STE: Σ w_k as the reference does it (Python floats = float64), in order
+        wsum = wsum + w.to(tl.float64)
+    if NEED_W:
+        tl.store(part_ptr + K_IDX, tl.sum(tl.where(inb, g * q, 0.0), axis=0))
+    if NEED_B:
+        tl.store(part_ptr + K + K_IDX, tl.sum(tl.where(inb, g * d, 0.0), axis=0))
+    return gmask, wsum
 
 
-def _rows(x, per_channel):
+@triton.jit
+def _mixture_bwd_kernel(
+    g_ptr,  # [C, N] contiguous, grad_y's dtype
+    x_ptr,  # [C, N] contiguous, x's dtype
+    p_ptr,  # [K, C, NUM_PARAMS] compute dtype
+    w_ptr,  # [K] compute dtype (not read without HAS_W)
+    gx_ptr,  # [C, N] contiguous, x's dtype
+    part_ptr,  # [C·NBLK, 2K] compute dtype: per program ⟨g, q_k⟩ (col k), ⟨g, d_k⟩ (col K + k)
+    N, C, NBLK,
+    S0: tl.constexpr, S1: tl.constexpr, S2: tl.constexpr, S3: tl.constexpr,
+    S4: tl.constexpr, S5: tl.constexpr, S6: tl.constexpr, S7: tl.constexpr,
+    B0: tl.constexpr, B1: tl.constexpr, B2: tl.constexpr, B3: tl.constexpr,
+    B4: tl.constexpr, B5: tl.constexpr, B6: tl.constexpr, B7: tl.constexpr,
+    CB0: tl.constexpr, CB1: tl.constexpr, CB2: tl.constexpr, CB3: tl.constexpr,
+    CB4: tl.constexpr, CB5: tl.constexpr, CB6: tl.constexpr, CB7: tl.constexpr,
+    K: tl.constexpr, HAS_W: tl.constexpr, NEED_W: tl.constexpr, NEED_B: tl.constexpr,
+    IS64: tl.constexpr, BLOCK: tl.constexpr,
+):
+    CD: tl.constexpr = tl.float64 if IS64 else tl.float32
+    pid = tl.program_id(0)
+    row = pid // NBLK
+    blk = pid - row * NBLK
+    offs = blk * BLOCK + tl.arange(0, BLOCK)
+    inb = offs < N
+    base = row.to(tl.int64) * N
+    x = tl.load(x_ptr + base + offs, mask=inb, other=0.0).to(CD)
+    g = tl.load(g_ptr + base + offs, mask=inb, other=0.0).to(CD)
+    fin = tl.abs(x) < float("inf")
+    pp = part_ptr + pid.to(tl.int64) * (2 * K)
+    gmask = tl.zeros_like(x)
+    wsum = tl.full([], 0.0, tl.float64)
+    gmask, wsum = _bwd_term(gmask, wsum, x, fin, g, inb, p_ptr, w_ptr, pp, 0, C, row, S0, B0,
+                            CB0, K, HAS_W, NEED_W, NEED_B, IS64)
+    if S1 >= 0:
+        gmask, wsum = _bwd_term(gmask, wsum, x, fin, g, inb, p_ptr, w_ptr, pp, 1, C, row, S1, B1,
+                                CB1, K, HAS_W, NEED_W, NEED_B, IS64)
+    if S2 >= 0:
+        gmask, wsum = _bwd_term(gmask, wsum, x, fin, g, inb, p_ptr, w_ptr, pp, 2, C, row, S2, B2,
+                                CB2, K, HAS_W, NEED_W, NEED_B, IS64)
+    if S3 >= 0:
+        gmask, wsum = _bwd_term(gmask, wsum, x, fin, g, inb, p_ptr, w_ptr, pp, 3, C, row, S3, B3,
+                                CB3, K, HAS_W, NEED_W, NEED_B, IS64)
+    if S4 >= 0:
+        gmask, wsum = _bwd_term(gmask, wsum, x, fin, g, inb, p_ptr, w_ptr, pp, 4, C, row, S4, B4,
+                                CB4, K, HAS_W, NEED_W, NEED_B, IS64)
+    if S5 >= 0:
+        gmask, wsum = _bwd_term(gmask, wsum, x, fin, g, inb, p_ptr, w_ptr, pp, 5, C, row, S5, B5,
+                                CB5, K, HAS_W, NEED_W, NEED_B, IS64)
+    if S6 >= 0:
+        gmask, wsum = _bwd_term(gmask, wsum, x, fin, g, inb, p_ptr, w_ptr, pp, 6, C, row, S6, B6,
+                                CB6, K, HAS_W, NEED_W, NEED_B, IS64)
+    if S7 >= 0:
+        gmask, wsum = _bwd_term(gmask, wsum, x, fin, g, inb, p_ptr, w_ptr, pp, 7, C, row, S7, B7,
+                                CB7, K, HAS_W, NEED_W, NEED_B, IS64)
+    factor = gmask + wsum.to(CD)  # the reference's `gmask + wsum_identity`
+    gx = tl.where(fin, g * factor, 0.0)
+    tl.store(gx_ptr + base + offs, gx.to(gx_ptr.dtype.element_ty), mask=inb)
+
+
+# ----------------------------------------------------------------------------- host launchers
+def _bits_scale_factor(b: int) -> float:
+    """−ln2·2^b/(2^b − 1) (SPEC 4.1; autoqnn.schemes.bits_scale_factor)."""
+    p = 2.0 ** b
+    return -math.log(2.0) * p / (p - 1.0)
+
+
+def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def _launch_geometry(N: int):
+    """(BLOCK, NBLK, num_warps): big blocks in the interpreter (its cost is per program)."""
+    cap, lowest = (4096, 16) if INTERPRET else (1024, 128)
+    block = min(cap, max(lowest, triton.next_power_of_2(max(N, 1))))
+    return block, triton.cdiv(N, block), 4
+
+
+def _check_args(x, params, schemes, bits_int, per_channel):
+    if not isinstance(x, torch.Tensor) or not x.is_floating_point():
+        raise TypeError(f"x must be a floating-point tensor, got {getattr(x, 'dtype', type(x))}")
+    K = len(schemes)
+    if not 1 <= K <= MAX_CANDIDATES:
+        raise ValueError(f"the Triton kernels take 1..{MAX_CANDIDATES} candidates, got {K}")
+    if len(bits_int) != K:
+        raise ValueError(f"bits has {len(bits_int)} entries for {K} schemes")
+    for s, b in zip(schemes, bits_int):
+        if not 0 <= int(s) < len(_MIN_BITS):
+            raise ValueError(f"unknown scheme id {s}; valid ids are 0..{len(_MIN_BITS) - 1}")
+        if not _MIN_BITS[int(s)] <= int(b) <= _MAX_BITS[int(s)]:
+            raise ValueError(f"bits={b} is outside the range of scheme id {s}")
     C = int(x.shape[0]) if (per_channel and x.dim() > 0) else 1
-    return C, (x.numel() // C if C else 0)
+    if params.dim() != 3 or tuple(params.shape) != (K, C, NUM_PARAMS):
+        raise ValueError(
+            f"params must have shape [{K}, {C}, {NUM_PARAMS}] for this input, got {list(params.shape)}"
+        )
+    N = x.numel() // C if C else 0
+    return K, C, N
 
 
-def _block(N):
-    return max(16, min(4096 if _interpreting() else 1024, triton.next_power_of_2(max(N, 1))))
+def _constexprs(schemes: Sequence[int], bits_int: Sequence[int], with_cb: bool) -> dict:
+    K = len(schemes)
+    kw = {}
+    for k in range(MAX_CANDIDATES):
+        kw[f"S{k}"] = int(schemes[k]) if k < K else -1
+        kw[f"B{k}"] = int(bits_int[k]) if k < K else 1
+        if with_cb:
+            kw[f"CB{k}"] = _bits_scale_factor(int(bits_int[k])) if k < K else 0.0
+    return kw
 
 
-def _interpreting():
-    import os
-    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+def _wrap(kernel):
+    """``torch.library.wrap_triton(kernel)`` (traceable inside a ``triton_op``); the bare kernel
+    on a torch without it."""
+    wrap = getattr(torch.library, "wrap_triton", None)
+    return wrap(kernel) if wrap is not None else kernel
 
 
-def mixture_fwd(x, params, weights, bits_int, schemes, per_channel):
-    """y = sum_k w_k q_k(x) (weights None: a single scheme with weight 1), in x's dtype."""
-    C, N = _rows(x, per_channel)
-    y = torch.empty_like(x, memory_format=torch.contiguous_format)
+def mixture_fwd(
+    x: torch.Tensor,
+    params: torch.Tensor,
+    weights: Optional[torch.Tensor],
+    bits_int: Sequence[int],
+    schemes: Sequence[int],
+    per_channel: bool,
+) -> torch.Tensor:
+    """y = Σ_k w_k·q_k(x) in x's dtype, contiguous (``weights=None``: one scheme, y = q(x))."""
+    K, C, N = _check_args(x, params, schemes, bits_int, per_channel)
+    if weights is None and K != 1:
+        raise ValueError("weights may only be omitted for a single scheme")
+    y = torch.empty(x.shape, dtype=x.dtype, device=x.device)
     if x.numel() == 0:
         return y
-    xc = x.contiguous()
-    p = params.to(device=x.device, dtype=torch.float32).contiguous()
-    w = p if weights is None else weights.detach().to(device=x.device, dtype=torch.float32).contiguous()
-    BLOCK = _block(N)
-    grid = (C, triton.cdiv(N, BLOCK))
-    _mixture_fwd_kernel[grid](xc, y, p, w, C, N, K=len(schemes), SCHEMES=_pack(schemes), BITS=_pack(bits_int),
-                              HAS_W=weights is not None, BLOCK=BLOCK)
+    cd = _compute_dtype(x.dtype)
+    x2 = x.detach().contiguous()
+    p = params.detach().to(device=x.device, dtype=cd).contiguous()
+    w = p if weights is None else weights.detach().to(device=x.device, dtype=cd).reshape(-1).contiguous()
+    block, nblk, warps = _launch_geometry(N)
+    _wrap(_mixture_fwd_kernel)[(C * nblk,)](
+        x2, p, w, y, N, C, nblk,
+        **_constexprs(schemes, bits_int, with_cb=False),
+        HAS_W=weights is not None, IS64=cd == torch.float64, BLOCK=block,
+        num_warps=warps, enable_fp_fusion=False,
+    )
     return y
 
 
-def mixture_bwd(grad_y, x, params, weights, bits_int, schemes, per_channel, need_bits_grad, cbs):
-    """(grad_x, sums[2K] float64): sums[:K] = <g, q_k>, sums[K:] = <g, dq_k/db> (unweighted)."""
-    K = len(schemes)
-    C, N = _rows(x, per_channel)
-    gx = torch.empty_like(x, memory_format=torch.contiguous_format)
+def mixture_bwd(
+    grad_y: torch.Tensor,
+    x: torch.Tensor,
+    params: torch.Tensor,
+    weights: Optional[torch.Tensor],
+    bits_int: Sequence[int],
+    schemes: Sequence[int],
+    per_channel: bool,
+    need_weights_grad: bool = True,
+    need_bits_grad: bool = True,
+):
+    """``(grad_x, grad_w, grad_bits)`` of :func:`mixture_fwd`.
+
+    grad_x has x's dtype and shape (contiguous); grad_w = ⟨grad_y, q_k⟩ and grad_bits =
+    w_k·⟨grad_y, ∂q_k/∂b⟩ are ``[K]`` tensors in the compute dtype (float32; float64 for float64
+    x), ``None`` when not requested (grad_w is always ``None`` without weights); the caller casts
+    them to the dtype and shape of its weights/bits.
+    """
+    K, C, N = _check_args(x, params, schemes, bits_int, per_channel)
+    if weights is None and K != 1:
+        raise ValueError("weights may only be omitted for a single scheme")
+    if tuple(grad_y.shape) != tuple(x.shape):
+        raise ValueError(f"grad_y has shape {list(grad_y.shape)}, x has {list(x.shape)}")
+    need_w = bool(need_weights_grad) and weights is not None
+    need_b = bool(need_bits_grad)
+    cd = _compute_dtype(x.dtype)
+    gx = torch.empty(x.shape, dtype=x.dtype, device=x.device)
     if x.numel() == 0:
-        return gx, torch.zeros(2 * K, dtype=torch.float64, device=x.device)
-    xc = x.contiguous()
-    gc = grad_y.to(x.dtype).contiguous()
-    p = params.to(device=x.device, dtype=torch.float32).contiguous()
-    w = p if weights is None else weights.detach().to(device=x.device, dtype=torch.float32).contiguous()
-    cb = torch.tensor(cbs, dtype=torch.float32, device=x.device)
-    BLOCK = _block(N)
-    nb = triton.cdiv(N, BLOCK)
-    part = torch.empty(C * nb, 2 * K, dtype=torch.float32, device=x.device)
-    _mixture_bwd_kernel[(C, nb)](gc, xc, gx, p, w, part, C, N, cb, K=K, SCHEMES=_pack(schemes),
-                                 BITS=_pack(bits_int), HAS_W=weights is not None, NEED_D=bool(need_bits_grad),
-                                 BLOCK=BLOCK)
-    return gx, part.double().sum(0)
+        return (gx, torch.zeros(K, dtype=cd, device=x.device) if need_w else None,
+                torch.zeros(K, dtype=cd, device=x.device) if need_b else None)
+    x2 = x.detach().contiguous()
+    g2 = grad_y.detach().to(x.device).contiguous()
+    p = params.detach().to(device=x.device, dtype=cd).contiguous()
+    w = p if weights is None else weights.detach().to(device=x.device, dtype=cd).reshape(-1).contiguous()
+    block, nblk, warps = _launch_geometry(N)
+    nprog = C * nblk
+    part = torch.empty((nprog if (need_w or need_b) else 1, 2 * K), dtype=cd, device=x.device)
+    _wrap(_mixture_bwd_kernel)[(nprog,)](
+        g2, x2, p, w, gx, part, N, C, nblk,
+        **_constexprs(schemes, bits_int, with_cb=True),
+        K=K, HAS_W=weights is not None, NEED_W=need_w, NEED_B=need_b,
+        IS64=cd == torch.float64, BLOCK=block, num_warps=warps, enable_fp_fusion=False,
+    )
+    # deterministic reduction over the programs (fixed shape and order, no atomics)
+    gw = part[:, :K].sum(0) if need_w else None
+    gb = None
+    if need_b:
+        gb = part[:, K:].sum(0)
+        if weights is not None:
+            gb = gb * w
+    return gx, gw, gb
+
+
+def quantize_fwd(x, params, bit: int, scheme: int, per_channel: bool) -> torch.Tensor:
+    """q(x) for one scheme (``params`` ``[1, C, NUM_PARAMS]``)."""
+    return mixture_fwd(x, params, None, [int(bit)], [int(scheme)], per_channel)
+
+
+def quantize_bwd(grad_y, x, params, bit: int, scheme: int, per_channel: bool,
+                 need_bits_grad: bool = True):
+    """``(grad_x, grad_bits)`` for one scheme: grad_x = mask·grad_y; grad_bits is ``[1]`` in the
+    compute dtype, or ``None`` when not requested."""
+    gx, _, gb = mixture_bwd(grad_y, x, params, None, [int(bit)], [int(scheme)], per_channel,
+                            False, need_bits_grad)
+    return gx, gb

@@ -1,110 +1,258 @@
 # SPDX-License-Identifier: MIT
-"""Triton implementations of the quantize/mixture ops (``triton_kernels/mixture.py``).
+"""Registers the Triton implementations of the output-pass ops (``autoqnn.triton_kernels``).
 
-Registers twin ops ``autoqnn::<op>_triton`` with the same schemas, fakes and autograd formula as
-the main ops (``backend="triton"`` calls them), and, when the extension has no CUDA kernels,
-the Triton launchers as the CUDA kernels of the main ops (``backend="auto"`` on a GPU). They run
-wherever Triton can: on a CUDA GPU, or on CPU tensors through Triton's interpreter
-(``TRITON_INTERPRET=1`` set before triton is imported; slow, for tests). Float64 inputs use the
-reference (the kernels compute in fp32). Importing this module never fails: without triton,
-``autoqnn.backends.TRITON_ERROR`` says why.
+1. Twin ops ``autoqnn::quantize_triton``, ``quantize_backward_triton``, ``mixture_triton`` and
+   ``mixture_backward_triton`` made with ``torch.library.triton_op`` (torch >= 2.6): the schemas,
+   semantics and fakes of the main ops (:mod:`._schema`), and for the forward twins the same
+   autograd formula with the backward calling the ``_triton`` backward twin. ``backend="triton"``
+   calls them. They run on CUDA tensors, and on CPU tensors only through Triton's interpreter
+   (``TRITON_INTERPRET=1`` set before triton is imported); anything else raises
+   :class:`~autoqnn.backends.BackendUnavailableError`.
+
+   The kernels are specialised on the integer bits (``tl.constexpr``), read from the ``bits``
+   tensor on the host, so the bodies cannot be traced with fake tensors: the twins keep their
+   own fake kernels and are *not* decomposed under ``FunctionalTensorMode`` (AOTAutograd and
+   Inductor see one opaque custom op, as for the main ops, instead of failing on a
+   data-dependent read).
+2. When the extension registered no CUDA kernel for an op and triton imports, the launchers
+   become that main op's ``CUDA`` kernel, so ``backend="auto"`` uses Triton on GPUs. An existing
+   (C++) CUDA kernel is never overridden.
+3. :data:`autoqnn.backends.TRITON_OPS` and :data:`~autoqnn.backends.TRITON_ERROR` are updated.
+
+``scheme_params`` (and ``tensor_stats``) have no Triton kernel yet: with ``backend="triton"``
+they run through the dispatcher (C++/CUDA kernel or the reference, any device).
+
+Nothing here may break ``import autoqnn``: every failure only sets ``TRITON_ERROR``.
 """
 from __future__ import annotations
 
-import os
+import functools
 
 import torch
 
-from .. import _ext, backends
-from ..schemes import bits_scale_factor
+from .. import backends
 from . import _schema
 from . import reference as ref
 
-_TWINS = ("quantize", "quantize_backward", "mixture", "mixture_backward")
+__all__ = ["TWIN_OPS", "AVAILABLE", "IMPORT_ERROR", "CUDA_REGISTERED", "twin_name"]
 
-try:  # pragma: no cover - exercised where triton is installed
+#: ops with a Triton twin ``autoqnn::<op>_triton``
+TWIN_OPS = ("quantize", "quantize_backward", "mixture", "mixture_backward")
+#: why the Triton kernels could not be loaded or registered (None when they were)
+IMPORT_ERROR: str | None = None
+#: main ops whose CUDA kernel is the Triton launcher (registered here)
+CUDA_REGISTERED: list[str] = []
+#: the twin ops are registered
+AVAILABLE = False
+
+kernels = None
+try:
     import triton  # noqa: F401
-
-    from ..triton_kernels import mixture as tk
-
-    _IMPORT_ERROR = None
-except Exception as e:  # noqa: BLE001
-    tk = None
-    _IMPORT_ERROR = f"triton is not importable ({type(e).__name__}: {e})"
-
-
-def _ints(bits, schemes):
-    return ref.int_bits(bits, schemes)
-
-
-def _quantize(x, params, bits, scheme, per_channel):
-    if x.dtype == torch.float64:
-        return ref.quantize_ref(x, params, bits, scheme, per_channel)
-    return tk.mixture_fwd(x, params[:1], None, _ints(bits, [scheme]), [scheme], per_channel)
+except ModuleNotFoundError:
+    IMPORT_ERROR = "triton is not installed (install the 'triton' extra)"
+except Exception as e:  # pragma: no cover - broken installation
+    IMPORT_ERROR = f"triton cannot be imported ({type(e).__name__}: {e})"
+else:
+    try:
+        from ..triton_kernels import mixture as kernels
+    except Exception as e:  # pragma: no cover - broken installation
+        IMPORT_ERROR = f"autoqnn.triton_kernels cannot be imported ({type(e).__name__}: {e})"
+        kernels = None
 
 
-def _quantize_backward(grad_y, x, params, bits, scheme, per_channel, need_bits_grad):
-    if x.dtype == torch.float64:
-        return ref.quantize_backward_ref(grad_y, x, params, bits, scheme, per_channel, need_bits_grad)
-    b = _ints(bits, [scheme])
-    gx, sums = tk.mixture_bwd(grad_y, x, params[:1], None, b, [scheme], per_channel, need_bits_grad,
-                              [bits_scale_factor(v) for v in b])
-    gb = sums[1:2] if need_bits_grad else torch.zeros(1, dtype=torch.float64, device=sums.device)
-    return gx, gb.to(bits.dtype).to(bits.device).reshape(bits.shape)
+def twin_name(op: str) -> str:
+    return f"{op}_triton"
 
 
-def _mixture(x, params, weights, bits, schemes, per_channel):
-    if x.dtype == torch.float64:
-        return ref.mixture_ref(x, params, weights, bits, schemes, per_channel)
-    return tk.mixture_fwd(x, params, weights, _ints(bits, schemes), list(schemes), per_channel)
+def _check_device(x: torch.Tensor) -> None:
+    if x.device.type == "cuda" or (x.device.type == "cpu" and kernels.INTERPRET):
+        return
+    raise backends.BackendUnavailableError(
+        "backend='triton' runs on CUDA tensors (or on CPU through Triton's interpreter: "
+        f"TRITON_INTERPRET=1 set before triton is imported), got a {x.device.type} tensor"
+    )
 
 
-def _mixture_backward(grad_y, x, params, weights, bits, schemes, per_channel, need_weights_grad, need_bits_grad):
-    if x.dtype == torch.float64:
-        return ref.mixture_backward_ref(grad_y, x, params, weights, bits, schemes, per_channel,
-                                        need_weights_grad, need_bits_grad)
+# ----------------------------------------------------------------------------- implementations
+# The reference kernels' argument checks and output dtypes/shapes.
+def _quantize_impl(x, params, bits, scheme, per_channel):
+    _check_device(x)
+    ref._check_params(x, params, 1, per_channel)
+    (b,) = ref.int_bits(bits, [scheme])
+    return kernels.quantize_fwd(x, params, b, int(scheme), per_channel)
+
+
+def _quantize_backward_impl(grad_y, x, params, bits, scheme, per_channel, need_bits_grad):
+    _check_device(x)
+    ref._check_params(x, params, 1, per_channel)
+    (b,) = ref.int_bits(bits, [scheme])
+    gx, gb = kernels.quantize_bwd(grad_y, x, params, b, int(scheme), per_channel, need_bits_grad)
+    gb = torch.zeros_like(bits) if gb is None else gb.to(bits.device, bits.dtype).reshape(bits.shape)
+    return gx, gb
+
+
+def _mixture_impl(x, params, weights, bits, schemes, per_channel):
+    _check_device(x)
+    schemes = [int(s) for s in schemes]
+    ref._check_params(x, params, len(schemes), per_channel)
+    b_int = ref.int_bits(bits, schemes)
+    return kernels.mixture_fwd(x, params, weights, b_int, schemes, per_channel)
+
+
+def _mixture_backward_impl(
+    grad_y, x, params, weights, bits, schemes, per_channel, need_weights_grad, need_bits_grad
+):
+    _check_device(x)
+    schemes = [int(s) for s in schemes]
     K = len(schemes)
-    b = _ints(bits, schemes)
-    gx, sums = tk.mixture_bwd(grad_y, x, params, weights, b, list(schemes), per_channel, need_bits_grad,
-                              [bits_scale_factor(v) for v in b])
-    w = weights.detach().to(sums.device, torch.float64).reshape(K)
-    gw = sums[:K] if need_weights_grad else torch.zeros_like(sums[:K])
-    gb = sums[K:] * w if need_bits_grad else torch.zeros_like(sums[K:])
-    return (gx, gw.to(weights.dtype).to(weights.device).reshape(weights.shape),
-            gb.to(bits.dtype).to(bits.device).reshape(bits.shape))
+    ref._check_params(x, params, K, per_channel)
+    b_int = ref.int_bits(bits, schemes)
+    gx, gw, gb = kernels.mixture_bwd(
+        grad_y, x, params, weights, b_int, schemes, per_channel, need_weights_grad, need_bits_grad
+    )
+    if gw is None:
+        gw = torch.zeros(K, dtype=weights.dtype, device=weights.device)
+    gw = gw.to(weights.device, weights.dtype).reshape(weights.shape)
+    if gb is None:
+        gb = torch.zeros(K, dtype=bits.dtype, device=bits.device)
+    gb = gb.to(bits.device, bits.dtype).reshape(bits.shape)
+    return gx, gw, gb
 
 
-_IMPLS = {"quantize": _quantize, "quantize_backward": _quantize_backward,
-          "mixture": _mixture, "mixture_backward": _mixture_backward}
+_IMPLS = {
+    "quantize": _quantize_impl,
+    "quantize_backward": _quantize_backward_impl,
+    "mixture": _mixture_impl,
+    "mixture_backward": _mixture_backward_impl,
+}
+_FAKES = {
+    "quantize": _schema._quantize_fake,
+    "quantize_backward": _schema._quantize_backward_fake,
+    "mixture": _schema._mixture_fake,
+    "mixture_backward": _schema._mixture_backward_fake,
+}
 
 
-def _register_twins():
-    lib = _schema._lib
-    for op in _TWINS:
-        name = op + "_triton"
-        lib.define(name + _schema.SCHEMAS[op])
-        lib.impl(name, _IMPLS[op], "CompositeExplicitAutograd")
-        fake = {"quantize": _schema._quantize_fake, "quantize_backward": _schema._quantize_backward_fake,
-                "mixture": _schema._mixture_fake, "mixture_backward": _schema._mixture_backward_fake}[op]
-        torch.library.register_fake(_schema.qualname(name), fake, lib=lib)
-    _schema.register_autograd_for("quantize_triton", "quantize_backward_triton", kind="quantize")
-    _schema.register_autograd_for("mixture_triton", "mixture_backward_triton", kind="mixture")
+# ----------------------------------------------------------------------------- autograd (twins)
+# The formula of autoqnn.ops._schema, the backward calling the `_triton` backward twin.
+def _quantize_triton_bwd(ctx, grad_y):
+    x, params, bits = ctx.saved_tensors
+    need_bits = bool(ctx.needs_input_grad[2])
+    gx, gb = torch.ops.autoqnn.quantize_backward_triton(
+        grad_y, x, params, bits, ctx.scheme, ctx.per_channel, need_bits
+    )
+    return (gx if ctx.needs_input_grad[0] else None, None, gb if need_bits else None, None, None)
 
 
-def _available_reason():
-    if tk is None:
-        return _IMPORT_ERROR
-    if torch.cuda.is_available() or os.environ.get("TRITON_INTERPRET", "0") == "1":
+def _mixture_triton_bwd(ctx, grad_y):
+    x, params, weights, bits = ctx.saved_tensors
+    need_w = bool(ctx.needs_input_grad[2])
+    need_b = bool(ctx.needs_input_grad[3])
+    gx, gw, gb = torch.ops.autoqnn.mixture_backward_triton(
+        grad_y, x, params, weights, bits, ctx.schemes, ctx.per_channel, need_w, need_b
+    )
+    return (
+        gx if ctx.needs_input_grad[0] else None,
+        None,
+        gw if need_w else None,
+        gb if need_b else None,
+        None,
+        None,
+    )
+
+
+_AUTOGRAD = {
+    "quantize": (_quantize_triton_bwd, _schema._quantize_setup),
+    "mixture": (_mixture_triton_bwd, _schema._mixture_setup),
+}
+
+
+def _opaque_under_functionalization(mode, func, types, args, kwargs):
+    # keep the twin as one custom op in AOTAutograd graphs (see the module docstring)
+    return mode.__torch_dispatch__(func, types, args, kwargs)
+
+
+def _define_twins() -> dict:
+    from torch._subclasses.functional_tensor import FunctionalTensorMode  # noqa: PLC0415
+
+    defs = {}
+    for op in TWIN_OPS:
+        name = _schema.qualname(twin_name(op))
+        d = torch.library.triton_op(name, mutates_args=(), schema=_schema.SCHEMAS[op])(_IMPLS[op])
+        d.register_fake(_FAKES[op])  # replaces triton_op's default (the body itself)
+        d.register_torch_dispatch(FunctionalTensorMode, _opaque_under_functionalization)
+        if op in _AUTOGRAD:
+            bwd, setup = _AUTOGRAD[op]
+            d.register_autograd(bwd, setup_context=setup)
+        defs[op] = d
+    return defs
+
+
+def _eager(fn):
+    """``fn`` with ``wrap_triton`` calls launching the kernel directly (as inside a triton_op's
+    eager body) instead of through the tracing higher-order op: the main ops' CUDA kernels are
+    opaque to torch.compile anyway."""
+    try:
+        from torch._library.triton import set_wrap_triton_enabled  # noqa: PLC0415
+    except ImportError:  # pragma: no cover - private API moved: the HOP path also works
+        return fn
+
+    @functools.wraps(fn)
+    def run(*args, **kwargs):
+        with set_wrap_triton_enabled(False):
+            return fn(*args, **kwargs)
+
+    return run
+
+
+_lib = None
+_TWINS: dict = {}
+
+
+def _register() -> None:
+    global AVAILABLE, IMPORT_ERROR, _lib, _TWINS
+    if kernels is None:
+        return
+    if not (hasattr(torch.library, "triton_op") and hasattr(torch.library, "wrap_triton")):
+        IMPORT_ERROR = f"torch {torch.__version__} has no torch.library.triton_op (needs >= 2.6)"
+        return
+    try:
+        _TWINS = _define_twins()
+    except Exception as e:  # pragma: no cover - API drift
+        IMPORT_ERROR = f"registering the Triton ops failed ({type(e).__name__}: {e})"
+        return
+    AVAILABLE = True
+    backends.TRITON_OPS.update(TWIN_OPS)
+    # the launchers as the CUDA kernel of the main ops, where the extension brought none
+    _lib = torch.library.Library(_schema.LIB_NAME, "FRAGMENT")
+    for op in TWIN_OPS:
+        if _schema.has_kernel(op, "CUDA"):
+            continue  # a compiled CUDA kernel wins: never register over it
+        try:
+            torch.library.register_kernel(_schema.qualname(op), "cuda", _eager(_IMPLS[op]), lib=_lib)
+            CUDA_REGISTERED.append(op)
+        except Exception:  # pragma: no cover - GPUs keep the reference then
+            pass
+
+
+def _availability_error() -> str | None:
+    if IMPORT_ERROR is not None:
+        return IMPORT_ERROR
+    if not AVAILABLE:  # pragma: no cover
+        return "the Triton ops are not registered"
+    if kernels.INTERPRET:
         return None
-    return "no CUDA GPU (set TRITON_INTERPRET=1 before importing triton to run the kernels on CPU)"
+    try:
+        has_gpu = torch.cuda.is_available()
+    except Exception:  # pragma: no cover
+        has_gpu = False
+    if not has_gpu:
+        return "no CUDA GPU (set TRITON_INTERPRET=1 to run Triton kernels on CPU through the interpreter)"
+    return None
 
 
-if tk is not None:
-    _register_twins()
-    backends.TRITON_OPS.update(_TWINS)
-    # GPU "auto": use Triton only where the extension brought no CUDA kernel
-    if not _ext.HAS_CUDA_KERNELS:
-        for op in _TWINS:
-            if not _schema.has_kernel(op, "CUDA"):
-                torch.library.register_kernel(_schema.qualname(op), "cuda", _IMPLS[op], lib=_schema._lib)
-backends.TRITON_ERROR = _available_reason()
+try:
+    _register()
+except Exception as e:  # pragma: no cover - never break `import autoqnn`
+    IMPORT_ERROR = f"{type(e).__name__}: {e}"
+backends.TRITON_ERROR = _availability_error()
