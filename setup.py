@@ -278,6 +278,7 @@ packages += ["autoqnn.triton_kernels"] + [
 setup(
     packages=sorted(set(packages)),
     package_dir={"autoqnn.triton_kernels": "triton_kernels"},
+    package_data={"autoqnn": ["datasets/fashion_mnist_subset/*"]},
     ext_modules=[CMakeExtension("autoqnn._C")] if BUILD_EXT else [],
     cmdclass={"build_ext": CMakeBuild, "build_py": BuildPy},
     zip_safe=False,
