@@ -54,14 +54,16 @@ def pytest_terminal_summary(terminalreporter):
         return
     tr = terminalreporter
     tr.write_sep("=", "autoqnn providers side by side (median; speed-up = baseline / provider)")
-    tr.write_line(f"{'group':<44}{'provider':<12}{'median ms':>11}{'vs eager':>10}{'vs compiled':>13}")
+    tr.write_line(f"{'group':<44}{'provider':<12}{'median ms':>11}{'vs eager':>10}{'vs compiled':>13}"
+                  f"{'/ float':>10}")
     for group in sorted(_RESULTS):
         res = _RESULTS[group]
-        eager, comp = res.get("eager"), res.get("compiled")
+        eager, comp, flt = res.get("eager"), res.get("compiled"), res.get("float")
         for prov, med in sorted(res.items(), key=lambda kv: kv[1]):
             ve = f"{eager / med:9.2f}x" if eager else "        -"
             vc = f"{comp / med:12.2f}x" if comp else "           -"
-            tr.write_line(f"{group:<44}{prov:<12}{med * 1e3:>11.2f}{ve:>10}{vc:>13}")
+            vf = f"{med / flt:9.2f}x" if flt else "        -"  # cost relative to a float step
+            tr.write_line(f"{group:<44}{prov:<12}{med * 1e3:>11.2f}{ve:>10}{vc:>13}{vf:>10}")
 
 
 @pytest.fixture

@@ -42,6 +42,28 @@ def _fix_fixed_step(params: torch.Tensor, sids: Sequence[int], bits: Sequence[in
     return out
 
 
+def _dist_world() -> int:
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_world_size()
+    return 1
+
+
+def _sync_params(params: torch.Tensor, sids: Sequence[int], bits: Sequence[int]) -> torch.Tensor:
+    """Average activation-scheme params over DDP ranks (training): every rank then quantizes with
+    the same scales and keeps the same EMA buffers (SPEC: statistics all-reduced)."""
+    ws = _dist_world()
+    if ws == 1:
+        return params
+    import torch.distributed as dist
+
+    p = params.detach().clone()
+    dist.all_reduce(p, op=dist.ReduceOp.SUM)
+    p.div_(ws)
+    return _fix_fixed_step(p, sids, bits)
+
+
 class QuantizerBase(nn.Module):
     """Shared plumbing: kind, enable switch, per-channel option, activation EMA statistics."""
 
@@ -61,6 +83,9 @@ class QuantizerBase(nn.Module):
         self.backend = backend
         self.enabled = True
         self._sids = [scheme_info(s).id for s in schemes]
+        #: elements this vertex quantizes (per sample for activations), set by every forward;
+        #: the precision loss weights bits by it (SPEC 4.2)
+        self.elements: Optional[int] = None
         K = len(self._sids)
         if kind == "activation":
             # EMA of every candidate's scales (SPEC 1: batch statistics in training, EMA at eval)
@@ -77,6 +102,12 @@ class QuantizerBase(nn.Module):
     def _refresh_from_buffers(self):
         if self.kind == "activation":
             self._ema_ok = bool(self.ema_valid)
+
+    def _record(self, x: torch.Tensor) -> None:
+        n = x.numel()
+        if self.kind == "activation" and x.dim() > 1 and x.shape[0] > 0:
+            n //= x.shape[0]
+        self.elements = int(n)
 
     def _prep(self, x: torch.Tensor) -> torch.Tensor:
         if self.per_channel and self.channel_dim != 0:
@@ -177,6 +208,7 @@ class Quantizer(QuantizerBase):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if not self.enabled or x.numel() == 0:
             return x
+        self._record(x)
         bits_arg = self.bits if self.learn_bits else self._bits_int
         xin = self._prep(x)
         params = None
@@ -184,6 +216,7 @@ class Quantizer(QuantizerBase):
             b_int = [self.int_bits()]
             if self.training:
                 params = AF.scheme_params(xin.detach(), [self._scheme], b_int)
+                params = _sync_params(params, self._sids, b_int)
                 self._update_ema(params, b_int)
             else:
                 params = self._eval_params(b_int, xin)
@@ -250,9 +283,14 @@ class SchemeMixture(QuantizerBase):
         self.register_buffer("tau", torch.tensor(float(tau)))
         self.register_buffer("step", torch.zeros((), dtype=torch.int64))
         self.register_buffer("seed", torch.tensor(int(seed), dtype=torch.int64))
+        # candidate pruning (off unless the trainer prunes): active candidates and, per candidate,
+        # how many consecutive epochs its probability stayed below the pruning threshold
+        self.register_buffer("active", torch.ones(K, dtype=torch.bool))
+        self.register_buffer("below", torch.zeros(K, dtype=torch.int64))
         self._tau = float(tau)
         self._step = 0
         self._seed = int(seed)
+        self._active = list(range(K))
 
     def _refresh_from_buffers(self):
         super()._refresh_from_buffers()
@@ -260,6 +298,14 @@ class SchemeMixture(QuantizerBase):
         self._step = int(self.step)
         self._seed = int(self.seed)
         self._bits = [int(b) for b in self.bits.tolist()]
+        self._active = [k for k, a in enumerate(self.active.tolist()) if a]
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+        # state dicts written before candidate pruning existed: all candidates active
+        K = len(self.schemes)
+        state_dict.setdefault(prefix + "active", torch.ones(K, dtype=torch.bool))
+        state_dict.setdefault(prefix + "below", torch.zeros(K, dtype=torch.int64))
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
     # ------------------------------------------------------------------ search state
     def set_temperature(self, tau: float) -> None:
@@ -281,9 +327,36 @@ class SchemeMixture(QuantizerBase):
         return (-torch.log(-torch.log(u))).to(torch.float32)
 
     def mixture_weights(self) -> torch.Tensor:
-        """m = softmax((θ + g)/τ) with fresh noise (training) — differentiable in θ."""
+        """m = softmax((θ + g)/τ) with fresh noise (training) — differentiable in θ. Pruned
+        candidates get weight 0 (their logits are dropped from the softmax)."""
         g = self.gumbel().to(self.theta.device)
-        return torch.softmax((self.theta + g) / self._tau, 0)
+        logits = (self.theta + g) / self._tau
+        if len(self._active) < len(self.schemes):
+            logits = logits.masked_fill(~self.active, float("-inf"))
+        return torch.softmax(logits, 0)
+
+    @property
+    def active_schemes(self) -> tuple:
+        return tuple(self.schemes[k] for k in self._active)
+
+    @torch.no_grad()
+    def update_pruning(self, threshold: float, patience: int = 1) -> list:
+        """Candidate pruning (SSPS seed's idea): a candidate whose probability softmax(θ) stayed
+        below ``threshold`` for ``patience`` consecutive calls (epochs) leaves the mixture for
+        good; the argmax candidate is never pruned. Returns the schemes pruned by this call."""
+        if threshold <= 0:
+            return []
+        p = self.probs()
+        top = int(torch.argmax(p))
+        low = (p < threshold).to(self.below.device)
+        self.below.copy_(torch.where(low, self.below + 1, torch.zeros_like(self.below)))
+        newly = []
+        for k in list(self._active):
+            if k != top and int(self.below[k]) >= patience:
+                self.active[k] = False
+                newly.append(self.schemes[k])
+        self._active = [k for k, a in enumerate(self.active.tolist()) if a]
+        return newly
 
     @torch.no_grad()
     def probs(self) -> torch.Tensor:
@@ -291,7 +364,11 @@ class SchemeMixture(QuantizerBase):
         return torch.softmax(self.theta.detach().float(), 0)
 
     def chosen_index(self) -> int:
-        return int(torch.argmax(self.theta.detach()))
+        """argmax θ over the live (unpruned) candidates."""
+        th = self.theta.detach()
+        if len(self._active) < len(self.schemes):
+            th = th.masked_fill(~self.active.to(th.device), float("-inf"))
+        return int(torch.argmax(th))
 
     def chosen(self) -> str:
         """The selected scheme: argmax θ (SPEC decisions)."""
@@ -305,6 +382,8 @@ class SchemeMixture(QuantizerBase):
                       ema_momentum=self.ema_momentum, backend=self.backend)
         q.train(self.training)
         q.to(self.theta.device)
+        q.elements = self.elements
+        q.enabled = self.enabled
         if self.kind == "activation" and self._ema_ok:
             with torch.no_grad():
                 q.ema_params.copy_(self.ema_params[k : k + 1])
@@ -317,11 +396,13 @@ class SchemeMixture(QuantizerBase):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if not self.enabled or x.numel() == 0:
             return x
+        self._record(x)
         xin = self._prep(x)
         params = None
         if self.kind == "activation":
             if self.training:
                 params = AF.scheme_params(xin.detach(), self.schemes, self._bits)
+                params = _sync_params(params, self._sids, self._bits)
                 self._update_ema(params, self._bits)
             else:
                 params = self._eval_params(self._bits, xin)
@@ -336,8 +417,19 @@ class SchemeMixture(QuantizerBase):
             self._step += 1
             self.step.fill_(self._step)
         else:
-            w = torch.softmax(self.theta / self._tau, 0)
-        y = AF.quantize_mixture(xin, w, self.schemes, self._bits, per_channel=self.per_channel,
+            logits = self.theta / self._tau
+            if len(self._active) < len(self.schemes):
+                logits = logits.masked_fill(~self.active, float("-inf"))
+            w = torch.softmax(logits, 0)
+        schemes, bits = self.schemes, self._bits
+        if len(self._active) < len(self.schemes):  # pruned: evaluate the live candidates only
+            idx = self._active
+            w = w[idx]
+            schemes = tuple(self.schemes[k] for k in idx)
+            bits = [self._bits[k] for k in idx]
+            if params is not None:
+                params = params[idx]
+        y = AF.quantize_mixture(xin, w, schemes, bits, per_channel=self.per_channel,
                                 backend=self.backend, params=params)
         return self._unprep(y)
 

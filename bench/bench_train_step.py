@@ -1,0 +1,116 @@
+# SPDX-License-Identifier: MIT
+"""Cost of the search: one QSS training step (every quantizer a mixture of all candidates,
+forward + backward + optimizer step) and one QPL step (chosen schemes, learned bits, precision
+loss) against one float training step, same model, batch and optimizer.
+
+Providers: ``float`` (no quantizers), ``qss-ref`` / ``qpl-ref`` (quantizers on the pure-PyTorch
+reference backend), ``qss-fused`` / ``qpl-fused`` (backend "auto": the C++ kernels on CPU, CUDA or
+Triton on GPU). Issue #5's goal: QSS-fused <= 1.5x float on CPU, <= 1.3x on GPU.
+
+    python bench/bench_train_step.py                 # CPU: VGG-like (width 16) on 28x28, batch 128
+    python bench/bench_train_step.py --device cuda   # GPU: ResNet-18 at 224 px, batch 128
+    python -m pytest bench/bench_train_step.py       # the same through pytest-benchmark
+"""
+from __future__ import annotations
+
+import argparse
+import time
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import autoqnn
+from autoqnn.config import QuantConfig
+from autoqnn.pipeline import SearchConfig, fix_schemes, precision_loss, prepare
+
+PROVIDERS = ["float", "qss-ref", "qss-fused", "qpl-ref", "qpl-fused"]
+
+
+def make_model(device: str):
+    if device == "cuda":
+        import torchvision
+
+        return torchvision.models.resnet18(num_classes=1000), (128, 3, 224, 224), 1000
+    from autoqnn.models import build_model
+
+    return build_model("vgglike-small"), (128, 1, 28, 28), 10
+
+
+def make_step(provider: str, device: str):
+    torch.manual_seed(0)
+    model, shape, classes = make_model(device)
+    model = model.to(device)
+    x = torch.randn(*shape, device=device)
+    y = torch.randint(0, classes, (shape[0],), device=device)
+    qpl = provider.startswith("qpl")
+    if provider != "float":
+        backend = "torch" if provider.endswith("-ref") else None
+        cfg = SearchConfig(quant=QuantConfig(backend=backend), precision_epochs=1 if qpl else 0)
+        model = prepare(model, cfg, x[:2]).to(device)
+        if qpl:
+            fix_schemes(model, learn_bits=True)
+            model.to(device)
+    model.train()
+    opt = torch.optim.SGD(model.parameters(), lr=1e-3, momentum=0.9)
+
+    def step():
+        loss = F.cross_entropy(model(x), y)
+        if qpl:
+            loss = loss + precision_loss(model)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+
+    return step
+
+
+def _sync(device):
+    if device == "cuda":
+        torch.cuda.synchronize()
+
+
+def time_step(step, device, rounds=5, warmup=2) -> float:
+    for _ in range(warmup):
+        step()
+    _sync(device)
+    ts = []
+    for _ in range(rounds):
+        t0 = time.perf_counter()
+        step()
+        _sync(device)
+        ts.append(time.perf_counter() - t0)
+    ts.sort()
+    return ts[len(ts) // 2]
+
+
+@pytest.mark.parametrize("provider", PROVIDERS)
+@pytest.mark.parametrize("device", ["cpu", "cuda"])
+def bench_train_step(benchmark, device_skip, device, provider):
+    from conftest import record
+
+    device_skip(device)
+    step = make_step(provider, device)
+    record(benchmark, f"train-step/{device}", provider, step, device, rounds=5, warmup=2)
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
+    ap.add_argument("--rounds", type=int, default=5)
+    args = ap.parse_args(argv)
+    res = {}
+    for p in PROVIDERS:
+        res[p] = time_step(make_step(p, args.device), args.device, args.rounds)
+    model, shape, _ = make_model(args.device)
+    print(f"\n{type(model).__name__} batch {list(shape)} on {args.device} "
+          f"(torch {torch.__version__}, {torch.get_num_threads()} threads, autoqnn {autoqnn.__version__})\n")
+    print("| step | median ms | vs float |")
+    print("|---|---:|---:|")
+    for p, t in res.items():
+        print(f"| {p} | {t * 1e3:.1f} | {t / res['float']:.2f}x |")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
