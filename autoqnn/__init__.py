@@ -14,6 +14,18 @@ from . import functional, schemes  # noqa: F401
 from .backends import BackendUnavailableError  # noqa: F401
 from .functional import quantize, quantize_mixture  # noqa: F401
 from .schemes import ACTIVATION_CANDIDATES, SCHEMES, WEIGHT_CANDIDATES  # noqa: F401
+from .config import LayerOverride, QuantConfig  # noqa: F401
+from .pipeline import (  # noqa: F401
+    BudgetError,
+    SearchConfig,
+    SearchResult,
+    finalize,
+    fix_schemes,
+    on_epoch_end,
+    precision_loss,
+    prepare,
+    search,
+)
 
 __version__ = "0.1.0"
 
@@ -26,5 +38,16 @@ __all__ = [
     "WEIGHT_CANDIDATES",
     "ACTIVATION_CANDIDATES",
     "BackendUnavailableError",
+    "QuantConfig",
+    "LayerOverride",
+    "SearchConfig",
+    "SearchResult",
+    "BudgetError",
+    "prepare",
+    "precision_loss",
+    "on_epoch_end",
+    "fix_schemes",
+    "finalize",
+    "search",
     "__version__",
 ]
