@@ -27,7 +27,7 @@ __all__ = ["main", "RUN_DEFAULTS", "DEMO_SEARCH"]
 RUN_DEFAULTS: Dict[str, Any] = {
     "model": "vgglike-small",
     "data": None,  # None: Fashion-MNIST (full if installed, else shipped subset); a dir; "imagefolder:DIR"
-    "train_limit": 6000,  # class-stratified subset of the training set (0: all)
+    "train_limit": 10000,  # class-stratified subset of the training set (0: all)
     "val_limit": 2000,
     "image_size": 28,
     "float_checkpoint": None,  # a float state_dict to start from (then float_epochs defaults to 0)
@@ -35,7 +35,7 @@ RUN_DEFAULTS: Dict[str, Any] = {
 
 #: the search config of the built-in demo (fits ~5 minutes on a 2-core CPU)
 DEMO_SEARCH: Dict[str, Any] = {
-    "float_epochs": 3, "search_epochs": 2, "precision_epochs": 2, "finetune_epochs": 2,
+    "float_epochs": 3, "search_epochs": 3, "precision_epochs": 2, "finetune_epochs": 3,
     "weight_target": 2.0, "act_target": 2.0, "optimizer": "adam", "lr": 2e-3, "weight_decay": 0.0,
     "theta_lr": 0.05, "bits_lr": 0.05, "batch_size": 128, "eval_batch_size": 500, "checkpoint_every_steps": 20,
 }

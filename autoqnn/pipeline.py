@@ -1194,8 +1194,13 @@ def search(model: nn.Module, train_data, val_data=None, config=None, *, loss_fn:
                 rec["avg_weight_bits"] = None if wb is None else float(wb)
                 rec["avg_act_bits"] = None if ab is None else float(ab)
             if val_data is not None:
-                ev = evaluate(net, val_data, batch_size=cfg.eval_batch_size,
-                              device=device, loss_fn=loss_fn)
+                with warnings.catch_warnings():
+                    # QPL: the optimizer step may just have moved a learned bitwidth to a new
+                    # integer, so the EMA statistics (collected at the old one) do not apply;
+                    # the quantizer falls back to batch statistics, which is expected here
+                    if phase == "precision":
+                        warnings.filterwarnings("ignore", message=".*EMA statistics were collected at bits")
+                    ev = evaluate(net, val_data, batch_size=cfg.eval_batch_size, device=device, loss_fn=loss_fn)
                 rec["val_acc"], rec["val_loss"] = ev["accuracy"], ev["loss"]
             history.append(rec)
             _log(f"[autoqnn] {phase} epoch {epoch + 1}/{epochs}: loss {rec['train_loss']:.4f}"

@@ -188,7 +188,7 @@ def render_markdown(result: dict, plots: Optional[Dict[str, str]] = None) -> str
     return "\n".join(lines)
 
 
-def plot_history(history: List[dict], out_dir: Path) -> Dict[str, str]:
+def plot_history(history: List[dict], out_dir: Path, init_bits: Optional[Dict[str, float]] = None) -> Dict[str, str]:
     """PNG plots from a search history; returns {title: path relative to out_dir}. Needs
     matplotlib (Agg backend); returns {} without it."""
     try:
@@ -261,14 +261,22 @@ def plot_history(history: List[dict], out_dir: Path) -> Dict[str, str]:
 
     prec = [h for h in history if h.get("phase") == "precision" and h.get("bits")]
     if prec:
-        fig, ax = plt.subplots(figsize=(6, 3.5))
-        for n in prec[-1]["bits"]:
-            ax.plot([h["epoch"] for h in prec], [h["bits"].get(n) for h in prec], marker=".", label=n)
-        ax.set_xlabel("QPL epoch")
+        fig, ax = plt.subplots(figsize=(6.5, 3.8))
+        cmap = plt.get_cmap("tab20")
+        names = list(prec[-1]["bits"])
+        for i, n in enumerate(names):
+            xs = [h["epoch"] for h in prec]
+            ys = [h["bits"].get(n) for h in prec]
+            if init_bits is not None:  # QPL starts every learned bitwidth at the search bits
+                xs, ys = [0] + xs, [init_bits.get("activation" if n.endswith("act_quant") else "weight")] + ys
+            ax.plot(xs, ys, marker=".", label=n, color=cmap(i % 20),
+                    linestyle="--" if n.endswith("act_quant") else "-")
+        ax.set_xlabel("QPL epoch (0: start)")
         ax.set_ylabel("learned bits b")
-        ax.set_title("bitwidth per quantizer (QPL)")
-        if len(prec[-1]["bits"]) <= 16:
-            ax.legend(fontsize=6, ncol=2)
+        ax.set_xticks(sorted({0, *[h["epoch"] for h in prec]}) if init_bits is not None else [h["epoch"] for h in prec])
+        ax.set_title("bitwidth per quantizer (QPL; solid: weights, dashed: activations)", fontsize=9)
+        if len(names) <= 20:
+            ax.legend(fontsize=6, ncol=2, loc="center left", bbox_to_anchor=(1.01, 0.5))
         save(fig, "bits.png", "bits per layer")
 
     train = [h for h in history if "train_loss" in h]
@@ -335,7 +343,9 @@ def write_report(result: dict, out_dir) -> Dict[str, str]:
     """Write report.json, report.md and plots/*.png into ``out_dir``; returns their paths."""
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    plots = plot_history(result.get("history") or [], out_dir)
+    q = (result.get("config") or {}).get("quant") or {}
+    init = {"weight": q.get("weight_bits"), "activation": q.get("act_bits")} if q else None
+    plots = plot_history(result.get("history") or [], out_dir, init)
     rows = layer_table(result)
     rep = {"summary": totals(result, rows), "layers": rows, "plots": plots,
            **{k: v for k, v in result.items() if k not in ("qag",)}}
