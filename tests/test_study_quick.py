@@ -1,0 +1,32 @@
+# SPDX-License-Identifier: MIT
+"""The Fashion-MNIST study script (issue #7) in its --quick CI mode: every row runs end to end
+and the results table is written."""
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_study_quick_runs_every_row(tmp_path):
+    r = subprocess.run([sys.executable, str(ROOT / "bench" / "study_fmnist.py"), "--quick", "--out", str(tmp_path)],
+                       capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-3000:]
+    md = (tmp_path / "study_fmnist_quick.md").read_text()
+    recs = [json.loads(line) for line in (tmp_path / "study_fmnist_quick.jsonl").read_text().splitlines()]
+    rows = {rec["row"] for rec in recs}
+    for name in ("float", "B-1/3", "T-2/3", "Q-2/3", "F-3/3", "Z-3/3", "P-3/3", "R-3/3", "C-3/3",
+                 "QSS-F (layer-wise)", "QSS-C (model-wise)", "QPL C 3/3", "QPL C 2/2", "C-2/2 (uniform)",
+                 "QSS→QPL 2/2 (full)"):
+        assert name in rows, name
+        assert f"| {name} |" in md, name
+    by = {rec["row"]: rec for rec in recs}
+    # the budget guarantee holds in the QPL rows, the uniform rows have their fixed bits
+    assert by["QPL C 2/2"]["weight_bits"] <= 2.0 and by["QPL C 2/2"]["act_bits"] <= 2.0
+    assert by["QSS→QPL 2/2 (full)"]["weight_bits"] <= 2.0
+    assert by["B-1/3"]["weight_bits"] == 1.0 and by["C-3/3"]["act_bits"] == 3.0
+    # layer-wise QSS reports a scheme for every quantized layer; the classifier stays float
+    layers = {p[0] for p in by["QSS-F (layer-wise)"]["plan"]}
+    assert "features.0" in layers and "classifier.4" not in layers
+    assert "## The paper's claims" in md and "(c) Schemes QSS-F picked" in md
