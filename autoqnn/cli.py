@@ -313,9 +313,9 @@ def _export(model, out_dir: Path, run: dict, cfg, val, out: _Out) -> dict:
 def _export_onnx(model, out_dir: Path, val, out: _Out) -> dict:
     import torch
 
-    try:
-        import onnxruntime  # noqa: F401
-    except ImportError:
+    import importlib.util
+
+    if importlib.util.find_spec("onnxruntime") is None:
         return {"skipped": "onnxruntime is not installed (pip install onnx onnxruntime)"}
     try:
         from .export import export_onnx
@@ -410,73 +410,69 @@ def cmd_search(args) -> int:
 
 
 def _train_float_only(model, train, val, cfg, out):
+    """The float phase of the search (with its checkpoints and resume), stopped before QAG."""
     from . import pipeline as P
-
-    res_acc = None
 
     class _Stop(Exception):
         pass
-
-    # the float phase of the search, then stop before QAG
-    cfg.search_epochs = 0
-    cfg.quant.mode = "fixed"
-    cfg.quant.weight_schemes = ("clip",)
-    cfg.quant.act_schemes = ("clip",)
-    trained = {}
 
     def cb(event, info):
         if event == "phase" and info["phase"] != "float":
             raise _Stop()
 
-    import torch
-
-    device = torch.device("cuda" if torch.cuda.is_available() and cfg.device in ("auto", "cuda") else "cpu")
+    cfg.search_epochs = 0
+    cfg.quant.mode = "fixed"  # nothing is searched; the quantizers are never built
     try:
         P.search(model, train, val, cfg, callbacks=[cb], quiet=out.quiet or out.json)
     except _Stop:
         pass
-    res_acc = P.evaluate(model, val, batch_size=cfg.eval_batch_size, device=device)["accuracy"] if val is not None else None
-    trained["model"] = model
-    return model, res_acc
+    device = next(model.parameters()).device
+    acc = P.evaluate(model, val, batch_size=cfg.eval_batch_size, device=device)["accuracy"] if val is not None else None
+    return model, acc
 
 
-def cmd_finetune(args) -> int:
-    """Fine-tune a finished run's quantized model (frozen schemes and bits) for more epochs."""
+def _load_finished_run(run_dir: Path, out: "_Out", train_limit: Optional[int] = None):
+    """(run options, SearchConfig, quantized model in its final state, train, val) of a finished
+    run directory; clear errors when it is not one or has not finished."""
     import torch
 
     from . import pipeline as P
 
-    out = _Out(args.quiet, args.json)
-    run_dir = Path(args.run)
     if not (run_dir / "config.json").is_file():
         raise CLIError(f"{run_dir} is not an autoqnn run directory (no config.json)")
     conf = json.loads((run_dir / "config.json").read_text())
-    ns = argparse.Namespace(config=None, set=[], seed=None, device=None, deterministic=False, resume=None)
     run = conf.pop("run")
-    run_, cfg = RUN_DEFAULTS, P.SearchConfig.from_dict(conf)
-    train, val, desc, in_ch, ncls = load_data(run, out)
-    model = make_model(run, in_ch, ncls)
+    cfg = P.SearchConfig.from_dict(conf)
     ck = P.latest_checkpoint(run_dir / "checkpoints")
     if ck is None:
         raise CLIError(f"{run_dir}/checkpoints holds no checkpoint")
     st = torch.load(ck, map_location="cpu", weights_only=True)
     if st["phase"] != "done":
-        raise CLIError(f"{run_dir}: the search has not finished (phase {st['phase']}); run "
-                       f"`autoqnn search --out {run_dir} --resume auto` first")
-    cfg.float_epochs = cfg.search_epochs = cfg.precision_epochs = 0
-    cfg.finetune_epochs = args.epochs
-    cfg.checkpoint_dir = None
-    cfg.resume = None
+        raise CLIError(f"{run_dir}: the search has not finished (phase {st['phase']}); resume it with "
+                       f"`autoqnn search --out {run_dir} --resume auto`")
+    data_run = run if train_limit is None else {**run, "train_limit": train_limit}
+    train, val, _, in_ch, ncls = load_data(data_run, out)
+    model = make_model({**run, "float_checkpoint": None}, in_ch, ncls)
     qm = P.prepare(model, cfg, torch.stack([train[0][0], train[1][0]]))
     P.apply_schemes(qm, st["schemes"], learn_bits=False, bits=st["bits"])
     qm.load_state_dict(st["model"])
-    del ns, run_
+    return run, cfg, qm, train, val
+
+
+def cmd_finetune(args) -> int:
+    """Fine-tune a finished run's quantized model (frozen schemes and bits) for more epochs."""
+    import torch
+    import torch.nn.functional as F
+
+    from . import pipeline as P
+
+    out = _Out(args.quiet, args.json)
+    run_dir = Path(args.run)
+    run, cfg, qm, train, val = _load_finished_run(run_dir, out)
     t0 = time.time()
     opt = torch.optim.Adam([p for p in qm.parameters() if p.requires_grad], lr=args.lr)
     loader = torch.utils.data.DataLoader(train, batch_size=cfg.batch_size, shuffle=True,
                                          generator=torch.Generator().manual_seed(cfg.seed))
-    import torch.nn.functional as F
-
     for e in range(args.epochs):
         qm.train()
         for x, y in loader:
@@ -488,7 +484,8 @@ def cmd_finetune(args) -> int:
         out.say(f"[autoqnn] finetune epoch {e + 1}/{args.epochs}: val acc {acc:.4f}")
         out.event(event="epoch", phase="finetune", epoch=e + 1, val_acc=acc)
     P._atomic_torch_save(qm.state_dict(), run_dir / "quantized_state.pt")
-    out.say(f"[autoqnn] fine-tuned in {time.time() - t0:.0f} s; state in {run_dir / 'quantized_state.pt'}")
+    out.say(f"[autoqnn] fine-tuned in {time.time() - t0:.0f} s; state in {run_dir / 'quantized_state.pt'} "
+            f"(re-export with `autoqnn export {run_dir}` after `autoqnn finetune` writes the model)")
     return 0
 
 
@@ -538,29 +535,9 @@ def cmd_evaluate(args) -> int:
 
 def cmd_export(args) -> int:
     """Re-export a finished run from its final checkpoint."""
-    import torch
-
-    from . import pipeline as P
-
     out = _Out(args.quiet, args.json)
     run_dir = Path(args.run)
-    if not (run_dir / "config.json").is_file():
-        raise CLIError(f"{run_dir} is not an autoqnn run directory (no config.json)")
-    conf = json.loads((run_dir / "config.json").read_text())
-    run = conf.pop("run")
-    cfg = P.SearchConfig.from_dict(conf)
-    ck = P.latest_checkpoint(run_dir / "checkpoints")
-    if ck is None:
-        raise CLIError(f"{run_dir}/checkpoints holds no checkpoint")
-    st = torch.load(ck, map_location="cpu", weights_only=True)
-    if st["phase"] != "done":
-        raise CLIError(f"{run_dir}: the search has not finished (phase {st['phase']}); resume it with "
-                       f"`autoqnn search --out {run_dir} --resume auto`")
-    train, val, desc, in_ch, ncls = load_data({**run, "train_limit": 16}, out)
-    model = make_model({**run, "float_checkpoint": None}, in_ch, ncls)
-    qm = P.prepare(model, cfg, torch.stack([train[0][0], train[1][0]]))
-    P.apply_schemes(qm, st["schemes"], learn_bits=False, bits=st["bits"])
-    qm.load_state_dict(st["model"])
+    run, cfg, qm, _, val = _load_finished_run(run_dir, out, train_limit=16)
     qm.eval()
     info = _export(qm, run_dir, run, cfg, val, out)
     if args.onnx:

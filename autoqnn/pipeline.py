@@ -25,7 +25,7 @@ import time
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Dict, List, Optional, Sequence, Union
+from typing import Any, Callable, Dict, List, Optional, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -1216,7 +1216,6 @@ def search(model: nn.Module, train_data, val_data=None, config=None, *, loss_fn:
             emit("epoch", rec)
 
     def save(phase, net, opt, epoch, step, schemes=None, bits=None):
-        nonlocal plan_schemes, plan_bits
         rng = _rng_state()
         if dist is not None:
             gathered = [None] * world

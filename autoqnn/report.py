@@ -19,13 +19,9 @@ __all__ = ["layer_table", "totals", "write_report", "load_run", "render_markdown
 
 
 def _atomic_write(path: Path, data: str) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    with open(tmp, "w") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    from .pipeline import _atomic_write_text
+
+    _atomic_write_text(path, data)
 
 
 def layer_table(result: dict) -> List[dict]:

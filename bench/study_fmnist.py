@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import os
 import statistics
 import sys
@@ -27,7 +26,6 @@ import warnings
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
@@ -226,12 +224,10 @@ def summarize(records, out_md: Path, args, meta):
             lines.append(f"| {layer} | {', '.join(ws)} | {', '.join(acts)} | {paper} |")
         crs = by.get("QSS-C (model-wise)", [])
         if crs:
-            picks = sorted({(k, s) for r in crs for _, k, s, _ in r["plan"]})
             lines.append("")
             lines.append("Model-wise QSS picked (per seed): " + "; ".join(
                 ", ".join(f"{k} {s}" for k, s in sorted({(k, s) for _, k, s, _ in r["plan"]})) for r in crs)
                 + " (paper: P-3 or C-3 for weights, C-3 for activations).")
-            del picks
     if meta.get("distributions"):
         lines += ["", "## Float-model distributions (seed %d) that explain the choices" % args.seeds[0], "",
                   "| layer | W kurtosis | W max/σ | A kurtosis | A zero fraction | A min | A max/σ |",

@@ -150,3 +150,19 @@ def test_no_arguments_means_search(monkeypatch):
     ap = cli.build_parser()
     args = ap.parse_args(["search"])
     assert args.cmd == "search" and args.out == "autoqnn-run"
+
+
+def test_export_and_finetune_commands(finished_run):
+    out, _ = finished_run
+    before = (out / "model.qnn.safetensors").stat().st_mtime_ns
+    r = _cli(["export", str(out), "--json"])
+    assert r.returncode == 0, r.stderr[-2000:]
+    rec = json.loads(r.stdout.strip().splitlines()[-1])
+    assert rec["event"] == "export" and rec["parity"]["max_abs"] <= 1e-5
+    assert (out / "model.qnn.safetensors").stat().st_mtime_ns >= before
+    r = _cli(["finetune", str(out), "--epochs", "1", "--json"])
+    assert r.returncode == 0, r.stderr[-2000:]
+    recs = [json.loads(line) for line in r.stdout.strip().splitlines()]
+    assert recs[-1]["event"] == "epoch" and 0.0 <= recs[-1]["val_acc"] <= 1.0
+    r = _cli(["finetune", str(out / "nope")])
+    assert r.returncode == 2 and "not an autoqnn run directory" in r.stderr
