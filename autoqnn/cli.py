@@ -136,8 +136,10 @@ def build_configs(args) -> tuple:
     from .pipeline import SearchConfig
 
     raw: Dict[str, Any] = {"run": dict(RUN_DEFAULTS), **json.loads(json.dumps(DEMO_SEARCH))}
+    user_set_float_epochs = any(str(it).strip().startswith("float_epochs=") for it in (getattr(args, "set", None) or []))
     if getattr(args, "config", None):
         user = _load_config_file(args.config)
+        user_set_float_epochs = user_set_float_epochs or "float_epochs" in user
         run_user = user.pop("run", {}) or {}
         if not isinstance(run_user, dict):
             raise CLIError("--config: 'run' must be a mapping")
@@ -147,7 +149,8 @@ def build_configs(args) -> tuple:
         raw.update(user)
     _apply_set(raw, getattr(args, "set", None))
     for flag, key in (("model", "model"), ("data", "data"), ("train_limit", "train_limit"),
-                      ("val_limit", "val_limit"), ("float_checkpoint", "float_checkpoint")):
+                      ("val_limit", "val_limit"), ("float_checkpoint", "float_checkpoint"),
+                      ("image_size", "image_size")):
         v = getattr(args, flag, None)
         if v is not None:
             raw["run"][key] = v
@@ -161,8 +164,8 @@ def build_configs(args) -> tuple:
     unknown_run = sorted(set(run) - set(RUN_DEFAULTS))
     if unknown_run:
         raise CLIError(f"unknown run option(s): {', '.join(unknown_run)}; known: {', '.join(RUN_DEFAULTS)}")
-    if run.get("float_checkpoint") and "float_epochs" not in (getattr(args, "_explicit", None) or set()):
-        raw["float_epochs"] = raw.get("float_epochs", 0) if getattr(args, "config", None) else 0
+    if run.get("float_checkpoint") and not user_set_float_epochs:
+        raw["float_epochs"] = 0  # a trained float model was given: no float phase unless asked for
     q = raw.get("quant", {})
     if isinstance(q, dict) and "seed" not in q and "seed" in raw:
         q["seed"] = raw["seed"]
@@ -582,6 +585,7 @@ def _search_opts(p: argparse.ArgumentParser) -> None:
     p.add_argument("--train-limit", type=int, help="class-stratified number of training images (0: all)")
     p.add_argument("--val-limit", type=int, help="number of test images (0: all)")
     p.add_argument("--float-checkpoint", help="start from this float state_dict (weights_only load)")
+    p.add_argument("--image-size", type=int, help="input size for ImageFolder data (default 224; 28 for Fashion-MNIST)")
     p.add_argument("--out", default="autoqnn-run", help="output directory (default ./autoqnn-run)")
     p.add_argument("--resume", choices=["auto"], help="continue from the latest checkpoint in OUT")
     p.add_argument("--device", help="auto, cpu, cuda, cuda:1 ...")

@@ -5,7 +5,8 @@ loss) against one float training step, same model, batch and optimizer.
 
 Providers: ``float`` (no quantizers), ``qss-ref`` / ``qpl-ref`` (quantizers on the pure-PyTorch
 reference backend), ``qss-fused`` / ``qpl-fused`` (backend "auto": the C++ kernels on CPU, CUDA or
-Triton on GPU). Issue #5's goal: QSS-fused <= 1.5x float on CPU, <= 1.3x on GPU.
+Triton on GPU); ``qss-pruned2`` is the fused QSS step after candidate pruning left 2 candidates
+per vertex (what pruning saves late in a search). Issue #5's goal: QSS-fused <= 1.5x float on CPU, <= 1.3x on GPU.
 
     python bench/bench_train_step.py                 # CPU: VGG-like (width 16) on 28x28, batch 128
     python bench/bench_train_step.py --device cuda   # GPU: ResNet-18 at 224 px, batch 128
@@ -24,7 +25,7 @@ import autoqnn
 from autoqnn.config import QuantConfig
 from autoqnn.pipeline import SearchConfig, fix_schemes, precision_loss, prepare
 
-PROVIDERS = ["float", "qss-ref", "qss-fused", "qpl-ref", "qpl-fused"]
+PROVIDERS = ["float", "qss-ref", "qss-fused", "qss-pruned2", "qpl-ref", "qpl-fused"]
 
 
 def make_model(device: str):
@@ -51,6 +52,16 @@ def make_step(provider: str, device: str):
         if qpl:
             fix_schemes(model, learn_bits=True)
             model.to(device)
+        if provider == "qss-pruned2":  # candidate pruning late in a search: 2 candidates left per vertex
+            from autoqnn.nn import SchemeMixture, quantizers
+
+            for _, q in quantizers(model):
+                if isinstance(q, SchemeMixture):
+                    with torch.no_grad():
+                        q.theta.copy_(torch.arange(len(q.schemes), dtype=torch.float32))
+                    q.update_pruning(threshold=0.99, patience=1)  # keeps the argmax ...
+                    q.active[-2] = True  # ... and one more
+                    q._refresh_from_buffers()
     model.train()
     opt = torch.optim.SGD(model.parameters(), lr=1e-3, momentum=0.9)
 

@@ -166,3 +166,45 @@ def test_export_and_finetune_commands(finished_run):
     assert recs[-1]["event"] == "epoch" and 0.0 <= recs[-1]["val_acc"] <= 1.0
     r = _cli(["finetune", str(out / "nope")])
     assert r.returncode == 2 and "not an autoqnn run directory" in r.stderr
+
+
+def _image_folder(root: Path, n_train=48, n_val=16, size=20):
+    import numpy as np
+    from PIL import Image
+
+    rng = np.random.default_rng(0)
+    for split, n in (("train", n_train), ("val", n_val)):
+        for c, cls in enumerate(("disc", "stripes")):
+            d = root / split / cls
+            d.mkdir(parents=True)
+            for i in range(n // 2):
+                img = rng.integers(0, 60, (size, size, 3), dtype=np.uint8)
+                if c == 0:
+                    img[size // 4: 3 * size // 4, size // 4: 3 * size // 4] += 180
+                else:
+                    img[::3] += 180
+                Image.fromarray(img).save(d / f"{i}.png")
+
+
+def test_imagefolder_data_and_float_checkpoint(tmp_path):
+    """ImageNet-style data: a generated ImageFolder tree (train/ and val/), standard transforms;
+    a float model trained by `train-float` and handed to `search` by path."""
+    _image_folder(tmp_path / "imgs")
+    common = ["--data", f"imagefolder:{tmp_path / 'imgs'}", "--image-size", "16", "--model", "smallcnn",
+              "--set", "batch_size=16", "--set", "eval_batch_size=16"]
+    r = _cli(["train-float", "--out", str(tmp_path / "f"), *common, "--set", "float_epochs=2", "--json"])
+    assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-3000:]
+    fpath = tmp_path / "f" / "float.pt"
+    assert fpath.is_file()
+    done = json.loads(r.stdout.strip().splitlines()[-1])
+    assert done["event"] == "done" and 0 <= done["float_accuracy"] <= 1
+    r = _cli(["search", "--out", str(tmp_path / "s"), *common, "--float-checkpoint", str(fpath),
+              "--set", "search_epochs=1", "--set", "precision_epochs=1", "--set", "finetune_epochs=1", "--no-export"])
+    assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-3000:]
+    res = json.loads((tmp_path / "s" / "result.json").read_text())
+    assert "ImageFolder" in res["data"]
+    assert [h["phase"] for h in res["history"] if h["phase"] != "round"] == ["search", "precision", "finetune"]
+    # the float checkpoint was used: the float accuracy equals the train-float run's
+    assert abs(res["float_accuracy"] - done["float_accuracy"]) < 1e-9
+    r = _cli(["search", "--out", str(tmp_path / "x"), *common, "--float-checkpoint", str(tmp_path / "nope.pt")])
+    assert r.returncode == 2 and "no such file" in r.stderr
