@@ -1036,6 +1036,9 @@ def search(model: nn.Module, train_data, val_data=None, config=None, *, loss_fn:
 
     Checkpoints (``checkpoint_dir``) hold the full state and are written atomically every epoch
     and every ``checkpoint_every_steps``; ``resume="auto"`` continues from the latest.
+
+    ``model`` itself is trained in place during the float phase (``float_epochs > 0``) and is
+    otherwise left untouched: QAG works on a copy.
     """
     cfg = _as_search_config(config)
     dist, rank, world = _dist()
