@@ -1041,10 +1041,27 @@ def search(model: nn.Module, train_data, val_data=None, config=None, *, loss_fn:
     otherwise left untouched: QAG works on a copy.
     """
     cfg = _as_search_config(config)
-    dist, rank, world = _dist()
-    if cfg.deterministic:
+    if not cfg.deterministic:
+        return _search(model, train_data, val_data, cfg, loss_fn=loss_fn, callbacks=callbacks, quiet=quiet,
+                       progress=progress)
+    # deterministic mode: torch's global flags only for the duration of the search
+    prev = torch.are_deterministic_algorithms_enabled()
+    prev_warn = torch.is_deterministic_algorithms_warn_only_enabled()
+    prev_bench = torch.backends.cudnn.benchmark
+    try:
         torch.use_deterministic_algorithms(True, warn_only=True)
         torch.backends.cudnn.benchmark = False
+        return _search(model, train_data, val_data, cfg, loss_fn=loss_fn, callbacks=callbacks, quiet=quiet,
+                       progress=progress)
+    finally:
+        torch.use_deterministic_algorithms(prev, warn_only=prev_warn)
+        torch.backends.cudnn.benchmark = prev_bench
+
+
+def _search(model: nn.Module, train_data, val_data, cfg, *, loss_fn: Callable, callbacks: Sequence[Callable],
+            quiet: bool, progress: Optional[Callable]) -> SearchResult:
+    """The implementation of :func:`search` (config already validated)."""
+    dist, rank, world = _dist()
     torch.manual_seed(cfg.seed + rank)
     random.seed(cfg.seed + rank)
     if cfg.device == "auto":

@@ -327,16 +327,20 @@ def test_search_end_to_end_on_fashion_mnist(tmp_path):
         assert (q.scheme, q.int_bits()) == (p.scheme, p.bits)
 
 
-def test_search_is_deterministic_for_a_seed():
+@pytest.mark.parametrize("backend", [None, "torch"])
+def test_search_is_deterministic_for_a_seed(backend):
+    """Same seed, same backend, deterministic mode: the same decisions (fused kernels and the
+    pure-PyTorch reference alike)."""
     data = toy_data(192)
     cfg = dict(search_epochs=2, precision_epochs=1, finetune_epochs=0, batch_size=64, weight_target=2.5,
-               act_target=3.0, seed=5, quant=QuantConfig(exclude_first_last=False))
+               act_target=3.0, seed=5, deterministic=True, quant=QuantConfig(exclude_first_last=False, backend=backend))
     torch.manual_seed(0)
     r1 = autoqnn.search(small_cnn(), data, None, S.SearchConfig(**cfg), quiet=True)
     torch.manual_seed(0)
     r2 = autoqnn.search(small_cnn(), data, None, S.SearchConfig(**cfg), quiet=True)
     assert [(p.name, p.scheme, p.bits) for p in r1.plan] == [(p.name, p.scheme, p.bits) for p in r2.plan]
     assert r1.schemes_searched == r2.schemes_searched
+    assert not torch.are_deterministic_algorithms_enabled()  # torch's global flag restored afterwards
 
 
 def test_search_coarse_grained_shares_one_scheme_per_kind():
