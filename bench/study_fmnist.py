@@ -72,6 +72,7 @@ def rows(E: int):
     out.append(("QPL C 2/2 (soft)", dict(quant=quant_base(mode="fixed", weight_schemes=("clip",), act_schemes=("clip",)),
                                         search_epochs=0, precision_epochs=es, finetune_epochs=E - es,
                                         weight_target=2.0, act_target=2.0, budget="soft")))
+    out.append((PICKS_ROW, None))  # built from the QSS-F row's plan of the same seed (picks_row)
     out.append(("C-2/2 (uniform)", dict(quant=quant_base(mode="fixed", weight_schemes=("clip",), act_schemes=("clip",),
                                                          weight_bits=2, act_bits=2),
                                         search_epochs=0, precision_epochs=0, finetune_epochs=E, budget="soft")))
@@ -79,6 +80,24 @@ def rows(E: int):
                                           finetune_epochs=max(E - es, 1), weight_target=2.0, act_target=2.0,
                                           budget="hard", temperature_per_step=True)))
     return out
+
+
+PICKS_ROW = "QSS-F picks, fine-tuned from float"
+
+
+def picks_row(plan, E: int) -> dict:
+    """Isolates the quality of QSS-F's choice from the cost of training under the mixture: the
+    schemes it picked, fixed per layer, fine-tuned for the same E epochs as the baselines."""
+    ovs = [LayerOverride(CLASSIFIER, exclude=True)]
+    per = {}
+    for layer, kind, scheme, bits in plan:
+        per.setdefault(layer, {})[kind] = scheme
+    for layer, d in per.items():
+        ovs.append(LayerOverride(layer.replace(".", r"\."), weight_schemes=(d["weight"],) if "weight" in d else None,
+                                 act_schemes=(d["activation"],) if "activation" in d else None))
+    q = QuantConfig(mode="fixed", exclude_first_last=False, overrides=ovs, weight_schemes=("clip",),
+                    act_schemes=("clip",))
+    return dict(quant=q, search_epochs=0, precision_epochs=0, finetune_epochs=E, budget="soft")
 
 
 @torch.no_grad()
@@ -221,6 +240,13 @@ def summarize(records, out_md: Path, args, meta):
                          f"{'above' if qs > c22 else 'not above'}). With ClipQ's range (2..8 bits) a hard 2/2 "
                          "budget can only end at exactly 2 bits everywhere, i.e. uniform C-2/2.")
     # schemes chosen per layer (QSS-F, all seeds)
+    pk = mean_acc(PICKS_ROW)
+    if pk is not None and qf is not None and best[0] is not None:
+        lines.append(f"  The schemes QSS-F picked, fine-tuned from the float model for the baselines' "
+                     f"{args.epochs} epochs: {pk:.2f} (vs QSS-F {qf:.2f}, best single scheme {best[0]:.2f}): "
+                     + ("the picks are as good as the best single scheme; the loss comes from training under "
+                        "the mixture" if pk >= best[0] else "the picks themselves are worse than the best single "
+                        "scheme"))
     qrs = by.get("QSS-F (layer-wise)", [])
     if qrs:
         lines += ["", "## (c) Schemes QSS-F picked per layer (each seed), next to the paper's choice", "",
@@ -324,6 +350,11 @@ def main(argv=None) -> int:
                 continue
             if (name, seed) in done:
                 continue
+            if name == PICKS_ROW:  # the schemes QSS-F picked for this seed, fine-tuned from the float model
+                qssf = next((r for r in records if r["row"] == "QSS-F (layer-wise)" and r["seed"] == seed), None)
+                if qssf is None:
+                    continue
+                kw = picks_row(qssf["plan"], args.epochs)
             rec = run_row(name, kw, fm, seed, train, test, args)
             records.append(rec)
             with jl.open("a") as f:

@@ -17,8 +17,8 @@ def test_study_quick_runs_every_row(tmp_path):
     recs = [json.loads(line) for line in (tmp_path / "study_fmnist_quick.jsonl").read_text().splitlines()]
     rows = {rec["row"] for rec in recs}
     for name in ("float", "B-1/3", "T-2/3", "Q-2/3", "F-3/3", "Z-3/3", "P-3/3", "R-3/3", "C-3/3",
-                 "QSS-F (layer-wise)", "QSS-C (model-wise)", "QPL C 3/3", "QPL C 2/2", "C-2/2 (uniform)",
-                 "QSS→QPL 2/2 (full)"):
+                 "QSS-F (layer-wise)", "QSS-C (model-wise)", "QPL C 3/3", "QPL C 2/2", "QPL C 2/2 (soft)",
+                 "QSS-F picks, fine-tuned from float", "C-2/2 (uniform)", "QSS→QPL 2/2 (full)"):
         assert name in rows, name
         assert f"| {name} |" in md, name
     by = {rec["row"]: rec for rec in recs}
@@ -29,4 +29,7 @@ def test_study_quick_runs_every_row(tmp_path):
     # layer-wise QSS reports a scheme for every quantized layer; the classifier stays float
     layers = {p[0] for p in by["QSS-F (layer-wise)"]["plan"]}
     assert "features.0" in layers and "classifier.4" not in layers
+    # the "picks" row re-trains exactly the schemes QSS-F chose
+    picks = {(p[0], p[1]): p[2] for p in by["QSS-F picks, fine-tuned from float"]["plan"]}
+    assert picks == {(p[0], p[1]): p[2] for p in by["QSS-F (layer-wise)"]["plan"]}
     assert "## The paper's claims" in md and "(c) Schemes QSS-F picked" in md
