@@ -136,29 +136,11 @@ _FAKES = {
 # ----------------------------------------------------------------------------- autograd (twins)
 # The formula of autoqnn.ops._schema, the backward calling the `_triton` backward twin.
 def _quantize_triton_bwd(ctx, grad_y):
-    x, params, bits = ctx.saved_tensors
-    need_bits = bool(ctx.needs_input_grad[2])
-    gx, gb = torch.ops.autoqnn.quantize_backward_triton(
-        grad_y, x, params, bits, ctx.scheme, ctx.per_channel, need_bits
-    )
-    return (gx if ctx.needs_input_grad[0] else None, None, gb if need_bits else None, None, None)
+    return _schema._quantize_bwd(ctx, grad_y, bwd_op=torch.ops.autoqnn.quantize_backward_triton)
 
 
 def _mixture_triton_bwd(ctx, grad_y):
-    x, params, weights, bits = ctx.saved_tensors
-    need_w = bool(ctx.needs_input_grad[2])
-    need_b = bool(ctx.needs_input_grad[3])
-    gx, gw, gb = torch.ops.autoqnn.mixture_backward_triton(
-        grad_y, x, params, weights, bits, ctx.schemes, ctx.per_channel, need_w, need_b
-    )
-    return (
-        gx if ctx.needs_input_grad[0] else None,
-        None,
-        gw if need_w else None,
-        gb if need_b else None,
-        None,
-        None,
-    )
+    return _schema._mixture_bwd(ctx, grad_y, bwd_op=torch.ops.autoqnn.mixture_backward_triton)
 
 
 _AUTOGRAD = {
