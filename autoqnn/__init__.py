@@ -10,6 +10,14 @@ try:  # Triton kernels (optional): registers autoqnn::*_triton and sets backends
     from .ops import _triton  # noqa: F401
 except Exception:  # pragma: no cover - never let an optional backend break the import
     pass
+from . import kernel_choice  # noqa: E402
+try:  # backend="auto" on GPUs: route each op to the faster of the C++/CUDA and Triton kernels
+    kernel_choice.install_router()
+except Exception as _e:  # pragma: no cover - GPUs then run the reference
+    import warnings as _w
+
+    _w.warn(f"autoqnn: the GPU kernel router could not be installed ({type(_e).__name__}: {_e}); "
+            "backend='auto' runs the reference on GPUs", RuntimeWarning)
 from . import functional, schemes  # noqa: F401
 from .backends import BackendUnavailableError  # noqa: F401
 from .functional import quantize, quantize_mixture  # noqa: F401

@@ -2,8 +2,10 @@
 """Backend selection: which kernel runs an op, and what ``backend=`` means.
 
 * ``"auto"`` (default, or ``$AUTOQNN_BACKEND``): call the ``autoqnn::`` op and let the dispatcher
-  pick the fastest kernel registered for the tensor's device (C++ on CPU, CUDA or Triton on GPU),
-  falling back to the pure-PyTorch reference. Never raises for lack of a kernel.
+  pick the kernel registered for the tensor's device: C++ on CPU; on GPUs a router that sends
+  each op to the C++/CUDA or the Triton kernel, whichever the measured table of
+  :mod:`autoqnn.kernel_choice` says is faster for that op and size (``autoqnn tune-kernels``);
+  the pure-PyTorch reference where no kernel exists. Never raises for lack of a kernel.
 * ``"torch"``: the pure-PyTorch formulation, no custom op at all (traceable and fusable by
   ``torch.compile``; the "compiled reference" of the benchmarks).
 * ``"cpp"`` / ``"cuda"`` / ``"triton"``: that implementation or a :class:`BackendUnavailableError`
@@ -46,21 +48,30 @@ def check_backend_name(backend: str | None) -> str:
     return backend.lower()
 
 
-def kernel_for(op: str, device_type: str) -> str:
-    """Name of the implementation ``"auto"`` uses for ``op`` on a device type."""
+def kernel_for(op: str, device_type: str, numel: int = 1 << 20) -> str:
+    """Name of the implementation ``"auto"`` uses for ``op`` on a device type (on GPUs: for a
+    tensor of ``numel`` elements on the current device, per the kernel choice table)."""
     if device_type == "cpu":
         return "cpp" if _ext.HAS_EXT and _schema.has_kernel(op, "CPU") else "reference"
     if device_type == "cuda":
-        if _ext.HAS_CUDA_KERNELS and _schema.has_kernel(op, "CUDA"):
-            return "cuda"
-        if op in TRITON_OPS:
-            return "triton"
-        return "reference"
+        from . import kernel_choice  # noqa: PLC0415
+
+        if op in kernel_choice.ROUTED_OPS:
+            avail = kernel_choice.providers(op, "cuda")
+            if not avail:
+                return "reference"
+            if len(avail) > 1 and torch.cuda.is_available():
+                entry = kernel_choice._current_table()["devices"].get(kernel_choice.device_key(torch.device("cuda")))
+                p = kernel_choice.lookup(entry, op, numel)
+                return p if p in avail else avail[0]
+            return avail[0]
+        return "cuda" if _ext.HAS_CUDA_KERNELS and _schema.has_kernel(op, "CUDA") else "reference"
     return "reference"
 
 
 def resolve(backend: str | None, device: torch.device, ops: Iterable[str]) -> str:
-    """Map a requested backend to an execution mode: ``"ops"``, ``"torch"`` or ``"triton"``.
+    """Map a requested backend to an execution mode: ``"ops"`` (the dispatcher), ``"torch"``,
+    ``"cuda"`` (the ``autoqnn::<op>_cuda`` kernels) or ``"triton"``.
 
     Raises :class:`BackendUnavailableError` with the reason for an unavailable explicit backend.
     """
@@ -88,12 +99,14 @@ def resolve(backend: str | None, device: torch.device, ops: Iterable[str]) -> st
         if not _ext.HAS_CUDA_KERNELS:
             why = _ext.LOAD_ERROR or "the extension was built without CUDA kernels"
             raise BackendUnavailableError(f"backend='cuda' is unavailable: {why}")
-        missing = [o for o in ops if not _schema.has_kernel(o, "CUDA")]
+        # the C++/CUDA kernels of the routed ops are registered as autoqnn::<op>_cuda
+        names = [f"{o}_cuda" if o in _schema.GPU_TWIN_OPS else o for o in ops]
+        missing = [o for o, n in zip(ops, names) if not _schema.has_kernel(n, "CUDA")]
         if missing:
             raise BackendUnavailableError(
                 f"backend='cuda': the extension has no CUDA kernel for {', '.join(missing)}"
             )
-        return "ops"
+        return "cuda"
     # triton
     if TRITON_ERROR is not None:
         raise BackendUnavailableError(f"backend='triton' is unavailable: {TRITON_ERROR}")

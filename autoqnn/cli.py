@@ -7,7 +7,7 @@ shipped with autoqnn): float training of a VGG-like CNN, QSS, QPL at 2/2 bits, f
 evaluation, report with plots, packed export (+ ONNX when onnxruntime is installed).
 
 Subcommands: ``search``, ``train-float``, ``finetune``, ``evaluate``, ``export``, ``report``,
-``env``. Every option of the search config can come from ``--config file.json|yaml`` and
+``env``, ``tune-kernels``. Every option of the search config can come from ``--config file.json|yaml`` and
 ``--set key=value`` (``quant.granularity=coarse``); the config is validated and saved with the run.
 Works unchanged under ``torchrun`` (only rank 0 prints and writes).
 """
@@ -569,6 +569,39 @@ def cmd_env(args) -> int:
     return env_main([]) or 0
 
 
+def cmd_tune_kernels(args) -> int:
+    import torch
+
+    from . import backends as autoqnn_backends
+    from . import kernel_choice as kc
+
+    out = _Out(args.quiet, args.json)
+    if args.min_log2 < 0 or args.max_log2 < args.min_log2 or args.max_log2 > 30:
+        raise CLIError(f"--min-log2/--max-log2 must satisfy 0 <= min <= max <= 30, got {args.min_log2}/{args.max_log2}")
+    try:
+        dev = torch.device(args.device)
+    except RuntimeError as e:
+        raise CLIError(f"--device {args.device!r}: {e}") from None
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise CLIError("no CUDA GPU here: the kernel choice is measured on the GPU it is for "
+                       "(--device cpu times the CPU kernels, for testing only)")
+    sizes = [2 ** k for k in range(args.min_log2, args.max_log2 + 1, args.step)]
+    try:
+        res = kc.tune(dev, sizes=sizes, rounds=args.rounds, write=not args.no_write, path=args.out,
+                      progress=None if args.quiet or args.json else (lambda m: print("[tune] " + m, file=sys.stderr)))
+    except (ValueError, autoqnn_backends.BackendUnavailableError) as e:
+        raise CLIError(str(e)) from None
+    if args.json:
+        out.event(event="tune-kernels", **res)
+    else:
+        print(kc.format_markdown(res))
+        if res.get("path"):
+            print(f"\nwritten to {res['path']} (backend='auto' uses it on {res['device']})")
+        elif dev.type != "cuda":
+            print("\n(CPU measurements are not written: the router only chooses between GPU kernels)")
+    return 0
+
+
 # ------------------------------------------------------------------------------------- parser
 def _common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--quiet", action="store_true", help="no progress output")
@@ -630,6 +663,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(fn=cmd_report)
     p = sub.add_parser("env", help="versions, extension and backend status")
     p.set_defaults(fn=cmd_env)
+    p = sub.add_parser("tune-kernels", help="measure the C++/CUDA and Triton kernels per op and size; "
+                                            "backend='auto' then uses the faster one")
+    p.add_argument("--device", default="cuda")
+    p.add_argument("--min-log2", type=int, default=10, help="smallest size, 2^N elements (default 10)")
+    p.add_argument("--max-log2", type=int, default=24, help="largest size, 2^N elements (default 24)")
+    p.add_argument("--step", type=int, default=2, help="log2 step between sizes (default 2)")
+    p.add_argument("--rounds", type=int, default=20)
+    p.add_argument("--out", help="table file (default: $AUTOQNN_KERNEL_CHOICE or ~/.cache/autoqnn/kernel_choice.json)")
+    p.add_argument("--no-write", action="store_true", help="only print the measurements")
+    _common(p)
+    p.set_defaults(fn=cmd_tune_kernels)
     return ap
 
 

@@ -45,8 +45,23 @@ def collect_env() -> dict:
         "default_backend": backends.default_backend(),
         "triton_kernels": sorted(backends.TRITON_OPS) or backends.TRITON_ERROR,
         "kernels": {op: {d: backends.kernel_for(op, d) for d in devices} for op in OPS},
+        "kernel_choice": _kernel_choice_status(cuda_ok),
         "threads": torch.get_num_threads(),
     }
+
+
+def _kernel_choice_status(cuda_ok: bool) -> dict:
+    from . import kernel_choice as kc  # noqa: PLC0415
+
+    st = {"path": str(kc.default_path()), "routed_ops": list(kc.ROUTER_INSTALLED)}
+    try:
+        devs = kc.load_table()["devices"]
+        st["devices"] = sorted(devs)
+        if cuda_ok:
+            st["this_gpu_measured"] = kc.device_key(torch.device("cuda")) in devs
+    except ValueError as e:
+        st["error"] = str(e)
+    return st
 
 
 def format_env(info: dict) -> str:
@@ -80,6 +95,15 @@ def format_env(info: dict) -> str:
         lines.append("  " + op.ljust(w) + "  " + "  ".join(per[d].ljust(10) for d in devs))
     if not info["cuda_available"]:
         lines.append("  (no GPU here: the cuda column says what a CUDA tensor would use)")
+    kc = info.get("kernel_choice") or {}
+    if kc.get("routed_ops"):
+        if kc.get("error"):
+            state = "unusable: " + kc["error"]
+        elif kc.get("this_gpu_measured"):
+            state = "measured for this GPU"
+        else:
+            state = "not measured for this GPU (run `autoqnn tune-kernels`; C++/CUDA where built)"
+        lines.append(f"  GPU ops {', '.join(kc['routed_ops'])}: per op and size from {kc['path']}, {state}")
     return "\n".join(lines)
 
 

@@ -116,9 +116,9 @@ def _torch_impl(x, weights, bits_t, ints, sids, per_channel, params):
 
 
 def _needs(backend, *ops):
-    """Ops an explicit backend must implement: scheme_params has no Triton kernel yet and runs
-    through the dispatcher (any device) with backend="triton"."""
-    return ops if backends.check_backend_name(backend) == "triton" else ("scheme_params",) + ops
+    """Ops an explicit backend must implement. scheme_params has no Triton and no CUDA kernel yet:
+    with backend="triton" or "cuda" it runs through the dispatcher (the reference on GPUs)."""
+    return ("scheme_params",) + ops if backends.check_backend_name(backend) == "cpp" else ops
 
 
 def quantize(
@@ -161,6 +161,8 @@ def quantize(
         params = torch.ops.autoqnn.scheme_params(x.detach(), bits_t.detach(), [info.id], per_channel)
     if mode == "triton":
         return torch.ops.autoqnn.quantize_triton(x, params, bits_t, info.id, per_channel)
+    if mode == "cuda":
+        return torch.ops.autoqnn.quantize_cuda(x, params, bits_t, info.id, per_channel)
     return torch.ops.autoqnn.quantize(x, params, bits_t, info.id, per_channel)
 
 
@@ -209,6 +211,8 @@ def quantize_mixture(
         params = torch.ops.autoqnn.scheme_params(x.detach(), bits_t.detach(), sids, per_channel)
     if mode == "triton":
         return torch.ops.autoqnn.mixture_triton(x, params, weights, bits_t, sids, per_channel)
+    if mode == "cuda":
+        return torch.ops.autoqnn.mixture_cuda(x, params, weights, bits_t, sids, per_channel)
     return torch.ops.autoqnn.mixture(x, params, weights, bits_t, sids, per_channel)
 
 

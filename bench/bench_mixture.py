@@ -5,7 +5,9 @@
 * ``eager``    - the pure-PyTorch reference (the naive K-quantizer loop a user writes today);
 * ``compiled`` - ``torch.compile`` of that reference (Inductor fuses it);
 * ``cpp``      - autoqnn's C++ CPU kernels (CPU only);
-* ``cuda`` / ``triton`` - autoqnn's GPU kernels (GPU only).
+* ``cuda`` / ``triton`` - autoqnn's GPU kernels (GPU only);
+* ``auto``     - the default backend on GPUs: per op and size the kernel ``autoqnn tune-kernels``
+  measured to be faster (C++/CUDA where built when no table exists).
 
 ``python -m pytest bench/bench_mixture.py -q`` prints pytest-benchmark's tables and, at the end,
 one ratio table (see bench/conftest.py). KERNELS.md's bar, on this project's 2-core machine:
@@ -27,7 +29,7 @@ SHAPES = {
     "act32x64x56x56": (32, 64, 56, 56),
 }
 CPU_PROVIDERS = ["eager", "compiled", "cpp"]
-GPU_PROVIDERS = ["eager", "compiled", "cuda", "triton"]
+GPU_PROVIDERS = ["eager", "compiled", "cuda", "triton", "auto"]
 CASES = [("cpu", p) for p in CPU_PROVIDERS] + [("cuda", p) for p in GPU_PROVIDERS]
 
 _COMPILED = {}
@@ -55,7 +57,7 @@ def _available(device, provider):
         pytest.skip("no CUDA GPU")
     if provider in ("cpp", "cuda", "triton"):
         try:
-            backends.resolve(provider, torch.device(device), ("scheme_params", "mixture", "mixture_backward"))
+            backends.resolve(provider, torch.device(device), AF._needs(provider, "mixture", "mixture_backward"))
         except autoqnn.BackendUnavailableError as e:
             pytest.skip(str(e))
 

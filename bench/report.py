@@ -9,6 +9,8 @@ w.r.t. x and the mixture weights) for every provider on the same inputs.
 
 Providers: ``eager`` (pure-PyTorch reference: the naive 8-quantizer loop), ``compiled``
 (``torch.compile`` of it), ``cpp`` (CPU) / ``cuda`` and ``triton`` (GPU) autoqnn kernels,
+``auto`` on GPUs (the default backend: per op and size the faster of the two, from the table
+``autoqnn tune-kernels`` measured; run that first, the header says which table was used),
 ``fake_quant`` (``torch.fake_quantize_per_tensor_affine`` fwd+bwd: ONE scheme with a given
 scale, a yardstick, not a competitor) and ``copy`` (read x + write y, read g + write gx: the
 bandwidth ceiling). GB/s counts 28 bytes per fp32 element for forward + backward with exact
@@ -112,13 +114,14 @@ def make_step(provider, x, theta, gy):
 
 def providers_for(device):
     out = ["eager", "compiled"]
-    ops = ("scheme_params", "mixture", "mixture_backward")
     for p in (["cpp"] if device == "cpu" else ["cuda", "triton"]):
         try:
-            backends.resolve(p, torch.device(device), ops)
+            backends.resolve(p, torch.device(device), AF._needs(p, "mixture", "mixture_backward"))
             out.append(p)
         except autoqnn.BackendUnavailableError as e:
             print(f"<!-- {p} unavailable: {e} -->", file=sys.stderr)
+    if device == "cuda":
+        out.append("auto")  # the router: per op and size, the kernel the choice table names
     return out + ["fake_quant", "copy"]
 
 
@@ -144,7 +147,14 @@ def main(argv=None):
     provs = providers_for(device)
     dev = torch.cuda.get_device_name(0) if device == "cuda" else f"CPU, {torch.get_num_threads()} threads"
     print(f"### QSS mixture step (8 candidates, 3 bits, fp32, fwd+bwd) on {dev}")
-    print(f"torch {torch.__version__}; autoqnn {autoqnn.__version__}\n")
+    print(f"torch {torch.__version__}; autoqnn {autoqnn.__version__}")
+    if device == "cuda":
+        from autoqnn import kernel_choice as kc
+
+        tab = kc._current_table()["devices"].get(kc.device_key(torch.device("cuda")))
+        print(f"auto: kernel choice table {kc.default_path()}" + ("" if tab else " (none for this GPU: "
+              "run `autoqnn tune-kernels` first; auto = C++/CUDA where built)"))
+    print()
     cols = ["shape", "elements", "provider", "ms", "vs eager", "vs compiled", "GB/s", "% of copy"]
     print("| " + " | ".join(cols) + " |")
     print("|" + "---|" * len(cols))

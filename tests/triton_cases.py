@@ -315,9 +315,59 @@ def test_main_op_cuda_kernel_path():
     e = OPS.mixture_backward_triton(gy, x, p, w, bits, WEIGHT_SIDS, True, True, True)
     for u, v in zip(g, e):
         assert torch.equal(u.nan_to_num(), v.nan_to_num())
-    if torch.cuda.is_available() and _triton.CUDA_REGISTERED:
-        assert set(_triton.CUDA_REGISTERED) <= set(_triton.TWIN_OPS)
+    if torch.cuda.is_available():
+        from autoqnn import kernel_choice as kc
+
+        assert set(kc.ROUTER_INSTALLED) == set(_triton.TWIN_OPS)  # Triton alone suffices for the router
         assert backends.kernel_for("mixture", "cuda") in ("triton", "cuda")
+
+
+def test_router_with_real_kernels(tmp_path, monkeypatch):
+    """The auto-choice router (autoqnn.kernel_choice) sends each op to the kernel its table names:
+    here on this device's tensors with a hand-written table, against the reference; and tune()
+    measures both implementations."""
+    from autoqnn import kernel_choice as kc
+
+    monkeypatch.setenv(kc.ENV_PATH, str(tmp_path / "choice.json"))
+    kc.reset()
+    key = kc.device_key(torch.device(DEVICE))
+    avail = kc.providers("mixture", DEVICE)
+    assert "triton" in avail
+    bwd = "cuda" if "cuda" in avail else "triton"
+    x = _x((3, 400), torch.float32, special=False)
+    gy = _x((3, 400), torch.float32, special=False, seed=4)
+    bits = _bits_for(WEIGHT_SIDS, 3)
+    w = torch.softmax(torch.randn(8), 0).to(DEVICE)
+    p = ref.scheme_params_ref(x, bits, WEIGHT_SIDS, True)
+    want_y = ref.mixture_ref(x, p, w, bits, WEIGHT_SIDS, True)
+    want_g = ref.mixture_backward_ref(gy, x, p, w, bits, WEIGHT_SIDS, True, True, True)
+    used = []
+    real = kc._impl
+
+    def spy(provider, op):
+        fn = real(provider, op)
+        return lambda *a: used.append((op, provider)) or fn(*a)
+
+    monkeypatch.setattr(kc, "_impl", spy)
+    # forward on Triton up to 2000 elements, backward on the C++/CUDA kernel where there is one
+    kc.save_table(key, {"ops": {
+        "mixture": [{"max_numel": 2000, "provider": "triton"}, {"max_numel": None, "provider": "cuda"}],
+        "mixture_backward": [{"max_numel": None, "provider": bwd}],
+    }})
+    y = kc._router("mixture")(x, p, w, bits, WEIGHT_SIDS, True)
+    g = kc._router("mixture_backward")(gy, x, p, w, bits, WEIGHT_SIDS, True, True, True)
+    assert used == [("mixture", "triton"), ("mixture_backward", bwd)]
+    torch.testing.assert_close(y, want_y, equal_nan=True, atol=1e-6, rtol=1e-6)
+    torch.testing.assert_close(g[0], want_g[0], equal_nan=True, atol=1e-6, rtol=1e-6)
+    torch.testing.assert_close(g[1].double(), want_g[1].double(), atol=1e-3, rtol=1e-4)
+    big = _x((3, 1000), torch.float32, special=False)  # 3000 elements: the table says cuda; without it, the default
+    pb = ref.scheme_params_ref(big, bits, WEIGHT_SIDS, True)
+    kc._router("mixture")(big, pb, w, bits, WEIGHT_SIDS, True)
+    assert used[-1] == ("mixture", "cuda" if "cuda" in avail else avail[0])
+    res = kc.tune(DEVICE, sizes=[256], rounds=1, warmup=1, ops=("quantize",), write=False)
+    (m,) = res["measurements"]
+    assert set(m["us"]) == set(avail) and m["provider"] in avail
+    kc.reset()
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64], ids=str)

@@ -5,7 +5,10 @@ pure-PyTorch ``default`` kernel and the autograd formula shared by every backend
 Kernels for specific devices are registered elsewhere by dispatch key and win over the
 ``default`` (CompositeExplicitAutograd) reference: the C++ CPU kernels and the CUDA kernels from
 ``autoqnn._C`` (``TORCH_LIBRARY_IMPL`` blocks in ``csrc/``), the Triton kernels from
-``autoqnn.ops._triton``. Schemas live in Python so the ops exist even without the extension.
+``autoqnn.ops._triton``. The four output-pass ops (:data:`GPU_TWIN_OPS`) have two GPU kernels:
+the C++ ones are registered as ``autoqnn::<op>_cuda`` (declared here with the same schema, fake
+and autograd), the Triton ones as ``autoqnn::<op>_triton``, and the main op's CUDA kernel is the
+router of :mod:`autoqnn.kernel_choice`. Schemas live in Python so the ops exist even without the extension.
 
 Ops (bits is a float tensor ``[K]``, the forward uses ``clip(round(bits), b_min, b_max)``):
 
@@ -53,6 +56,11 @@ SCHEMAS = {
 
 OPS = tuple(SCHEMAS)
 
+#: ops with two GPU implementations: ``autoqnn::<op>_cuda`` (the C++/CUDA kernel of
+#: ``csrc/cuda``) and ``autoqnn::<op>_triton`` (:mod:`autoqnn.ops._triton`). The main op's CUDA
+#: kernel routes each call to one of them (:mod:`autoqnn.kernel_choice`).
+GPU_TWIN_OPS = ("quantize", "quantize_backward", "mixture", "mixture_backward")
+
 
 def qualname(op: str) -> str:
     return f"{LIB_NAME}::{op}"
@@ -60,6 +68,8 @@ def qualname(op: str) -> str:
 
 for _name, _schema in SCHEMAS.items():
     _lib.define(_name + _schema)
+for _name in GPU_TWIN_OPS:  # the C++ CUDA kernels' own names (no default kernel: CUDA only)
+    _lib.define(f"{_name}_cuda" + SCHEMAS[_name])
 
 
 def _op(name: str):
@@ -195,6 +205,17 @@ def register_autograd_for(fwd: str, bwd: str, kind: str) -> None:
 
 register_autograd_for("quantize", "quantize_backward", kind="quantize")
 register_autograd_for("mixture", "mixture_backward", kind="mixture")
+
+_FAKE_KERNELS = {
+    "quantize": _quantize_fake,
+    "quantize_backward": _quantize_backward_fake,
+    "mixture": _mixture_fake,
+    "mixture_backward": _mixture_backward_fake,
+}
+for _name in GPU_TWIN_OPS:
+    torch.library.register_fake(qualname(f"{_name}_cuda"), _FAKE_KERNELS[_name], lib=_lib)
+register_autograd_for("quantize_cuda", "quantize_backward_cuda", kind="quantize")
+register_autograd_for("mixture_cuda", "mixture_backward_cuda", kind="mixture")
 
 
 def has_kernel(op: str, dispatch_key: str) -> bool:

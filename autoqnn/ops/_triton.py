@@ -14,9 +14,9 @@
    own fake kernels and are *not* decomposed under ``FunctionalTensorMode`` (AOTAutograd and
    Inductor see one opaque custom op, as for the main ops, instead of failing on a
    data-dependent read).
-2. When the extension registered no CUDA kernel for an op and triton imports, the launchers
-   become that main op's ``CUDA`` kernel, so ``backend="auto"`` uses Triton on GPUs. An existing
-   (C++) CUDA kernel is never overridden.
+2. ``backend="auto"`` on GPUs: the main ops' CUDA kernel is the router of
+   :mod:`autoqnn.kernel_choice`, which calls these launchers or the C++/CUDA kernels
+   (``autoqnn::<op>_cuda``), whichever the measured choice table says is faster.
 3. :data:`autoqnn.backends.TRITON_OPS` and :data:`~autoqnn.backends.TRITON_ERROR` are updated.
 
 ``scheme_params`` (and ``tensor_stats``) have no Triton kernel yet: with ``backend="triton"``
@@ -34,14 +34,12 @@ from .. import backends
 from . import _schema
 from . import reference as ref
 
-__all__ = ["TWIN_OPS", "AVAILABLE", "IMPORT_ERROR", "CUDA_REGISTERED", "twin_name"]
+__all__ = ["TWIN_OPS", "AVAILABLE", "IMPORT_ERROR", "twin_name"]
 
 #: ops with a Triton twin ``autoqnn::<op>_triton``
 TWIN_OPS = ("quantize", "quantize_backward", "mixture", "mixture_backward")
 #: why the Triton kernels could not be loaded or registered (None when they were)
 IMPORT_ERROR: str | None = None
-#: main ops whose CUDA kernel is the Triton launcher (registered here)
-CUDA_REGISTERED: list[str] = []
 #: the twin ops are registered
 AVAILABLE = False
 
@@ -187,12 +185,11 @@ def _eager(fn):
     return run
 
 
-_lib = None
 _TWINS: dict = {}
 
 
 def _register() -> None:
-    global AVAILABLE, IMPORT_ERROR, _lib, _TWINS
+    global AVAILABLE, IMPORT_ERROR, _TWINS
     if kernels is None:
         return
     if not (hasattr(torch.library, "triton_op") and hasattr(torch.library, "wrap_triton")):
@@ -205,16 +202,7 @@ def _register() -> None:
         return
     AVAILABLE = True
     backends.TRITON_OPS.update(TWIN_OPS)
-    # the launchers as the CUDA kernel of the main ops, where the extension brought none
-    _lib = torch.library.Library(_schema.LIB_NAME, "FRAGMENT")
-    for op in TWIN_OPS:
-        if _schema.has_kernel(op, "CUDA"):
-            continue  # a compiled CUDA kernel wins: never register over it
-        try:
-            torch.library.register_kernel(_schema.qualname(op), "cuda", _eager(_IMPLS[op]), lib=_lib)
-            CUDA_REGISTERED.append(op)
-        except Exception:  # pragma: no cover - GPUs keep the reference then
-            pass
+    # the main ops' CUDA kernel is the router of autoqnn.kernel_choice (installed by autoqnn)
 
 
 def _availability_error() -> str | None:

@@ -270,11 +270,14 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> mixture_backward_cuda(
 
 }  // namespace
 
+// Registered under the ops' "_cuda" names: the main ops' CUDA kernel is a router (Python,
+// autoqnn/kernel_choice.py) that sends each call to these kernels or to the Triton ones,
+// whichever the measured choice table says is faster for that op and size.
 TORCH_LIBRARY_IMPL(autoqnn, CUDA, m) {
-  m.impl("quantize", &quantize_cuda);
-  m.impl("quantize_backward", &quantize_backward_cuda);
-  m.impl("mixture", &mixture_cuda);
-  m.impl("mixture_backward", &mixture_backward_cuda);
+  m.impl("quantize_cuda", &quantize_cuda);
+  m.impl("quantize_backward_cuda", &quantize_backward_cuda);
+  m.impl("mixture_cuda", &mixture_cuda);
+  m.impl("mixture_backward_cuda", &mixture_backward_cuda);
 }
 
 }  // namespace autoqnn
