@@ -277,16 +277,79 @@ def summarize(records, out_md: Path, args, meta):
                          f"{s['a_zero_frac']:.2f} | {s['a_min']:.2f} | {s['a_maxabs_over_std']:.2f} |")
         lines += ["", "A Gaussian has kurtosis 3; ReLU→BN activations are shifted and skewed, the first layer's "
                   "input is the normalised image (many identical background values)."]
-    lines += ["", f"Total wall time: {meta.get('total_seconds', 0) / 60:.1f} min.", ""]
+    par = meta.get("parallel")
+    lines += ["", f"Total wall time: {meta.get('total_seconds', 0) / 60:.1f} min"
+              + (f" ({par} processes in parallel sharing the machine's {os.cpu_count()} cores; the per-run "
+                 "times above are under that sharing)." if par else "."), ""]
     tmp = out_md.with_name("." + out_md.name + ".tmp")
     tmp.write_text("\n".join(lines))
     os.replace(tmp, out_md)
 
 
+def _run_jobs(args, out: Path) -> list:
+    """Run the seeds in ``args.jobs`` child processes (round-robin), each with its share of the
+    CPU threads and its own output dir; returns the dirs to merge."""
+    import subprocess
+
+    groups = [args.seeds[i::args.jobs] for i in range(args.jobs) if args.seeds[i::args.jobs]]
+    threads = max(1, (os.cpu_count() or 1) // len(groups))
+    common = ["--train-limit", str(args.train_limit), "--test-limit", str(args.test_limit),
+              "--width", str(args.width), "--fc", str(args.fc), "--float-epochs", str(args.float_epochs),
+              "--epochs", str(args.epochs), "--batch-size", str(args.batch_size), "--lr", str(args.lr),
+              "--theta-lr", str(args.theta_lr), "--bits-lr", str(args.bits_lr)]
+    if args.max_steps is not None:
+        common += ["--max-steps", str(args.max_steps)]
+    if args.quick:
+        common.append("--quick")
+    if args.rows:
+        common += ["--rows", *args.rows]
+    env = dict(os.environ, OMP_NUM_THREADS=str(threads), MKL_NUM_THREADS=str(threads))
+    dirs, procs = [], []
+    for g in groups:
+        d = out / ("job-seeds-" + "-".join(map(str, g)))
+        dirs.append(d)
+        cmd = [sys.executable, str(Path(__file__).resolve()), *common, "--seeds", *map(str, g), "--out", str(d)]
+        print(f"[study] job: {' '.join(cmd[1:])} ({threads} threads)", flush=True)
+        procs.append(subprocess.Popen(cmd, env=env))
+    bad = [d for d, p in zip(dirs, procs) if p.wait() != 0]
+    if bad:
+        raise SystemExit(f"[study] jobs failed: {', '.join(map(str, bad))} (rerun: finished rows are kept)")
+    return dirs
+
+
+def _merge(dirs, out: Path, stem: str):
+    """Combine the records and float models of finished runs into ``out``; returns (seeds, wall
+    seconds = the longest run's sum of per-row times)."""
+    import shutil
+
+    recs, walls = [], []
+    for d in map(Path, dirs):
+        f = d / f"{stem}.jsonl"
+        if not f.exists():
+            raise SystemExit(f"[study] --merge: {f} does not exist")
+        rs = [json.loads(line) for line in f.read_text().splitlines() if line.strip()]
+        walls.append(sum(r["seconds"] for r in rs))
+        for r in rs:
+            if r["row"] == "float":
+                src = d / f"{stem}_float_seed{r['seed']}.pt"
+                if src.resolve() != (out / src.name).resolve():
+                    shutil.copyfile(src, out / src.name)
+        recs += rs
+    seen = set()
+    for r in recs:
+        if (r["row"], r["seed"]) in seen:
+            raise SystemExit(f"[study] --merge: row {r['row']!r} seed {r['seed']} appears twice")
+        seen.add((r["row"], r["seed"]))
+    tmp = out / f".{stem}.jsonl.tmp"
+    tmp.write_text("".join(json.dumps(r) + "\n" for r in recs))
+    os.replace(tmp, out / f"{stem}.jsonl")
+    return sorted({r["seed"] for r in recs}), max(walls, default=0.0)
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--quick", action="store_true", help="CI smoke run: tiny data, 1 seed, 1 epoch per row")
-    ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    ap.add_argument("--seeds", type=int, nargs="+", default=None, help="default 0 1 2 (--quick: 0)")
     ap.add_argument("--train-limit", type=int, default=30000, help="class-stratified training images (0: all 60000)")
     ap.add_argument("--test-limit", type=int, default=0, help="test images (0: all 10000)")
     ap.add_argument("--width", type=int, default=16)
@@ -300,15 +363,28 @@ def main(argv=None) -> int:
     ap.add_argument("--max-steps", type=int, default=None)
     ap.add_argument("--rows", nargs="*", help="only these rows (names as in the table)")
     ap.add_argument("--out", default=str(ROOT / "bench" / "results"))
+    ap.add_argument("--jobs", type=int, default=1,
+                    help="run the seeds in this many processes (threads split between them), then merge")
+    ap.add_argument("--merge", nargs="+", metavar="DIR",
+                    help="merge finished runs (their --out dirs, e.g. one per seed) into --out and summarise")
     args = ap.parse_args(argv)
+    if args.jobs < 1:
+        ap.error("--jobs must be >= 1")
+    if args.seeds is None:
+        args.seeds = [0] if args.quick else [0, 1, 2]
     if args.quick:
-        args.seeds, args.train_limit, args.test_limit = [0], 640, 200
+        args.train_limit, args.test_limit = 640, 200
         args.width, args.fc, args.float_epochs, args.epochs, args.batch_size = 8, 64, 1, 1, 64
         args.max_steps = args.max_steps or 4
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     stem = "study_fmnist_quick" if args.quick else "study_fmnist"
     jl = out / f"{stem}.jsonl"
+    merged_seconds = None
+    if args.jobs > 1 and not args.merge:
+        args.merge = _run_jobs(args, out)
+    if args.merge:
+        args.seeds, merged_seconds = _merge(args.merge, out, stem)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         train = load_fashion_mnist("train", limit=args.train_limit or None)
@@ -320,7 +396,7 @@ def main(argv=None) -> int:
                                                           if torch.cuda.is_available() else "")}
     done = set()
     records = []
-    if jl.exists() and not args.quick:  # resume an interrupted study
+    if jl.exists() and (args.merge or not args.quick):  # resume an interrupted study, or merged runs
         for line in jl.read_text().splitlines():
             r = json.loads(line)
             records.append(r)
@@ -363,7 +439,9 @@ def main(argv=None) -> int:
                   f"A {rec['act_bits']:.2f} ({rec['seconds']:.0f} s)", flush=True)
             meta["total_seconds"] = time.time() - t_start
             summarize(records, out / f"{stem}.md", args, meta)
-    meta["total_seconds"] = time.time() - t_start
+    meta["total_seconds"] = time.time() - t_start if merged_seconds is None else merged_seconds
+    if args.merge:
+        meta["parallel"] = len(args.merge)
     summarize(records, out / f"{stem}.md", args, meta)
     print(f"[study] results: {out / (stem + '.md')}")
     return 0

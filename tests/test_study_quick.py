@@ -33,3 +33,28 @@ def test_study_quick_runs_every_row(tmp_path):
     picks = {(p[0], p[1]): p[2] for p in by["QSS-F picks, fine-tuned from float"]["plan"]}
     assert picks == {(p[0], p[1]): p[2] for p in by["QSS-F (layer-wise)"]["plan"]}
     assert "## The paper's claims" in md and "(c) Schemes QSS-F picked" in md
+
+
+def test_study_jobs_run_seeds_in_parallel_and_merge(tmp_path):
+    """--jobs 2: one process per seed (1 thread each on this 2-core machine), merged into one
+    table; --merge of the same dirs again gives the same records; a duplicate is refused."""
+    cmd = [sys.executable, str(ROOT / "bench" / "study_fmnist.py"), "--quick", "--seeds", "0", "1", "--jobs", "2",
+           "--rows", "Z-3/3", "--out", str(tmp_path)]
+    r = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-3000:]
+    recs = [json.loads(line) for line in (tmp_path / "study_fmnist_quick.jsonl").read_text().splitlines()]
+    assert sorted((rec["row"], rec["seed"]) for rec in recs) == [("Z-3/3", 0), ("Z-3/3", 1), ("float", 0), ("float", 1)]
+    md = (tmp_path / "study_fmnist_quick.md").read_text()
+    assert "| Z-3/3 |" in md and "| 2 |" in md and "2 processes in parallel" in md
+    assert (tmp_path / "study_fmnist_quick_float_seed1.pt").exists()
+    jobs = sorted(str(p) for p in tmp_path.glob("job-seeds-*"))
+    assert len(jobs) == 2
+    out2 = tmp_path / "again"
+    r = subprocess.run([sys.executable, str(ROOT / "bench" / "study_fmnist.py"), "--quick", "--rows", "Z-3/3",
+                        "--merge", *jobs, "--out", str(out2)], capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stderr[-3000:]
+    again = [json.loads(line) for line in (out2 / "study_fmnist_quick.jsonl").read_text().splitlines()]
+    assert sorted(map(json.dumps, again)) == sorted(map(json.dumps, recs))
+    r = subprocess.run([sys.executable, str(ROOT / "bench" / "study_fmnist.py"), "--quick", "--merge", jobs[0],
+                        jobs[0], "--out", str(tmp_path / "dup")], capture_output=True, text=True, timeout=600)
+    assert r.returncode != 0 and "appears twice" in r.stderr
