@@ -25,6 +25,8 @@ BACKENDS = ("auto", "torch", "cpp", "cuda", "triton")
 
 #: ops for which a Triton implementation has been registered (filled by ``autoqnn.ops._triton``).
 TRITON_OPS: set[str] = set()
+#: ops whose CUDA kernel is a Triton launcher (statistics ops without a C++/CUDA kernel).
+TRITON_CUDA_KERNELS: set[str] = set()
 #: why Triton kernels are not available (None when they are).
 TRITON_ERROR: str | None = "no Triton kernels are registered yet (see the fused-kernels issue)"
 
@@ -65,7 +67,9 @@ def kernel_for(op: str, device_type: str, numel: int = 1 << 20) -> str:
                 p = kernel_choice.lookup(entry, op, numel)
                 return p if p in avail else avail[0]
             return avail[0]
-        return "cuda" if _ext.HAS_CUDA_KERNELS and _schema.has_kernel(op, "CUDA") else "reference"
+        if _ext.HAS_CUDA_KERNELS and _schema.has_kernel(op, "CUDA") and op not in TRITON_CUDA_KERNELS:
+            return "cuda"
+        return "triton" if op in TRITON_CUDA_KERNELS else "reference"
     return "reference"
 
 

@@ -356,7 +356,7 @@ def _weight_params(xin: torch.Tensor, sid: int, b: int, per_channel: bool, backe
         C = ref.num_channels(xin, per_channel)
         x2 = xin.detach().to(cd).reshape(C, xin.numel() // C)
         return ref.params_rows(x2, [b], [sid])[0]
-    return AF.scheme_params(xin, [sid], [b], per_channel=per_channel)[0]
+    return AF.scheme_params(xin, [sid], [b], per_channel=per_channel, backend=backend)[0]
 
 
 def pack_weight(w: torch.Tensor, scheme: str, bits: Optional[int] = None, *, per_channel: bool = False,

@@ -116,9 +116,14 @@ def _torch_impl(x, weights, bits_t, ints, sids, per_channel, params):
 
 
 def _needs(backend, *ops):
-    """Ops an explicit backend must implement. scheme_params has no Triton and no CUDA kernel yet:
-    with backend="triton" or "cuda" it runs through the dispatcher (the reference on GPUs)."""
-    return ("scheme_params",) + ops if backends.check_backend_name(backend) == "cpp" else ops
+    """Ops an explicit backend must implement. scheme_params has no C++/CUDA kernel: with
+    backend="cuda" it runs through the dispatcher (Triton's statistics where Triton is
+    installed, else the reference)."""
+    return ("scheme_params",) + ops if backends.check_backend_name(backend) in ("cpp", "triton") else ops
+
+
+def _params_op(mode):
+    return torch.ops.autoqnn.scheme_params_triton if mode == "triton" else torch.ops.autoqnn.scheme_params
 
 
 def quantize(
@@ -158,7 +163,7 @@ def quantize(
     if mode == "torch":
         return _torch_impl(x, None, bits_t, ints, [info.id], per_channel, params)
     if params is None:
-        params = torch.ops.autoqnn.scheme_params(x.detach(), bits_t.detach(), [info.id], per_channel)
+        params = _params_op(mode)(x.detach(), bits_t.detach(), [info.id], per_channel)
     if mode == "triton":
         return torch.ops.autoqnn.quantize_triton(x, params, bits_t, info.id, per_channel)
     if mode == "cuda":
@@ -208,7 +213,7 @@ def quantize_mixture(
     if mode == "torch":
         return _torch_impl(x, weights, bits_t, ints, sids, per_channel, params)
     if params is None:
-        params = torch.ops.autoqnn.scheme_params(x.detach(), bits_t.detach(), sids, per_channel)
+        params = _params_op(mode)(x.detach(), bits_t.detach(), sids, per_channel)
     if mode == "triton":
         return torch.ops.autoqnn.mixture_triton(x, params, weights, bits_t, sids, per_channel)
     if mode == "cuda":
@@ -217,14 +222,20 @@ def quantize_mixture(
 
 
 def scheme_params(
-    x: torch.Tensor, schemes: Sequence[str], bits: BitsArg = None, *, per_channel: bool = False
+    x: torch.Tensor, schemes: Sequence[str], bits: BitsArg = None, *, per_channel: bool = False,
+    backend: Optional[str] = None,
 ) -> torch.Tensor:
-    """Every candidate's scales ``[K, C, NUM_PARAMS]`` (see :mod:`autoqnn.ops.reference`)."""
+    """Every candidate's scales ``[K, C, NUM_PARAMS]`` (see :mod:`autoqnn.ops.reference`).
+    ``backend="triton"`` computes them with the Triton statistics passes; every other backend
+    uses the ``autoqnn::scheme_params`` op (C++ on CPU, Triton or the reference on GPUs)."""
     check_input(x)
     _check_per_channel(x, per_channel)
     infos = [scheme_info(s) for s in schemes]
     bits_t, _ = _bits_tensor(bits, infos)
-    return torch.ops.autoqnn.scheme_params(x.detach(), bits_t.detach(), [i.id for i in infos], per_channel)
+    mode = "triton" if backends.check_backend_name(backend) == "triton" else "ops"
+    if mode == "triton":
+        backends.resolve("triton", x.device, ["scheme_params"])
+    return _params_op(mode)(x.detach(), bits_t.detach(), [i.id for i in infos], per_channel)
 
 
 def tensor_stats(x: torch.Tensor, per_channel: bool = False) -> torch.Tensor:

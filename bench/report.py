@@ -6,6 +6,7 @@ w.r.t. x and the mixture weights) for every provider on the same inputs.
     python bench/report.py --device cuda       # GPU: 2^12..2^26 + ResNet-18 weights and
                                                # activations at batch 128, GB/s vs copy
     python bench/report.py --max-log2 24 --resnet18-acts --rounds 5
+    python bench/report.py --device cuda --stats   # + scheme_params alone (Triton statistics)
 
 Providers: ``eager`` (pure-PyTorch reference: the naive 8-quantizer loop), ``compiled``
 (``torch.compile`` of it), ``cpp`` (CPU) / ``cuda`` and ``triton`` (GPU) autoqnn kernels,
@@ -112,6 +113,56 @@ def make_step(provider, x, theta, gy):
     return step
 
 
+def make_stats_step(provider, x):
+    """scheme_params of the 8 weight candidates at 3 bits (per tensor): every statistic the
+    mixture needs (pass 1 + the dependent passes)."""
+    from autoqnn.ops import reference as ref
+    from autoqnn.schemes import resolve_bits, scheme_info
+
+    sids = [scheme_info(s).id for s in autoqnn.WEIGHT_CANDIDATES]
+    ints = resolve_bits(sids, 3)
+    bits = torch.tensor(ints, dtype=torch.float32, device=x.device)
+    if provider == "read":  # one read of x: the floor of any statistics pass
+        return lambda: x.sum()
+    if provider == "eager":
+        return lambda: ref.scheme_params_ref(x, bits, sids, False)
+    if provider == "compiled":
+        f = _COMPILED.setdefault("stats", torch.compile(ref.params_rows))
+        return lambda: f(x.reshape(1, -1), ints, sids)
+    if provider == "triton":
+        return lambda: torch.ops.autoqnn.scheme_params_triton(x, bits, sids, False)
+    return lambda: torch.ops.autoqnn.scheme_params(x, bits, sids, False)  # "op": the dispatcher's kernel
+
+
+def stats_table(device, shapes, rounds):
+    provs = ["eager", "compiled", "op"]
+    if device == "cuda" and "scheme_params" in backends.TRITON_OPS:
+        provs.append("triton")
+    provs.append("read")
+    op_kernel = backends.kernel_for("scheme_params", device)
+    print(f"\n### Statistics: scheme_params of the 8 weight candidates at 3 bits, per tensor "
+          f"(`op` = the dispatcher's kernel here: {op_kernel}; `read` = x.sum(), one read)\n")
+    cols = ["shape", "elements", "provider", "ms", "vs eager", "vs compiled", "passes of x (time / read)"]
+    print("| " + " | ".join(cols) + " |")
+    print("|" + "---|" * len(cols))
+    g = torch.Generator().manual_seed(1)
+    for name, shape in shapes.items():
+        n = math.prod(shape)
+        x = torch.randn(shape, generator=g).to(device)
+        res = {}
+        for p in provs:
+            try:
+                res[p] = time_fn(make_stats_step(p, x), device, rounds)
+            except Exception as e:  # noqa: BLE001
+                print(f"<!-- {p} failed on {name}: {type(e).__name__}: {e} -->", file=sys.stderr)
+        for p, t in res.items():
+            e = f"{res['eager'] / t:.2f}x" if "eager" in res else "-"
+            c = f"{res['compiled'] / t:.2f}x" if "compiled" in res else "-"
+            r = f"{t / res['read']:.1f}" if "read" in res else "-"
+            print(f"| {name} | {n} | {p} | {t * 1e3:.3f} | {e} | {c} | {r} |")
+        sys.stdout.flush()
+
+
 def providers_for(device):
     out = ["eager", "compiled"]
     for p in (["cpp"] if device == "cpu" else ["cuda", "triton"]):
@@ -134,6 +185,8 @@ def main(argv=None):
     ap.add_argument("--resnet18-acts", action="store_true", help="also ResNet-18 activations at batch 128")
     ap.add_argument("--no-resnet18", action="store_true")
     ap.add_argument("--rounds", type=int, default=5)
+    ap.add_argument("--stats", action="store_true", help="also the statistics table (scheme_params alone)")
+    ap.add_argument("--stats-only", action="store_true", help="only the statistics table")
     args = ap.parse_args(argv)
     device = args.device
     if device == "cuda" and not torch.cuda.is_available():
@@ -144,6 +197,9 @@ def main(argv=None):
         shapes.update(RESNET18_WEIGHTS)
     if args.resnet18_acts or (device == "cuda" and not args.no_resnet18):
         shapes.update(RESNET18_ACTS_B128)
+    if args.stats_only:
+        stats_table(device, shapes, args.rounds)
+        return
     provs = providers_for(device)
     dev = torch.cuda.get_device_name(0) if device == "cuda" else f"CPU, {torch.get_num_threads()} threads"
     print(f"### QSS mixture step (8 candidates, 3 bits, fp32, fwd+bwd) on {dev}")
@@ -180,6 +236,8 @@ def main(argv=None):
             pct = f"{100 * gbs / copy_bw:.0f}%" if copy_bw and device == "cuda" else "-"
             print(f"| {name} | {n} | {p} | {t * 1e3:.3f} | {e} | {c} | {gbs:.1f} | {pct} |")
         sys.stdout.flush()
+    if args.stats:
+        stats_table(device, shapes, args.rounds)
 
 
 if __name__ == "__main__":

@@ -373,18 +373,22 @@ def test_router_with_real_kernels(tmp_path, monkeypatch):
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64], ids=str)
 @pytest.mark.parametrize("per_channel", [False, True], ids=["tensor", "channel"])
 def test_functional_end_to_end(per_channel, dtype):
-    """AF.quantize_mixture / AF.quantize with backend='triton' against backend='auto' (same
-    scheme_params op, so the same statistics), values and the gradients of x, weights, bits."""
+    """AF.quantize_mixture / AF.quantize with backend='triton' against backend='auto' given the
+    same statistics (the Triton ones: the C++ ones differ by ulps, which moves every ResQ level by
+    an ulp), values and the gradients of x, weights, bits."""
     x0 = _x((6, 5, 7), dtype)
     gy = _x((6, 5, 7), dtype, special=False, seed=9)
     for cands in (WEIGHT_CANDIDATES, ACTIVATION_CANDIDATES):
         K = len(cands)
         res = []
+        P = AF.scheme_params(x0, cands, 3, per_channel=per_channel, backend="triton")
+        torch.testing.assert_close(P, AF.scheme_params(x0, cands, 3, per_channel=per_channel), rtol=2e-5, atol=1e-7)
         for backend in ("triton", "auto"):
             x = x0.clone().requires_grad_()
             w = torch.softmax(torch.arange(K, dtype=torch.float32), 0).to(DEVICE).requires_grad_()
             b = torch.tensor(3.4, device=DEVICE, requires_grad=True)
-            y = AF.quantize_mixture(x, w, cands, b, per_channel=per_channel, backend=backend)
+            y = AF.quantize_mixture(x, w, cands, b, per_channel=per_channel, backend=backend,
+                                    params=None if backend == "triton" else P)
             y.backward(gy)
             res.append((y.detach(), x.grad, w.grad, b.grad))
         (y1, gx1, gw1, gb1), (y2, gx2, gw2, gb2) = res
@@ -394,10 +398,12 @@ def test_functional_end_to_end(per_channel, dtype):
         torch.testing.assert_close(gb1, gb2, rtol=1e-4, atol=1e-4)
     for scheme in ("clip", "pot", "residual"):
         res = []
+        P = AF.scheme_params(x0, [scheme], 3, per_channel=per_channel, backend="triton")
         for backend in ("triton", "auto"):
             x = x0.clone().requires_grad_()
             b = torch.tensor(2.6, device=DEVICE, requires_grad=True)
-            y = AF.quantize(x, scheme, b, per_channel=per_channel, backend=backend)
+            y = AF.quantize(x, scheme, b, per_channel=per_channel, backend=backend,
+                            params=None if backend == "triton" else P)
             y.backward(gy)
             res.append((y.detach(), x.grad, b.grad))
         _assert_levels(res[0][0], res[1][0], f"AF quantize {scheme}")
@@ -409,3 +415,77 @@ def test_tie_tally():
     # runs last in this file: the rounding-tie differences seen by every comparison above
     print(f"\nrounding-tie differences: {TIES['elements']} of {TIES['compared']} compared elements")
     assert TIES["elements"] <= max(2, MAX_TIE_FRAC * max(TIES["compared"], 1))
+
+
+# ----------------------------------------------------------------------------- statistics passes
+STATS_SHAPES = [s for s in SHAPES] + [((2, 0), True, False), ((4, 300), False, False)]
+STATS_IDS = SHAPE_IDS + ["2x0-ch", "4x300"]
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("shape,per_channel,transposed", STATS_SHAPES, ids=STATS_IDS)
+def test_statistics_match_reference(shape, per_channel, transposed, dtype):
+    """tensor_stats / scheme_params on Triton against the reference: every scheme, ResQ at 2, 3
+    and 8 bits (up to 9 chained passes), NaN/±Inf excluded, empty rows and 0-d inputs."""
+    x = _x(shape, dtype, transposed=transposed)
+    t = OPS.tensor_stats_triton(x, per_channel)
+    tr = ref.tensor_stats_ref(x, per_channel)
+    assert t.dtype == tr.dtype and t.shape == tr.shape and t.device == x.device
+    torch.testing.assert_close(t, tr, rtol=2e-5, atol=1e-6)
+    for b in (2, 3, 8):
+        bits = _bits_for(SIDS, b).to(DEVICE)
+        p = OPS.scheme_params_triton(x, bits, SIDS, per_channel)
+        pr = ref.scheme_params_ref(x, bits, SIDS, per_channel)
+        assert p.dtype == pr.dtype and p.shape == pr.shape
+        torch.testing.assert_close(p, pr, rtol=2e-5, atol=1e-7, msg=lambda m: f"bits {b}: {m}")
+    # a subset of candidates runs only the passes it needs, with the same values
+    sub = [scheme_info("zoom").id, scheme_info("residual").id]
+    bits = torch.tensor([3.0, 4.0], device=DEVICE)
+    torch.testing.assert_close(OPS.scheme_params_triton(x, bits, sub, per_channel),
+                               ref.scheme_params_ref(x, bits, sub, per_channel), rtol=2e-5, atol=1e-7)
+
+
+def test_statistics_edge_values_and_errors():
+    for x in (torch.zeros(300), torch.full((300,), 2.5), torch.full((300,), float("nan")),
+              torch.tensor([1e30, -1e30, 3.0] * 50)):
+        x = x.to(DEVICE)
+        bits = _bits_for(SIDS, 3).to(DEVICE)
+        torch.testing.assert_close(OPS.scheme_params_triton(x, bits, SIDS, False),
+                                   ref.scheme_params_ref(x, bits, SIDS, False), rtol=2e-5, atol=1e-7)
+    with pytest.raises(TypeError, match="floating-point"):
+        OPS.scheme_params_triton(torch.arange(10, device=DEVICE), _bits_for(SIDS, 3).to(DEVICE), SIDS, False)
+    with pytest.raises(TypeError, match="floating-point"):
+        OPS.tensor_stats_triton(torch.arange(10, device=DEVICE), False)
+    x = _x((40,), torch.float32)
+    clip = [scheme_info("clip").id]
+    # learned bits are clipped into the scheme's range (SPEC 4.1); NaN bits are an error
+    assert torch.equal(OPS.scheme_params_triton(x, torch.tensor([9.4], device=DEVICE), clip, False),
+                       OPS.scheme_params_triton(x, torch.tensor([8.0], device=DEVICE), clip, False))
+    with pytest.raises((ValueError, RuntimeError)):
+        OPS.scheme_params_triton(x, torch.tensor([float("nan")], device=DEVICE), clip, False)
+
+
+def test_statistics_deterministic_and_opcheck():
+    x = _x((3, 5000), torch.float32)
+    bits = _bits_for(SIDS, 3).to(DEVICE)
+    a = OPS.scheme_params_triton(x, bits, SIDS, True)
+    assert torch.equal(a, OPS.scheme_params_triton(x, bits, SIDS, True))
+    xs = _x((4, 30), torch.float32)
+    torch.library.opcheck(OPS.scheme_params_triton.default, (xs, bits, SIDS, True))
+    torch.library.opcheck(OPS.tensor_stats_triton.default, (xs, False))
+
+
+def test_functional_triton_backend_uses_triton_statistics(monkeypatch):
+    """backend="triton" computes the scales with the Triton statistics (no reference call)."""
+    calls = []
+    real = _triton._IMPLS["scheme_params"]
+    x = _x((6, 50), torch.float32, special=False)
+    w = torch.softmax(torch.randn(8), 0).to(DEVICE)
+    y_auto = AF.quantize_mixture(x, w, WEIGHT_CANDIDATES, 3, per_channel=True, backend="torch")
+    monkeypatch.setattr(ref, "scheme_params_ref", lambda *a: calls.append("ref") or (_ for _ in ()).throw(
+        AssertionError("reference statistics used")))
+    y = AF.quantize_mixture(x, w, WEIGHT_CANDIDATES, 3, per_channel=True, backend="triton")
+    assert not calls
+    # statistics agree to rounding (ulps), which moves levels by ulps: values close, not equal
+    torch.testing.assert_close(y, y_auto, rtol=1e-5, atol=1e-6)
+    assert real is _triton._IMPLS["scheme_params"]

@@ -215,7 +215,7 @@ class Quantizer(QuantizerBase):
         if self.kind == "activation":
             b_int = [self.int_bits()]
             if self.training:
-                params = AF.scheme_params(xin.detach(), [self._scheme], b_int)
+                params = AF.scheme_params(xin.detach(), [self._scheme], b_int, backend=self.backend)
                 params = _sync_params(params, self._sids, b_int)
                 self._update_ema(params, b_int)
             else:
@@ -401,7 +401,7 @@ class SchemeMixture(QuantizerBase):
         params = None
         if self.kind == "activation":
             if self.training:
-                params = AF.scheme_params(xin.detach(), self.schemes, self._bits)
+                params = AF.scheme_params(xin.detach(), self.schemes, self._bits, backend=self.backend)
                 params = _sync_params(params, self._sids, self._bits)
                 self._update_ema(params, self._bits)
             else:

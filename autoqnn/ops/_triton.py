@@ -19,8 +19,9 @@
    (``autoqnn::<op>_cuda``), whichever the measured choice table says is faster.
 3. :data:`autoqnn.backends.TRITON_OPS` and :data:`~autoqnn.backends.TRITON_ERROR` are updated.
 
-``scheme_params`` (and ``tensor_stats``) have no Triton kernel yet: with ``backend="triton"``
-they run through the dispatcher (C++/CUDA kernel or the reference, any device).
+``tensor_stats`` and ``scheme_params`` have Triton twins too (``triton_kernels/stats.py``: one
+pass of all pass-1 reductions, then the dependent passes), without autograd (statistics carry no
+gradient). ``scheme_params`` has no C++/CUDA kernel, so its Triton launcher is its CUDA kernel.
 
 Nothing here may break ``import autoqnn``: every failure only sets ``TRITON_ERROR``.
 """
@@ -31,13 +32,17 @@ import functools
 import torch
 
 from .. import backends
+from ..schemes import CLIPQ_LAMBDA, NUM_PARAMS, POTQ_LAMBDA, QUATERNARY_LAMBDA, TERNARY_DELTA, scheme_info
 from . import _schema
 from . import reference as ref
 
 __all__ = ["TWIN_OPS", "AVAILABLE", "IMPORT_ERROR", "twin_name"]
 
 #: ops with a Triton twin ``autoqnn::<op>_triton``
-TWIN_OPS = ("quantize", "quantize_backward", "mixture", "mixture_backward")
+TWIN_OPS = ("tensor_stats", "scheme_params", "quantize", "quantize_backward", "mixture", "mixture_backward")
+#: the statistics ops (no autograd): their Triton launcher is the main op's CUDA kernel where the
+#: extension brought none (scheme_params has no C++/CUDA kernel)
+STATS_OPS = ("tensor_stats", "scheme_params")
 #: why the Triton kernels could not be loaded or registered (None when they were)
 IMPORT_ERROR: str | None = None
 #: the twin ops are registered
@@ -53,6 +58,7 @@ except Exception as e:  # pragma: no cover - broken installation
 else:
     try:
         from ..triton_kernels import mixture as kernels
+        from ..triton_kernels import stats as stats_kernels
     except Exception as e:  # pragma: no cover - broken installation
         IMPORT_ERROR = f"autoqnn.triton_kernels cannot be imported ({type(e).__name__}: {e})"
         kernels = None
@@ -73,6 +79,105 @@ def _check_device(x: torch.Tensor) -> None:
 
 # ----------------------------------------------------------------------------- implementations
 # The reference kernels' argument checks and output dtypes/shapes.
+def _check_float(x):
+    if x.dtype not in (torch.float32, torch.float16, torch.bfloat16, torch.float64):
+        raise TypeError(f"autoqnn: x has dtype {x.dtype}; the statistics need a floating-point tensor")
+
+
+def _tensor_stats_impl(x, per_channel):
+    _check_device(x)
+    _check_float(x)
+    cd = ref.compute_dtype(x.dtype)
+    return stats_kernels.row_stats(x, per_channel).to(cd)
+
+
+def _scheme_params_impl(x, bits, schemes, per_channel):
+    """Every candidate's scales from the Triton passes, chained like the C++ kernel
+    (``csrc/cpu/quantize.cpp::fill_params``): pass 1, then pass 2 = σ + Ternary + ResQ α_2,
+    pass 3 = Quaternary + α_3, pass q ≥ 4 = α_q. Per-row values are rounded to the compute
+    dtype where the reference computes them in it."""
+    _check_device(x)
+    _check_float(x)
+    schemes = [int(s) for s in schemes]
+    b_int = ref.int_bits(bits, schemes)
+    cd = ref.compute_dtype(x.dtype)
+    C = ref.num_channels(x, per_channel)
+    out = torch.zeros(len(schemes), C, NUM_PARAMS, dtype=cd, device=x.device)
+    if C == 0:
+        return out
+    names = [scheme_info(s).name for s in schemes]
+    need_sigma = any(n in ("quaternary", "clip", "pot") for n in names)
+    need_ter = "ternary" in names
+    need_quat = "quaternary" in names
+    res_bits = max([b for n, b in zip(names, b_int) if n == "residual"], default=0)
+    st = stats_kernels.row_stats(x, per_channel)  # [C, 7] float64
+    n = st[:, 0]
+    pos = n > 0
+
+    def per_n(v):  # Σ/n in float64, 0 without finite elements, then the compute dtype
+        return torch.where(pos, v / torch.where(pos, n, 1.0), 0.0).to(cd)
+
+    mean, mean_abs = per_n(st[:, 2]), per_n(st[:, 1])
+    delta = TERNARY_DELTA * mean_abs
+    sigma = torch.zeros(C, dtype=cd, device=x.device)
+    s_quat = torch.zeros(C, dtype=cd, device=x.device)
+    rp = torch.zeros(C, stats_kernels.ROW_SLOTS, dtype=cd, device=x.device)
+    rp[:, 0], rp[:, 1], rp[:, 3] = mean, delta, mean_abs
+    alphas = [mean_abs]
+    p2 = p3 = None
+    last = max(3 if need_quat else 2, res_bits + 1)
+    for q in range(2, last + 1):
+        res = res_bits + 1 >= q
+        if q == 2 and not (need_sigma or need_ter or res):
+            continue
+        if q >= 3 and not res and not (q == 3 and need_quat):
+            continue
+        r = stats_kernels.dependent_sums(x, per_channel, rp, var=q == 2, ter=q == 2 and need_ter,
+                                         quat=q == 3 and need_quat, res_steps=q - 1 if res else 0)
+        if q == 2:
+            p2 = r
+            var = torch.where(n > 1, r[:, 0] / torch.clamp(n - 1, min=1), 0.0)
+            sigma = var.sqrt().to(cd)
+            s_quat = QUATERNARY_LAMBDA * sigma
+            rp[:, 2] = s_quat
+        if q == 3:
+            p3 = r
+        if res:
+            a = per_n(r[:, 5])
+            alphas.append(a)
+            rp[:, 2 + q] = a
+    for k, (name, b) in enumerate(zip(names, b_int)):
+        p = out[k]
+        if name == "binary":
+            p[:, 0] = mean_abs
+        elif name == "ternary":
+            cnt = p2[:, 2]
+            p[:, 0] = delta
+            p[:, 1] = torch.where(cnt > 0, p2[:, 1] / torch.where(cnt > 0, cnt, 1.0), 0.0).to(cd)
+        elif name == "quaternary":
+            vv = p3[:, 4]
+            p[:, 0] = s_quat
+            p[:, 1] = torch.where(vv > 0, p3[:, 3] / torch.where(vv > 0, vv, 1.0), 0.0).to(cd)
+        elif name == "fixed":
+            ma = st[:, 6].to(cd)
+            _, e = torch.frexp(ma)
+            step = torch.ldexp(torch.ones_like(ma), (e + 1 - b).to(ma.dtype))
+            p[:, 0] = torch.where(ma > 0, step, 0)
+            p[:, 1] = ma
+        elif name == "residual":
+            for i in range(b + 1):
+                p[:, i] = alphas[i]
+        elif name == "zoom":
+            mn, mx = st[:, 4].to(cd), st[:, 5].to(cd)
+            p[:, 0] = mn
+            p[:, 1] = (mx - mn) / (2.0 ** b)
+        elif name == "clip":
+            p[:, 0] = CLIPQ_LAMBDA[b] * sigma
+        elif name == "pot":
+            p[:, 0] = POTQ_LAMBDA[b] * sigma
+    return out
+
+
 def _quantize_impl(x, params, bits, scheme, per_channel):
     _check_device(x)
     ref._check_params(x, params, 1, per_channel)
@@ -118,12 +223,16 @@ def _mixture_backward_impl(
 
 
 _IMPLS = {
+    "tensor_stats": _tensor_stats_impl,
+    "scheme_params": _scheme_params_impl,
     "quantize": _quantize_impl,
     "quantize_backward": _quantize_backward_impl,
     "mixture": _mixture_impl,
     "mixture_backward": _mixture_backward_impl,
 }
 _FAKES = {
+    "tensor_stats": _schema._tensor_stats_fake,
+    "scheme_params": _schema._scheme_params_fake,
     "quantize": _schema._quantize_fake,
     "quantize_backward": _schema._quantize_backward_fake,
     "mixture": _schema._mixture_fake,
@@ -186,6 +295,9 @@ def _eager(fn):
 
 
 _TWINS: dict = {}
+_lib = None
+#: statistics ops whose CUDA kernel is the Triton launcher (registered here)
+CUDA_REGISTERED: list[str] = []
 
 
 def _register() -> None:
@@ -202,7 +314,19 @@ def _register() -> None:
         return
     AVAILABLE = True
     backends.TRITON_OPS.update(TWIN_OPS)
-    # the main ops' CUDA kernel is the router of autoqnn.kernel_choice (installed by autoqnn)
+    # the output-pass ops' CUDA kernel is the router of autoqnn.kernel_choice (installed by
+    # autoqnn); the statistics ops get the Triton launcher where the extension has no CUDA kernel
+    global _lib
+    _lib = torch.library.Library(_schema.LIB_NAME, "FRAGMENT")
+    for op in STATS_OPS:
+        if _schema.has_kernel(op, "CUDA"):
+            continue  # a compiled CUDA kernel (tensor_stats) is never overridden
+        try:
+            torch.library.register_kernel(_schema.qualname(op), "cuda", _eager(_IMPLS[op]), lib=_lib)
+            CUDA_REGISTERED.append(op)
+            backends.TRITON_CUDA_KERNELS.add(op)
+        except Exception:  # pragma: no cover - GPUs keep the reference then
+            pass
 
 
 def _availability_error() -> str | None:
