@@ -67,6 +67,7 @@ def main(argv=None):
     ap.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     ap.add_argument("--rounds", type=int, default=20)
     ap.add_argument("--backend", default="auto")
+    ap.add_argument("--models", nargs="+", choices=list(MODELS), default=list(MODELS))
     args = ap.parse_args(argv)
     dev = args.device
     if dev == "cuda" and not torch.cuda.is_available():
@@ -78,7 +79,8 @@ def main(argv=None):
     print("| weights | tensors | elements | loop ms | concat ms | concat-no-cat ms | loop / concat-no-cat |")
     print("|---|---:|---:|---:|---:|---:|---:|")
     g = torch.Generator().manual_seed(0)
-    for mname, shapes in MODELS.items():
+    for mname in args.models:
+        shapes = MODELS[mname]
         ws = [(torch.randn(s, generator=g) * 0.05).to(dev).requires_grad_() for s in shapes]
         theta = torch.zeros(len(cands), device=dev, requires_grad=True)
         gys = [torch.randn(s, generator=g).to(dev) for s in shapes]

@@ -134,8 +134,8 @@ def make_stats_step(provider, x):
     return lambda: torch.ops.autoqnn.scheme_params(x, bits, sids, False)  # "op": the dispatcher's kernel
 
 
-def stats_table(device, shapes, rounds):
-    provs = ["eager", "compiled", "op"]
+def stats_table(device, shapes, rounds, compile_=True):
+    provs = ["eager", "compiled", "op"] if compile_ else ["eager", "op"]
     if device == "cuda" and "scheme_params" in backends.TRITON_OPS:
         provs.append("triton")
     provs.append("read")
@@ -186,6 +186,7 @@ def main(argv=None):
     ap.add_argument("--no-resnet18", action="store_true")
     ap.add_argument("--rounds", type=int, default=5)
     ap.add_argument("--stats", action="store_true", help="also the statistics table (scheme_params alone)")
+    ap.add_argument("--no-compile", action="store_true", help="skip the torch.compile provider (smoke runs)")
     ap.add_argument("--stats-only", action="store_true", help="only the statistics table")
     args = ap.parse_args(argv)
     device = args.device
@@ -198,9 +199,9 @@ def main(argv=None):
     if args.resnet18_acts or (device == "cuda" and not args.no_resnet18):
         shapes.update(RESNET18_ACTS_B128)
     if args.stats_only:
-        stats_table(device, shapes, args.rounds)
+        stats_table(device, shapes, args.rounds, compile_=not args.no_compile)
         return
-    provs = providers_for(device)
+    provs = [p for p in providers_for(device) if not (args.no_compile and p == "compiled")]
     dev = torch.cuda.get_device_name(0) if device == "cuda" else f"CPU, {torch.get_num_threads()} threads"
     print(f"### QSS mixture step (8 candidates, 3 bits, fp32, fwd+bwd) on {dev}")
     print(f"torch {torch.__version__}; autoqnn {autoqnn.__version__}")
@@ -237,7 +238,7 @@ def main(argv=None):
             print(f"| {name} | {n} | {p} | {t * 1e3:.3f} | {e} | {c} | {gbs:.1f} | {pct} |")
         sys.stdout.flush()
     if args.stats:
-        stats_table(device, shapes, args.rounds)
+        stats_table(device, shapes, args.rounds, compile_=not args.no_compile)
 
 
 if __name__ == "__main__":

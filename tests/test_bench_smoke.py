@@ -1,0 +1,32 @@
+# SPDX-License-Identifier: MIT
+"""The benchmark scripts run and print their tables (tiny sizes; no timing is asserted)."""
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _run(*args):
+    r = subprocess.run([sys.executable, *args], cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-3000:]
+    return r.stdout
+
+
+def test_report_mixture_and_statistics_tables():
+    out = _run("bench/report.py", "--min-log2", "8", "--max-log2", "9", "--no-resnet18", "--rounds", "1",
+               "--no-compile", "--stats")
+    rows = [line for line in out.splitlines() if line.startswith("| 2^")]
+    # mixture table: eager, cpp (when built), fake_quant, copy per size; statistics: eager, op, read
+    for size in ("2^8", "2^9"):
+        for prov in ("eager", "fake_quant", "copy", "op", "read"):
+            assert any(line.startswith(f"| {size} |") and f"| {prov} |" in line for line in rows), (size, prov, out)
+    assert "### Statistics" in out and "x |" in out
+
+
+def test_batched_upper_bound_table():
+    out = _run("bench/bench_batched.py", "--models", "vgglike-w16", "--rounds", "1")
+    (row,) = [line for line in out.splitlines() if line.startswith("| vgglike-w16 |")]
+    cells = [c.strip() for c in row.strip("|").split("|")]
+    assert cells[1] == "7" and int(cells[2]) > 0 and cells[-1].endswith("x")
+    assert all(float(c) > 0 for c in cells[3:6])
