@@ -166,6 +166,7 @@ def run_row(name, kw, float_model, seed, train, test, args):
                          seed=seed, theta_lr=args.theta_lr, bits_lr=args.bits_lr,
                          max_steps_per_epoch=args.max_steps, **kw)
     cfg.quant.seed = seed
+    cfg.quant.tau0, cfg.quant.gamma = args.tau0, args.gamma
     torch.manual_seed(seed)
     t0 = time.time()
     with warnings.catch_warnings():
@@ -200,7 +201,8 @@ def summarize(records, out_md: Path, args, meta):
              f"classifier FC(10) float; recipe: float {args.float_epochs} epochs (Adam lr {args.lr}, cosine), "
              f"then every quantized row {args.epochs} epochs from the same float model (Adam lr {args.lr * 0.5}, "
              f"cosine per phase; θ Adam lr {args.theta_lr}, bits Adam lr {args.bits_lr}); QSS rows spend "
-             f"{max(args.epochs // 2, 1)} of them searching (τ annealed per step from 5), QPL rows learning bits; "
+             f"{max(args.epochs // 2, 1)} of them searching (τ annealed per step from {args.tau0:g}, γ {args.gamma:g}), "
+             f"QPL rows learning bits; "
              f"batch {args.batch_size}; seeds {args.seeds}. Machine: {meta['machine']}.", "",
              "| row | test acc % (mean ± std) | seeds | W bits | A bits | paper (CIFAR-10) | wall s / run |",
              "|---|---|---:|---:|---:|---:|---:|"]
@@ -296,7 +298,8 @@ def _run_jobs(args, out: Path) -> list:
     common = ["--train-limit", str(args.train_limit), "--test-limit", str(args.test_limit),
               "--width", str(args.width), "--fc", str(args.fc), "--float-epochs", str(args.float_epochs),
               "--epochs", str(args.epochs), "--batch-size", str(args.batch_size), "--lr", str(args.lr),
-              "--theta-lr", str(args.theta_lr), "--bits-lr", str(args.bits_lr)]
+              "--theta-lr", str(args.theta_lr), "--bits-lr", str(args.bits_lr), "--tau0", str(args.tau0),
+              "--gamma", str(args.gamma)]
     if args.max_steps is not None:
         common += ["--max-steps", str(args.max_steps)]
     if args.quick:
@@ -360,6 +363,8 @@ def main(argv=None) -> int:
     ap.add_argument("--lr", type=float, default=2e-3)
     ap.add_argument("--theta-lr", type=float, default=0.05)
     ap.add_argument("--bits-lr", type=float, default=0.05)
+    ap.add_argument("--tau0", type=float, default=5.0, help="initial Gumbel-softmax temperature of the QSS rows")
+    ap.add_argument("--gamma", type=float, default=1.0, help="τ(e) = τ0·(1 − e/E)^γ")
     ap.add_argument("--max-steps", type=int, default=None)
     ap.add_argument("--rows", nargs="*", help="only these rows (names as in the table)")
     ap.add_argument("--out", default=str(ROOT / "bench" / "results"))
