@@ -244,11 +244,20 @@ def summarize(records, out_md: Path, args, meta):
     # schemes chosen per layer (QSS-F, all seeds)
     pk = mean_acc(PICKS_ROW)
     if pk is not None and qf is not None and best[0] is not None:
+        def sd(n):
+            a = [r["acc"] * 100 for r in by.get(n, [])]
+            return statistics.stdev(a) if len(a) > 1 else 0.0
+
+        noise = max(sd(PICKS_ROW), sd(best[1]))
+        if pk > best[0] + noise:
+            verdict = "the picks beat the best single scheme"
+        elif pk >= best[0] - noise:
+            verdict = (f"the picks are level with the best single scheme (difference {pk - best[0]:+.2f}, within one "
+                       f"std {noise:.2f}); what QSS-F loses comes from training under the mixture")
+        else:
+            verdict = "the picks themselves are worse than the best single scheme"
         lines.append(f"  The schemes QSS-F picked, fine-tuned from the float model for the baselines' "
-                     f"{args.epochs} epochs: {pk:.2f} (vs QSS-F {qf:.2f}, best single scheme {best[0]:.2f}): "
-                     + ("the picks are as good as the best single scheme; the loss comes from training under "
-                        "the mixture" if pk >= best[0] else "the picks themselves are worse than the best single "
-                        "scheme"))
+                     f"{args.epochs} epochs: {pk:.2f} (vs QSS-F {qf:.2f}, best single scheme {best[0]:.2f}): " + verdict)
     qrs = by.get("QSS-F (layer-wise)", [])
     if qrs:
         lines += ["", "## (c) Schemes QSS-F picked per layer (each seed), next to the paper's choice", "",
