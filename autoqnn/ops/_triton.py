@@ -32,7 +32,7 @@ import functools
 import torch
 
 from .. import backends
-from ..schemes import CLIPQ_LAMBDA, NUM_PARAMS, POTQ_LAMBDA, QUATERNARY_LAMBDA, TERNARY_DELTA, scheme_info
+from ..schemes import NUM_PARAMS, QUATERNARY_LAMBDA, TERNARY_DELTA, scheme_info
 from . import _schema
 from . import reference as ref
 
@@ -146,11 +146,12 @@ def _scheme_params_impl(x, bits, schemes, per_channel):
             a = per_n(r[:, 5])
             alphas.append(a)
             rp[:, 2 + q] = a
+    ma, mn, mx = st[:, 6].to(cd), st[:, 4].to(cd), st[:, 5].to(cd)
     for k, (name, b) in enumerate(zip(names, b_int)):
         p = out[k]
-        if name == "binary":
-            p[:, 0] = mean_abs
-        elif name == "ternary":
+        if ref.fill_pass1_params(p, name, b, mean_abs=mean_abs, max_abs=ma, mn=mn, mx=mx, sigma=sigma):
+            continue
+        if name == "ternary":
             cnt = p2[:, 2]
             p[:, 0] = delta
             p[:, 1] = torch.where(cnt > 0, p2[:, 1] / torch.where(cnt > 0, cnt, 1.0), 0.0).to(cd)
@@ -158,23 +159,9 @@ def _scheme_params_impl(x, bits, schemes, per_channel):
             vv = p3[:, 4]
             p[:, 0] = s_quat
             p[:, 1] = torch.where(vv > 0, p3[:, 3] / torch.where(vv > 0, vv, 1.0), 0.0).to(cd)
-        elif name == "fixed":
-            ma = st[:, 6].to(cd)
-            _, e = torch.frexp(ma)
-            step = torch.ldexp(torch.ones_like(ma), (e + 1 - b).to(ma.dtype))
-            p[:, 0] = torch.where(ma > 0, step, 0)
-            p[:, 1] = ma
         elif name == "residual":
             for i in range(b + 1):
                 p[:, i] = alphas[i]
-        elif name == "zoom":
-            mn, mx = st[:, 4].to(cd), st[:, 5].to(cd)
-            p[:, 0] = mn
-            p[:, 1] = (mx - mn) / (2.0 ** b)
-        elif name == "clip":
-            p[:, 0] = CLIPQ_LAMBDA[b] * sigma
-        elif name == "pot":
-            p[:, 0] = POTQ_LAMBDA[b] * sigma
     return out
 
 

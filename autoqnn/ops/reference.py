@@ -147,9 +147,9 @@ def params_rows(x2: torch.Tensor, b_int: Sequence[int], schemes: Sequence[int]) 
     for k, (sid, b) in enumerate(zip(schemes, b_int)):
         name = scheme_info(sid).name
         p = out[k]
-        if name == "binary":
-            p[:, 0] = mean_abs
-        elif name == "ternary":
+        if fill_pass1_params(p, name, b, mean_abs=mean_abs, max_abs=ma, mn=mn, mx=mx, sigma=sigma):
+            continue
+        if name == "ternary":
             delta = TERNARY_DELTA * mean_abs
             sel = fin & (ax > delta[:, None])
             p[:, 0] = delta
@@ -160,27 +160,38 @@ def params_rows(x2: torch.Tensor, b_int: Sequence[int], schemes: Sequence[int]) 
             v = torch.where(fin, v, 0)
             p[:, 0] = s
             p[:, 1] = _safe_div((xf * v).sum(1), (v * v).sum(1))
-        elif name == "fixed":
-            _, e = torch.frexp(ma)  # ma = f·2^e, f in [0.5, 1): floor(log2 ma) = e − 1
-            step = torch.ldexp(torch.ones_like(ma), (e + 1 - b).to(ma.dtype))
-            p[:, 0] = torch.where(ma > 0, step, 0)
-            p[:, 1] = ma  # not used by the output pass: lets an EMA of params re-derive the step
         elif name == "residual":
             a = ax
             for i in range(b + 1):
                 alpha = _safe_div(a.sum(1), n)
                 p[:, i] = alpha
                 a = torch.where(fin, (a - alpha[:, None]).abs(), 0)
-        elif name == "zoom":
-            p[:, 0] = mn
-            p[:, 1] = (mx - mn) / (2.0 ** b)
-        elif name == "clip":
-            p[:, 0] = CLIPQ_LAMBDA[b] * sigma
-        elif name == "pot":
-            p[:, 0] = POTQ_LAMBDA[b] * sigma
         else:  # pragma: no cover - schemes are validated upstream
             raise AssertionError(name)
     return out
+
+
+def fill_pass1_params(p, name, b, *, mean_abs, max_abs, mn, mx, sigma) -> bool:
+    """Fill ``p`` ([C, NUM_PARAMS]) for the schemes whose scales follow from pass-1 statistics
+    and σ alone (binary, fixed, zoom, clip, pot); False for the others (ternary, quaternary,
+    residual need dependent passes). Shared by the reference and the Triton statistics."""
+    if name == "binary":
+        p[:, 0] = mean_abs
+    elif name == "fixed":
+        _, e = torch.frexp(max_abs)  # max_abs = f·2^e, f in [0.5, 1): floor(log2 max_abs) = e − 1
+        step = torch.ldexp(torch.ones_like(max_abs), (e + 1 - b).to(max_abs.dtype))
+        p[:, 0] = torch.where(max_abs > 0, step, 0)
+        p[:, 1] = max_abs  # not used by the output pass: lets an EMA of params re-derive the step
+    elif name == "zoom":
+        p[:, 0] = mn
+        p[:, 1] = (mx - mn) / (2.0 ** b)
+    elif name == "clip":
+        p[:, 0] = CLIPQ_LAMBDA[b] * sigma
+    elif name == "pot":
+        p[:, 0] = POTQ_LAMBDA[b] * sigma
+    else:
+        return False
+    return True
 
 
 # ----------------------------------------------------------------------------- output pass
