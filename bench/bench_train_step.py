@@ -109,17 +109,24 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     ap.add_argument("--rounds", type=int, default=5)
+    ap.add_argument("--providers", default=",".join(PROVIDERS),
+                    help=f"comma-separated subset of {','.join(PROVIDERS)} (float is always measured)")
     args = ap.parse_args(argv)
-    res = {}
-    for p in PROVIDERS:
-        res[p] = time_step(make_step(p, args.device), args.device, args.rounds)
+    provs = [p.strip() for p in args.providers.split(",") if p.strip()]
+    bad = sorted(set(provs) - set(PROVIDERS))
+    if bad:
+        ap.error(f"unknown provider(s) {bad}; choose from {PROVIDERS}")
+    provs = ["float"] + [p for p in provs if p != "float"]
     model, shape, _ = make_model(args.device)
     print(f"\n{type(model).__name__} batch {list(shape)} on {args.device} "
           f"(torch {torch.__version__}, {torch.get_num_threads()} threads, autoqnn {autoqnn.__version__})\n")
     print("| step | median ms | vs float |")
-    print("|---|---:|---:|")
-    for p, t in res.items():
-        print(f"| {p} | {t * 1e3:.1f} | {t / res['float']:.2f}x |")
+    print("|---|---:|---:|", flush=True)
+    base = None
+    for p in provs:  # one row at a time: a run cut short still reports what it measured
+        t = time_step(make_step(p, args.device), args.device, args.rounds)
+        base = t if base is None else base
+        print(f"| {p} | {t * 1e3:.1f} | {t / base:.2f}x |", flush=True)
     return 0
 
 

@@ -28,6 +28,7 @@ Nothing here may break ``import autoqnn``: every failure only sets ``TRITON_ERRO
 from __future__ import annotations
 
 import functools
+import re
 
 import torch
 
@@ -248,13 +249,52 @@ def _opaque_under_functionalization(mode, func, types, args, kwargs):
     return mode.__torch_dispatch__(func, types, args, kwargs)
 
 
+_SCHEMA_TYPES = {"Tensor": torch.Tensor, "bool": bool, "int": int, "float": float, "int[]": list[int]}
+
+
+def with_schema_signature(fn, schema: str):
+    """``fn`` given the typed signature that ``schema`` spells ("(Tensor x, int[] s) -> Tensor").
+
+    ``triton_op`` infers its schema from the function's annotations in every torch from 2.6 (its
+    ``schema=`` argument is ignored by some releases and missing from others), and the impls here
+    are unannotated because their arguments are the schema's: the signature is written from the
+    one schema string of ``_schema.SCHEMAS``, so the twin's schema cannot drift from the main op's."""
+    import inspect  # noqa: PLC0415
+
+    m = re.fullmatch(r"\((.*)\) -> (.*)", schema.strip())
+    if m is None:
+        raise ValueError(f"autoqnn: cannot parse the op schema {schema!r}")
+    params = []
+    for arg in m.group(1).split(","):
+        typ, name = arg.strip().rsplit(" ", 1)
+        params.append(inspect.Parameter(name, inspect.Parameter.POSITIONAL_OR_KEYWORD, annotation=_SCHEMA_TYPES[typ]))
+    ret = m.group(2).strip()
+    if ret.startswith("("):
+        ret_t = tuple[tuple(_SCHEMA_TYPES[t.strip()] for t in ret[1:-1].split(","))]
+    else:
+        ret_t = _SCHEMA_TYPES[ret]
+    sig = inspect.Signature(params, return_annotation=ret_t)
+    have = [p.name for p in inspect.signature(fn).parameters.values()]
+    if have != [p.name for p in params]:
+        raise ValueError(f"autoqnn: {fn.__name__}{tuple(have)} does not take the arguments of {schema!r}")
+
+    @functools.wraps(fn)
+    def typed(*args, **kwargs):
+        return fn(*args, **kwargs)
+
+    typed.__signature__ = sig
+    typed.__annotations__ = {**{p.name: p.annotation for p in params}, "return": ret_t}
+    return typed
+
+
 def _define_twins() -> dict:
     from torch._subclasses.functional_tensor import FunctionalTensorMode  # noqa: PLC0415
 
     defs = {}
     for op in TWIN_OPS:
         name = _schema.qualname(twin_name(op))
-        d = torch.library.triton_op(name, mutates_args=(), schema=_schema.SCHEMAS[op])(_IMPLS[op])
+        impl = with_schema_signature(_IMPLS[op], _schema.SCHEMAS[op])
+        d = torch.library.triton_op(name, mutates_args=())(impl)
         d.register_fake(_FAKES[op])  # replaces triton_op's default (the body itself)
         d.register_torch_dispatch(FunctionalTensorMode, _opaque_under_functionalization)
         if op in _AUTOGRAD:
