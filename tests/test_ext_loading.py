@@ -173,6 +173,9 @@ def test_built_extension_is_loaded_and_registered():
     # the C++ CUDA kernel, or Triton's launcher where the build has no CUDA kernels
     assert has("autoqnn::tensor_stats", "CUDA") == (_ext.HAS_CUDA_KERNELS or "tensor_stats" in _triton.CUDA_REGISTERED)
     assert ("tensor_stats" in _triton.CUDA_REGISTERED) == (not _ext.HAS_CUDA_KERNELS and _triton.AVAILABLE)
+    # scheme_params: the C++/CUDA kernel where built, else the Triton launcher
+    assert has("autoqnn::scheme_params", "CUDA") == (_ext.HAS_CUDA_KERNELS or "scheme_params" in _triton.CUDA_REGISTERED)
+    assert ("scheme_params" in _triton.CUDA_REGISTERED) == (not _ext.HAS_CUDA_KERNELS and _triton.AVAILABLE)
     st = _ext.ext_status()
     assert st["HAS_EXT"] and st["version_checked"] and st["module_path"].endswith(".so")
 

@@ -318,7 +318,7 @@ def test_main_op_cuda_kernel_path():
     if torch.cuda.is_available():
         from autoqnn import kernel_choice as kc
 
-        assert set(kc.ROUTER_INSTALLED) == set(_triton.TWIN_OPS)  # Triton alone suffices for the router
+        assert set(kc.ROUTER_INSTALLED) == set(kc.ROUTED_OPS)  # Triton alone suffices for the router
         assert backends.kernel_for("mixture", "cuda") in ("triton", "cuda")
 
 

@@ -8,6 +8,14 @@
 //   2. one block per row merges that row's partials the same way and writes the output row.
 // No atomics, so the result is bitwise reproducible for a given shape (it may differ from the CPU
 // kernel in the last bits: the summation order differs).
+//
+// autoqnn::scheme_params(x, bits, schemes, per_channel) -> [K, C, kNumParams] on CUDA: the same
+// chain as csrc/cpu/quantize.cpp::fill_params, entirely on the device (no host synchronisation,
+// a handful of launches from C++): pass 1 = the statistics above, whose finalize kernel also
+// writes each row's mean, mean|x| and Ternary threshold; then each dependent pass (pass 2 = sigma
+// (two-pass, as torch.std) + Ternary's masked mean + ResQ alpha_2; pass 3 = Quaternary + alpha_3;
+// pass q >= 4 = alpha_q) as block partials + a finalize kernel that writes the values the next
+// pass compares against; last, one thread per row writes every candidate's scales.
 #include <ATen/ATen.h>
 #include <c10/cuda/CUDAException.h>
 #include <c10/cuda/CUDAGuard.h>
@@ -15,10 +23,15 @@
                                   // (that one also pulls in cuBLAS/cuSPARSE/cuSOLVER headers)
 #include <torch/library.h>
 
+#include <algorithm>
+#include <cmath>
 #include <limits>
+#include <type_traits>
+#include <vector>
 
 #include "autoqnn/checks.h"
 #include "autoqnn/dispatch.h"
+#include "autoqnn/scheme_math.h"
 #include "autoqnn/tensor_stats.h"
 
 namespace autoqnn {
@@ -28,9 +41,11 @@ using stats::Acc;
 
 constexpr int kThreads = 256;  // threads per block of both stages (power of two)
 
-// Tree reduction of one Acc per thread; every thread of the block must call it.
-__device__ Acc block_reduce(Acc acc) {
-  __shared__ Acc sh[kThreads];
+// Tree reduction of one accumulator per thread (Acc or Dep: anything with merge); every thread of
+// the block must call it. Fixed shape: deterministic.
+template <typename A>
+__device__ A block_reduce(A acc) {
+  __shared__ A sh[kThreads];
   const int t = threadIdx.x;
   sh[t] = acc;
   __syncthreads();
@@ -70,6 +85,252 @@ __global__ void __launch_bounds__(kThreads)
   }
   acc = block_reduce(acc);
   if (threadIdx.x == 0) acc.store(out + c * stats::kCols);
+}
+
+
+// ----------------------------------------------------------------------------- scheme_params
+// Per-row values the dependent passes compare against, in the compute type T (rounded where the
+// reference rounds them): [C, kRowSlots] with slot 0 mean, 1 Ternary delta, 2 Quaternary step,
+// 3 sigma, 3 + i ResQ alpha_i (i = 1 .. kMaxBits + 1; alpha_1 = mean|x|).
+constexpr int kRowSlots = 16;
+constexpr int kMaxResSteps = 8;  // ResQ at 8 bits needs alpha_1 .. alpha_9: passes up to res 8
+static_assert(3 + kMaxBits[kResidual] + 1 < kRowSlots, "row slots");
+
+// Sums of one dependent pass (csrc/cpu/quantize.cpp::DepPass): 0 sum (x - mean)^2, 1-2 Ternary
+// sum|x| and count over |x| > delta, 3-4 Quaternary <x, v> and <v, v>, 5 ResQ sum |r_{res+1}|.
+struct Dep {
+  double v[6];
+  C10_HOST_DEVICE static Dep zero() { return {{0.0, 0.0, 0.0, 0.0, 0.0, 0.0}}; }
+  C10_HOST_DEVICE void merge(const Dep& o) {
+    for (int i = 0; i < 6; ++i) v[i] += o.v[i];
+  }
+};
+
+struct Cands {
+  int32_t K;
+  int32_t sid[kNumSchemes];
+  int32_t bits[kNumSchemes];
+  double lam[kNumSchemes];  // ClipQ / PotQ step over sigma at these bits (host constants)
+};
+
+// Pass 1 finalize: block c merges row c's partials into acc1[c] (min/max 0 without finite
+// elements, as tensor_stats) and writes the row values the dependent passes need.
+template <typename T>
+__global__ void __launch_bounds__(kThreads)
+    params_pass1_finalize_kernel(const Acc* __restrict__ part, int64_t chunks_per_row,
+                                 Acc* __restrict__ acc1 /* [C] */, T* __restrict__ rp /* [C, kRowSlots] */) {
+  const int64_t c = blockIdx.x;
+  Acc acc = Acc::identity();
+  for (int64_t j = threadIdx.x; j < chunks_per_row; j += kThreads) acc.merge(part[c * chunks_per_row + j]);
+  acc = block_reduce(acc);
+  if (threadIdx.x != 0) return;
+  if (!(acc.n > 0.0)) acc.mn = acc.mx = acc.ma = 0.0;
+  acc1[c] = acc;
+  const double n = acc.n;
+  const T mean = static_cast<T>(n > 0.0 ? acc.sx / n : 0.0);
+  const T mean_abs = static_cast<T>(n > 0.0 ? acc.s1 / n : 0.0);
+  T* r = rp + c * kRowSlots;
+  r[0] = mean;
+  r[1] = static_cast<T>(kTernaryDelta) * mean_abs;
+  r[4] = mean_abs;  // alpha_1
+}
+
+// One dependent pass: block b sums chunk b % chunks_per_row of row b / chunks_per_row.
+template <typename scalar_t, typename T>
+__global__ void __launch_bounds__(kThreads)
+    params_dep_partial_kernel(const scalar_t* __restrict__ x /* [C, N] */, int64_t N, int64_t chunks_per_row,
+                              const T* __restrict__ rp, bool var, bool ter, bool quat, int res,
+                              Dep* __restrict__ part) {
+  const int64_t b = blockIdx.x;
+  const int64_t c = b / chunks_per_row;
+  const int64_t begin = (b % chunks_per_row) * stats::kChunk;
+  const int64_t len = N - begin < stats::kChunk ? N - begin : stats::kChunk;
+  const scalar_t* row = x + c * N + begin;
+  const T* r = rp + c * kRowSlots;
+  const T mean = r[0], delta = r[1], s = r[2];
+  Dep d = Dep::zero();
+  for (int64_t i = threadIdx.x; i < len; i += kThreads) {
+    const T v = static_cast<T>(row[i]);
+    const bool fin = (v - v) == T(0);
+    const T a = fin ? (v < T(0) ? -v : v) : T(0);
+    if (var) {
+      const double dv = fin ? static_cast<double>(v - mean) : 0.0;
+      d.v[0] += dv * dv;
+    }
+    if (ter) {
+      const bool sel = a > delta;
+      d.v[1] += sel ? static_cast<double>(a) : 0.0;
+      d.v[2] += sel ? 1.0 : 0.0;
+    }
+    if (quat) {
+      const T xx = fin ? v : T(0);
+      const T q = detail::round_clamped(detail::safe_div(xx, s), T(-2), T(1));
+      d.v[3] += static_cast<double>(xx * q);
+      d.v[4] += static_cast<double>(q * q);
+    }
+    if (res > 0) {
+      T aa = a;
+      for (int j = 0; j < res; ++j) {
+        const T t = aa - r[4 + j];
+        aa = t < T(0) ? -t : t;
+      }
+      d.v[5] += fin ? static_cast<double>(aa) : 0.0;
+    }
+  }
+  d = block_reduce(d);
+  if (threadIdx.x == 0) part[b] = d;
+}
+
+// Dependent pass q finalize: block c merges row c's partials into out[c] and writes what later
+// passes need (q == 2: sigma and the Quaternary step; res > 0: alpha_{res+1}).
+template <typename T>
+__global__ void __launch_bounds__(kThreads)
+    params_dep_finalize_kernel(const Dep* __restrict__ part, int64_t chunks_per_row, const Acc* __restrict__ acc1,
+                               int q, int res, T* __restrict__ rp, Dep* __restrict__ out /* [C] */) {
+  const int64_t c = blockIdx.x;
+  Dep d = Dep::zero();
+  for (int64_t j = threadIdx.x; j < chunks_per_row; j += kThreads) d.merge(part[c * chunks_per_row + j]);
+  d = block_reduce(d);
+  if (threadIdx.x != 0) return;
+  out[c] = d;
+  const double n = acc1[c].n;
+  T* r = rp + c * kRowSlots;
+  if (q == 2) {
+    const T sigma = static_cast<T>(n > 1.0 ? sqrt(d.v[0] / (n - 1.0)) : 0.0);
+    r[3] = sigma;
+    r[2] = static_cast<T>(kQuaternaryLambda) * sigma;
+  }
+  if (res > 0) r[4 + res] = static_cast<T>(n > 0.0 ? d.v[5] / n : 0.0);
+}
+
+// Every candidate's scales, one thread per row (csrc/cpu/quantize.cpp::fill_params, last loop).
+template <typename T>
+__global__ void params_write_kernel(const Acc* __restrict__ acc1, const T* __restrict__ rp,
+                                    const Dep* __restrict__ p2, const Dep* __restrict__ p3, Cands cs,
+                                    int64_t C, T* __restrict__ out /* [K, C, kNumParams] */) {
+  const int64_t c = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x;
+  if (c >= C) return;
+  const Acc st = acc1[c];
+  const T* r = rp + c * kRowSlots;
+  const T mean_abs = r[4], delta = r[1], s_quat = r[2], sigma = r[3];
+  for (int k = 0; k < cs.K; ++k) {
+    T* p = out + (k * C + c) * kNumParams;
+    const int b = cs.bits[k];
+    switch (cs.sid[k]) {
+      case kBinary: p[0] = mean_abs; break;
+      case kTernary: {
+        const double cnt = p2[c].v[2];
+        p[0] = delta;
+        p[1] = static_cast<T>(cnt > 0.0 ? p2[c].v[1] / cnt : 0.0);
+        break;
+      }
+      case kQuaternary: {
+        const double vv = p3[c].v[4];
+        p[0] = s_quat;
+        p[1] = static_cast<T>(vv > 0.0 ? p3[c].v[3] / vv : 0.0);
+        break;
+      }
+      case kFixed: {
+        const T ma = static_cast<T>(st.ma);
+        int e = 0;
+        frexp(static_cast<double>(ma), &e);
+        p[0] = ma > T(0) ? static_cast<T>(ldexp(1.0, e + 1 - b)) : T(0);
+        p[1] = ma;
+        break;
+      }
+      case kResidual:
+        for (int i = 0; i <= b; ++i) p[i] = r[4 + i];
+        break;
+      case kZoom: {
+        const T mn = static_cast<T>(st.mn), mx = static_cast<T>(st.mx);
+        p[0] = mn;
+        p[1] = (mx - mn) / static_cast<T>(ldexp(1.0, b));
+        break;
+      }
+      case kClip:
+      case kPot: p[0] = static_cast<T>(cs.lam[k]) * sigma; break;
+      default: break;
+    }
+  }
+}
+
+// Forward integer bits (SPEC 4.1), validated like the CPU kernel; bits are [K] and tiny.
+Cands params_cands(const at::Tensor& bits, at::IntArrayRef schemes) {
+  TORCH_CHECK_VALUE(schemes.size() <= static_cast<size_t>(kNumSchemes), "autoqnn::scheme_params: at most ",
+                    kNumSchemes, " schemes per call, got ", schemes.size());
+  TORCH_CHECK_VALUE(bits.numel() == static_cast<int64_t>(schemes.size()), "autoqnn: bits has ", bits.numel(),
+                    " entries for ", schemes.size(), " schemes");
+  const at::Tensor b = bits.detach().to(at::kCPU, at::kDouble).contiguous();
+  const double* bp = b.const_data_ptr<double>();
+  Cands cs{};
+  cs.K = static_cast<int32_t>(schemes.size());
+  for (int k = 0; k < cs.K; ++k) {
+    const int64_t s = schemes[k];
+    TORCH_CHECK_VALUE(s >= 0 && s < kNumSchemes, "autoqnn: unknown scheme id ", s);
+    TORCH_CHECK_VALUE(std::isfinite(bp[k]), "autoqnn: learned bits for scheme '", scheme_name(s),
+                      "' must be finite, got ", bp[k]);
+    const double rb = std::min<double>(std::max<double>(std::nearbyint(bp[k]), kMinBits[s]), kMaxBits[s]);
+    cs.sid[k] = static_cast<int32_t>(s);
+    cs.bits[k] = static_cast<int32_t>(rb);
+    cs.lam[k] = s == kClip ? kClipLambda[cs.bits[k]] : (s == kPot ? kPotLambda[cs.bits[k]] : 0.0);
+  }
+  return cs;
+}
+
+template <typename scalar_t, typename T>
+void launch_scheme_params(const at::Tensor& xc, int64_t C, int64_t N, const Cands& cs, at::Tensor& out,
+                          cudaStream_t stream) {
+  bool need_sigma = false, need_ter = false, need_quat = false;
+  int res_bits = 0;
+  for (int k = 0; k < cs.K; ++k) {
+    const int s = cs.sid[k];
+    need_sigma |= s == kQuaternary || s == kClip || s == kPot;
+    need_ter |= s == kTernary;
+    need_quat |= s == kQuaternary;
+    if (s == kResidual) res_bits = std::max(res_bits, static_cast<int>(cs.bits[k]));
+  }
+  const int64_t chunks = (N + stats::kChunk - 1) / stats::kChunk;
+  const int64_t blocks = C * chunks;
+  TORCH_CHECK(blocks <= std::numeric_limits<int32_t>::max() && C <= std::numeric_limits<int32_t>::max(),
+              "autoqnn::scheme_params: tensor too large for the CUDA kernel");
+  const auto bytes = xc.options().dtype(at::kByte);
+  // scratch: partials (reused by every pass), per-row pass-1 accumulators, dependent sums
+  at::Tensor scratch = at::empty({static_cast<int64_t>(blocks * std::max(sizeof(Acc), sizeof(Dep)) +
+                                                       C * (sizeof(Acc) + 3 * sizeof(Dep)))},
+                                 bytes);
+  uint8_t* base = scratch.mutable_data_ptr<uint8_t>();
+  void* part = base;
+  Acc* acc1 = reinterpret_cast<Acc*>(base + blocks * std::max(sizeof(Acc), sizeof(Dep)));
+  Dep* p2 = reinterpret_cast<Dep*>(reinterpret_cast<uint8_t*>(acc1) + C * sizeof(Acc));
+  Dep* p3 = p2 + C;
+  Dep* p_later = p3 + C;  // sums of passes q >= 4 (only their alpha is used, through rp)
+  at::Tensor rp = at::zeros({C, kRowSlots}, xc.options().dtype(out.scalar_type()));
+  T* rpp = rp.mutable_data_ptr<T>();
+  const scalar_t* xp = xc.const_data_ptr<scalar_t>();
+  const unsigned nb = static_cast<unsigned>(blocks), nc = static_cast<unsigned>(C);
+
+  stats_partial_kernel<scalar_t><<<nb, kThreads, 0, stream>>>(xp, static_cast<Acc*>(part), N, chunks);
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  params_pass1_finalize_kernel<T><<<nc, kThreads, 0, stream>>>(static_cast<Acc*>(part), chunks, acc1, rpp);
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  const int last = std::max(need_quat ? 3 : 2, res_bits + 1);
+  for (int q = 2; q <= last; ++q) {
+    const bool res = res_bits + 1 >= q;
+    if (q == 2 && !(need_sigma || need_ter || res)) continue;
+    if (q >= 3 && !res && !(q == 3 && need_quat)) continue;
+    const int steps = res ? q - 1 : 0;
+    TORCH_INTERNAL_ASSERT(steps <= kMaxResSteps);
+    params_dep_partial_kernel<scalar_t, T><<<nb, kThreads, 0, stream>>>(
+        xp, N, chunks, rpp, q == 2, q == 2 && need_ter, q == 3 && need_quat, steps, static_cast<Dep*>(part));
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+    Dep* sums = q == 2 ? p2 : (q == 3 ? p3 : p_later);
+    params_dep_finalize_kernel<T><<<nc, kThreads, 0, stream>>>(static_cast<Dep*>(part), chunks, acc1, q, steps,
+                                                              rpp, sums);
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+  }
+  params_write_kernel<T><<<static_cast<unsigned>((C + kThreads - 1) / kThreads), kThreads, 0, stream>>>(
+      acc1, rpp, p2, p3, cs, C, out.mutable_data_ptr<T>());
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 
 }  // namespace
@@ -112,6 +373,33 @@ at::Tensor tensor_stats_cuda(const at::Tensor& x, bool per_channel) {
   return out;
 }
 
-TORCH_LIBRARY_IMPL(autoqnn, CUDA, m) { m.impl("tensor_stats", &tensor_stats_cuda); }
+
+at::Tensor scheme_params_cuda(const at::Tensor& x, const at::Tensor& bits, at::IntArrayRef schemes,
+                              bool per_channel) {
+  check_float_input(x, "scheme_params", "x");
+  TORCH_INTERNAL_ASSERT(x.is_cuda());
+  const c10::cuda::CUDAGuard guard(x.device());
+  const Cands cs = params_cands(bits, schemes);
+  const int64_t C = num_channels(x, per_channel);
+  const int64_t N = C > 0 ? x.numel() / C : 0;
+  at::Tensor out = at::zeros({static_cast<int64_t>(schemes.size()), C, kNumParams},
+                             x.options().dtype(stats_dtype(x.scalar_type())));
+  if (C == 0 || N == 0 || cs.K == 0) return out;  // no finite element anywhere: every scale is 0
+  const at::Tensor xc = x.contiguous();
+  const cudaStream_t stream = at::cuda::getCurrentCUDAStream();
+  AUTOQNN_DISPATCH_FLOATING(xc.scalar_type(), "scheme_params_cuda", [&] {
+    if constexpr (std::is_same_v<scalar_t, double>) {
+      launch_scheme_params<scalar_t, double>(xc, C, N, cs, out, stream);
+    } else {
+      launch_scheme_params<scalar_t, float>(xc, C, N, cs, out, stream);
+    }
+  });
+  return out;
+}
+
+TORCH_LIBRARY_IMPL(autoqnn, CUDA, m) {
+  m.impl("tensor_stats", &tensor_stats_cuda);
+  m.impl("scheme_params", &scheme_params_cuda);
+}
 
 }  // namespace autoqnn

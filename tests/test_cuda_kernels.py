@@ -1,0 +1,105 @@
+# SPDX-License-Identifier: MIT
+"""The C++/CUDA statistics kernel ``scheme_params`` (csrc/cuda/tensor_stats.cu) against the
+pure-PyTorch reference: every scheme, ResQ at 2/3/8 bits, every dtype and awkward shape, per tensor
+and per channel, non-finite / constant / all-zero rows; determinism, opcheck, errors, and that the
+output kernels fed its scales give the reference's levels. GPU only (skipped without one)."""
+import pytest
+import torch
+
+from autoqnn import _ext
+from autoqnn.ops import has_kernel
+from autoqnn.ops import reference as ref
+from autoqnn.schemes import scheme_info
+
+pytestmark = [
+    pytest.mark.cuda,
+    pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU"),
+    pytest.mark.skipif(not (_ext.HAS_CUDA_KERNELS and has_kernel("scheme_params", "CUDA")),
+                       reason=f"autoqnn._C has no CUDA kernels: {_ext.LOAD_ERROR}"),
+]
+
+OPS = torch.ops.autoqnn
+SIDS = list(range(8))
+DTYPES = [torch.float32, torch.float16, torch.bfloat16, torch.float64]
+# sizes straddle the kernels' block (256 threads) and chunk (4096) boundaries
+SHAPES = [(1,), (2,), (255,), (257,), (769,), (4097,), (5125,), (16, 3, 3, 3), (3, 7000), (0,), (4, 0), ()]
+
+
+def _bits(b):
+    return torch.tensor([1, 2, 2, b, b, b, b, min(b, 4)], dtype=torch.float32)
+
+
+def _x(shape, dtype, special=True, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(shape, generator=g) * torch.rand(shape, generator=g).add(0.5)
+    if special and x.numel() > 20:
+        flat = x.view(-1)
+        flat[3], flat[5], flat[7], flat[11] = float("nan"), float("inf"), -float("inf"), 0.0
+    return x.to(dtype).cuda()
+
+
+def _check(x, bits, per_channel, sids=SIDS):
+    got = OPS.scheme_params(x, bits, sids, per_channel)
+    exp = ref.scheme_params_ref(x, bits, sids, per_channel)
+    assert got.device.type == "cuda" and got.dtype == exp.dtype and got.shape == exp.shape
+    torch.testing.assert_close(got, exp, rtol=2e-5, atol=1e-7)
+    assert torch.equal(got, OPS.scheme_params(x, bits, sids, per_channel))  # deterministic
+    return got
+
+
+@pytest.mark.parametrize("per_channel", [False, True], ids=["tensor", "channel"])
+@pytest.mark.parametrize("shape", SHAPES, ids=lambda s: "x".join(map(str, s)) or "0d")
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_scheme_params_cuda_matches_reference(dtype, shape, per_channel):
+    x = _x(shape, dtype)
+    for b in (2, 3, 8):
+        _check(x, _bits(b).cuda(), per_channel)
+        _check(x, _bits(b), per_channel)  # bits on the host (the functional API's integer bits)
+
+
+@pytest.mark.parametrize("sids", [[4], [1], [2], [6, 7], [0, 3, 5], [4, 2]], ids=str)
+def test_scheme_params_cuda_subsets_chain_the_passes_like_the_cpu_kernel(sids):
+    x = _x((5, 3001), torch.float32)
+    for b in (2, 3, 5, 8):
+        bits = torch.tensor([b if scheme_info(s).max_bits >= b else scheme_info(s).max_bits for s in sids],
+                            dtype=torch.float32)
+        got = _check(x, bits, True, sids)
+        torch.testing.assert_close(got.cpu(), OPS.scheme_params(x.cpu(), bits, sids, True), rtol=2e-5, atol=1e-7)
+
+
+@pytest.mark.parametrize("fill", [0.0, 1.5, -2.0, float("nan"), float("inf")], ids=str)
+def test_scheme_params_cuda_degenerate_rows(fill):
+    bits = _bits(3)
+    _check(torch.full((300,), fill, device="cuda"), bits, False)
+    x = torch.randn(4, 50, device="cuda")
+    x[1] = fill
+    _check(x, bits, True)
+    _check(torch.tensor([1e30, -1e30, 3.0], device="cuda"), bits, False)
+
+
+def test_scheme_params_cuda_noncontiguous_and_large():
+    x = torch.randn(64, 3000, device="cuda").t()  # non-contiguous, per channel = 3000 rows
+    _check(x, _bits(3), True)
+    _check(torch.randn(1 << 21, device="cuda") * 3, _bits(8), False)
+
+
+def test_scheme_params_cuda_feeds_the_output_kernels():
+    x = _x((3, 2000), torch.float32)
+    bits = _bits(3)
+    w = torch.softmax(torch.randn(8), 0).cuda()
+    p = OPS.scheme_params(x, bits, SIDS, True)
+    y = OPS.mixture(x, p, w, bits, SIDS, True)
+    y_ref = ref.mixture_ref(x, ref.scheme_params_ref(x, bits, SIDS, True), w, bits, SIDS, True)
+    bad = (~torch.isclose(y, y_ref, rtol=1e-5, atol=1e-6, equal_nan=True)).sum().item()
+    assert bad <= 3, f"{bad} of {y.numel()} outputs differ"
+
+
+def test_scheme_params_cuda_opcheck_and_errors():
+    x = torch.randn(4, 5, device="cuda")
+    torch.library.opcheck(OPS.scheme_params.default, (x, _bits(3).cuda(), SIDS, True))
+    with pytest.raises(TypeError, match="Int|int"):
+        OPS.scheme_params(torch.arange(10, device="cuda"), _bits(3), SIDS, False)
+    with pytest.raises(ValueError, match="finite"):
+        OPS.scheme_params(x, torch.full((8,), float("nan")), SIDS, False)
+    with pytest.raises(ValueError, match="unknown scheme"):
+        OPS.scheme_params(x, torch.tensor([3.0]), [11], False)
