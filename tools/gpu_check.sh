@@ -9,7 +9,7 @@
 #   OUT=/tmp/out bash tools/gpu_check.sh                       # everything, ~9 min at most
 #   BUDGET=300 STEPS="build env tests" bash tools/gpu_check.sh  # a subset
 set -uo pipefail
-STEPS=${STEPS:-"build env raise tests tune report train_step batched"}
+STEPS=${STEPS:-"build env raise tests tune report train_step profile batched"}
 BUDGET=${BUDGET:-560}
 PY=${PY:-python3}
 cd "$(dirname "$0")/.."
@@ -52,18 +52,19 @@ if ! step build 300 env AUTOQNN_CUDA=1 MAX_JOBS="$(nproc)" TORCH_CUDA_ARCH_LIST=
 fi
 step env 30 $PY -m autoqnn env
 # errors raised inside the C++/CUDA kernels must reach Python (a lent machine once segfaulted here)
-step raise 90 $PY tools/raise_check.py
+step raise 60 $PY tools/raise_check.py
 # correctness on the GPU: C++/CUDA kernels and the Triton kernels compiled for the GPU against the
 # reference, opcheck and torch.compile (tests/triton_cases.py runs on CUDA without TRITON_INTERPRET)
-step tests 150 env -u TRITON_INTERPRET $PY -m pytest -q -n 12 --benchmark-disable -p no:cacheprovider -rfE \
+step tests 120 env -u TRITON_INTERPRET $PY -m pytest -q -n 12 --benchmark-disable -p no:cacheprovider -rfE \
   tests/triton_cases.py tests/test_ops.py tests/test_kernel_choice.py tests/test_robustness.py \
   tests/test_cuda_kernels.py tests/test_cpu_kernels.py "tests/test_ext_loading.py::test_cuda_kernel_matches_reference" \
   "tests/test_ext_loading.py::test_built_extension_is_loaded_and_registered"
 export AUTOQNN_KERNEL_CHOICE="$OUT/kernel_choice.json"
-step tune 60 $PY -m autoqnn tune-kernels --max-log2 24
-step report 150 $PY bench/report.py --device cuda --min-log2 ${REPORT_MIN_LOG2:-12} --max-log2 24 --eager-max-log2 24 --rounds 5 --stats
-step train_step 90 $PY bench/bench_train_step.py --device cuda --providers float,qss-fused,qpl-fused,qss-ref,qss-pruned2
-step batched 40 $PY bench/bench_batched.py --device cuda
+step tune 25 $PY -m autoqnn tune-kernels --max-log2 24
+step report 110 $PY bench/report.py --device cuda --min-log2 ${REPORT_MIN_LOG2:-12} --max-log2 24 --eager-max-log2 24 --rounds 5 --stats
+step train_step 40 $PY bench/bench_train_step.py --device cuda --providers float,qss-fused,qpl-fused,qss-ref,qss-pruned2
+step profile 30 $PY bench/profile_step.py --device cuda --log2 12 24
+step batched 20 $PY bench/bench_batched.py --device cuda
 
 tar -czf "$OUT/gpu-check.tar.gz" -C "$OUT" logs && rm -rf "$LOGS"
 tar -xzf "$OUT/gpu-check.tar.gz" -O logs/summary.txt 2>/dev/null

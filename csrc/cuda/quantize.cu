@@ -76,7 +76,7 @@ __global__ void __launch_bounds__(kThreads)
   const int64_t total = C * N;
   for (int64_t i = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x; i < total;
        i += static_cast<int64_t>(gridDim.x) * blockDim.x) {
-    const int64_t c = i / N;
+    const int64_t c = C == 1 ? 0 : i / N;  // skips a 64-bit division per element per tensor
     const T v = static_cast<T>(x[i]);
     T acc = T(0);
     for (int k = 0; k < cs.K; ++k) {
@@ -105,7 +105,7 @@ __global__ void __launch_bounds__(kThreads)
   const int64_t total = C * N;
   for (int64_t i = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x; i < total;
        i += static_cast<int64_t>(gridDim.x) * blockDim.x) {
-    const int64_t c = i / N;
+    const int64_t c = C == 1 ? 0 : i / N;  // skips a 64-bit division per element per tensor
     const T v = static_cast<T>(x[i]);
     const T g = static_cast<T>(gy[i]);
     T masked = T(0);
@@ -245,8 +245,10 @@ std::tuple<at::Tensor, at::Tensor> quantize_backward_cuda(const at::Tensor& grad
   const int64_t s[1] = {scheme};
   auto [gx, sums] = backward_cuda(grad_y, x, params, nullptr, bits, at::IntArrayRef(s, 1), per_channel,
                                   false, need_bits_grad, "quantize_backward");
-  at::Tensor gb = need_bits_grad ? sums.slice(0, 1, 2) : at::zeros({1}, sums.options());
-  return {gx, gb.to(bits.options()).reshape(bits.sizes())};
+  // Without a bits gradient the zeros are made where bits live: no device-to-host copy (a sync
+  // per backward call) for the usual host-side integer bits.
+  if (!need_bits_grad) return {gx, at::zeros(bits.sizes(), bits.options())};
+  return {gx, sums.slice(0, 1, 2).to(bits.options()).reshape(bits.sizes())};
 }
 
 at::Tensor mixture_cuda(const at::Tensor& x, const at::Tensor& params, const at::Tensor& weights,
@@ -261,11 +263,11 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> mixture_backward_cuda(
   const int64_t K = schemes.size();
   auto [gx, sums] = backward_cuda(grad_y, x, params, &weights, bits, schemes, per_channel,
                                   need_weights_grad, need_bits_grad, "mixture_backward");
-  at::Tensor gw = sums.slice(0, 0, K);
+  at::Tensor gw = sums.slice(0, 0, K).to(weights.options()).reshape(weights.sizes());
+  if (!need_bits_grad) return {gx, gw, at::zeros(bits.sizes(), bits.options())};  // no sync (above)
   // grad_bits[k] = w_k * <g, d_k>
   at::Tensor gb = sums.slice(0, K, 2 * K) * weights.detach().to(sums.device(), at::kDouble).reshape({K});
-  if (!need_bits_grad) gb = at::zeros_like(gb);
-  return {gx, gw.to(weights.options()).reshape(weights.sizes()), gb.to(bits.options()).reshape(bits.sizes())};
+  return {gx, gw, gb.to(bits.options()).reshape(bits.sizes())};
 }
 
 }  // namespace
