@@ -15,6 +15,8 @@ from __future__ import annotations
 
 from typing import Optional, Sequence, Union
 
+import math
+
 import torch
 
 from . import backends
@@ -57,6 +59,19 @@ def _check_per_channel(x: torch.Tensor, per_channel: bool) -> None:
         raise ValueError("per_channel=True needs a tensor with at least one dimension (dim 0 = channels)")
 
 
+def _check_finite_bits(bt: torch.Tensor, infos) -> None:
+    """Learned bits must be finite: checked here, before any kernel, so the error is the same
+    ValueError on every backend and torch version (the kernels check too, but an error raised
+    inside the C++ extension crashed the process under one GPU machine's torch 2.11; see the
+    README's robustness section). Costs one tiny device-to-host read for bits on a GPU, which
+    the kernels' own integer rounding needs anyway; skipped while torch.compile traces."""
+    if torch.compiler.is_compiling() or bt.numel() == 0:
+        return
+    for info, v in zip(infos, bt.detach().reshape(-1).tolist()):
+        if not math.isfinite(v):
+            raise ValueError(f"autoqnn: learned bits for scheme '{info.name}' must be finite, got {v}")
+
+
 def _bits_tensor(bits: BitsArg, infos) -> tuple[torch.Tensor, Optional[list[int]]]:
     """(float bits tensor [K], validated integer bits or None when they are learned values)."""
     K = len(infos)
@@ -73,6 +88,7 @@ def _bits_tensor(bits: BitsArg, infos) -> tuple[torch.Tensor, Optional[list[int]
             raise ValueError(
                 f"bits tensor must be 0-d or have shape [{K}] (one per scheme), got {list(bits.shape)}"
             )
+        _check_finite_bits(bt, infos)
         return bt, None
     ints = resolve_bits([i.id for i in infos], bits)
     return torch.tensor(ints, dtype=torch.float32), ints
