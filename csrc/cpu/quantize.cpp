@@ -164,25 +164,62 @@ enum { kSN = 0, kSAbs, kSSum, kSMin, kSMax, kSMaxAbs, kP1 };
 
 template <typename T>
 AUTOQNN_TILE_FN void stats_tile(const T* __restrict xt, int64_t n, double* acc) {
-  alignas(64) T fin[kTile], ab[kTile], vf[kTile];
+  // One sweep, kLanes independent lanes per statistic (the lane_sum order: lane l sums the
+  // elements j = l (mod kLanes) in order, the lanes then the tail are added in double). The
+  // element-wise `a < b ? a : b` of the min/max lanes is one vector min instruction; a single
+  // running min would be a scalar dependency chain (GCC vectorises a min *reduction* only under
+  // -ffinite-math-only). Min/max are exact in any order; non-finite elements are excluded
+  // through the +-big sentinels.
   const T big = std::numeric_limits<T>::max();
+  alignas(64) T sn[kLanes], sa[kLanes], sx[kLanes], lmn[kLanes], lmx[kLanes], lma[kLanes];
+  for (int l = 0; l < kLanes; ++l) {
+    sn[l] = sa[l] = sx[l] = T(0);
+    lmn[l] = big;
+    lmx[l] = -big;
+    lma[l] = T(0);
+  }
+  int64_t j = 0;
+  for (; j + kLanes <= n; j += kLanes) {
+    for (int l = 0; l < kLanes; ++l) {
+      const T v = xt[j + l];
+      const bool f = (v - v) == T(0);
+      const T vf = f ? v : T(0);
+      const T a = vf < T(0) ? -vf : vf;
+      const T lo = f ? v : big;
+      const T hi = f ? v : -big;
+      sn[l] += f ? T(1) : T(0);
+      sa[l] += a;
+      sx[l] += vf;
+      lmn[l] = lo < lmn[l] ? lo : lmn[l];
+      lmx[l] = hi > lmx[l] ? hi : lmx[l];
+      lma[l] = a > lma[l] ? a : lma[l];
+    }
+  }
+  double dn = 0, da = 0, dx = 0;
   T mn = big, mx = -big, ma = T(0);
-  for (int64_t j = 0; j < n; ++j) {
+  for (int l = 0; l < kLanes; ++l) {
+    dn += sn[l];
+    da += sa[l];
+    dx += sx[l];
+    mn = std::min(mn, lmn[l]);
+    mx = std::max(mx, lmx[l]);
+    ma = std::max(ma, lma[l]);
+  }
+  for (; j < n; ++j) {
     const T v = xt[j];
     const bool f = (v - v) == T(0);
-    fin[j] = f ? T(1) : T(0);
-    vf[j] = f ? v : T(0);
-    ab[j] = vf[j] < T(0) ? -vf[j] : vf[j];
+    const T vf = f ? v : T(0);
+    const T a = vf < T(0) ? -vf : vf;
+    dn += f ? 1.0 : 0.0;
+    da += a;
+    dx += vf;
+    mn = std::min(mn, f ? v : big);
+    mx = std::max(mx, f ? v : -big);
+    ma = std::max(ma, a);
   }
-  for (int64_t j = 0; j < n; ++j) {  // min/max reductions are exact in any order
-    const bool f = fin[j] != T(0);
-    mn = std::min(mn, f ? xt[j] : big);
-    mx = std::max(mx, f ? xt[j] : -big);
-    ma = std::max(ma, ab[j]);
-  }
-  acc[kSN] += lane_sum(fin, n);
-  acc[kSAbs] += lane_sum(ab, n);
-  acc[kSSum] += lane_sum(vf, n);
+  acc[kSN] += dn;
+  acc[kSAbs] += da;
+  acc[kSSum] += dx;
   acc[kSMin] = std::min<double>(acc[kSMin], mn);
   acc[kSMax] = std::max<double>(acc[kSMax], mx);
   acc[kSMaxAbs] = std::max<double>(acc[kSMaxAbs], ma);
@@ -222,6 +259,10 @@ constexpr int kDepAcc = 6;
 
 template <typename T>
 AUTOQNN_TILE_FN void dependent_tile(const T* __restrict xt, int64_t n, const DepPass<T>& d, double* acc) {
+  // Simple loops over the tile (in L1) that GCC's loop vectoriser handles, summed by lane_sum.
+  // The pass's scalars are copied to locals first: read through `d`, a store into a tile array
+  // could alias them and keep the loops scalar.
+  const T mean = d.mean, delta = d.delta, s = d.s;
   alignas(64) T fin[kTile], a[kTile], u[kTile], v[kTile];
   alignas(64) double sq[kTile];
   for (int64_t j = 0; j < n; ++j) {
@@ -232,14 +273,14 @@ AUTOQNN_TILE_FN void dependent_tile(const T* __restrict xt, int64_t n, const Dep
   }
   if (d.var) {
     for (int64_t j = 0; j < n; ++j) {
-      const double dv = fin[j] != T(0) ? static_cast<double>(xt[j] - d.mean) : 0.0;
+      const double dv = fin[j] != T(0) ? static_cast<double>(xt[j] - mean) : 0.0;
       sq[j] = dv * dv;
     }
     acc[0] += lane_sum(sq, n);
   }
   if (d.ter) {
     for (int64_t j = 0; j < n; ++j) {
-      const bool sel = a[j] > d.delta;  // a = 0 at non-finite, delta >= 0
+      const bool sel = a[j] > delta;  // a = 0 at non-finite, delta >= 0
       u[j] = sel ? a[j] : T(0);
       v[j] = sel ? T(1) : T(0);
     }
@@ -249,7 +290,7 @@ AUTOQNN_TILE_FN void dependent_tile(const T* __restrict xt, int64_t n, const Dep
   if (d.quat) {
     for (int64_t j = 0; j < n; ++j) {
       const T x = fin[j] != T(0) ? xt[j] : T(0);
-      const T q = detail::round_clamped(detail::safe_div(x, d.s), T(-2), T(1));
+      const T q = detail::round_clamped(detail::safe_div(x, s), T(-2), T(1));
       u[j] = x * q;
       v[j] = q * q;
     }
