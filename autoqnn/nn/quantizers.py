@@ -119,19 +119,33 @@ class QuantizerBase(nn.Module):
             return y.transpose(0, self.channel_dim)
         return y
 
+    def _bits_on(self, bits: Sequence[int], device: torch.device) -> torch.Tensor:
+        """``bits`` as a float tensor on ``device``, made once per (bits, device): a fresh
+        host-to-device copy every step would synchronise the GPU stream."""
+        cache = self.__dict__.setdefault("_bits_dev", {})
+        key = (tuple(int(b) for b in bits), str(device))
+        t = cache.get(key)
+        if t is None:
+            t = cache[key] = torch.tensor([float(b) for b in bits], device=device)
+        return t
+
     @torch.no_grad()
     def _update_ema(self, params: torch.Tensor, bits: Sequence[int]):
-        bits_t = torch.tensor([float(b) for b in bits], device=self.ema_bits.device)
+        bits_t = self._bits_on(bits, self.ema_bits.device)
         p = params.to(self.ema_params.device, self.ema_params.dtype)
-        if not self._ema_ok or not torch.equal(self.ema_bits, bits_t):
-            # first batch, or the integer bits changed (QPL): restart the average
+        if not self._ema_ok:  # first batch: start the average
             self.ema_params.copy_(p)
             self.ema_bits.copy_(bits_t)
             self.ema_valid.fill_(True)
             self._ema_ok = True
-        else:
-            m = self.ema_momentum
-            self.ema_params.mul_(m).add_(p, alpha=1.0 - m)
+            return
+        # The integer bits changed (QPL): restart the average. Decided on the device (no host
+        # read of ema_bits, which would synchronise the GPU at every training step).
+        m = self.ema_momentum
+        avg = self.ema_params.mul(m).add_(p, alpha=1.0 - m)
+        same = (self.ema_bits == bits_t).all()
+        self.ema_params.copy_(torch.where(same, avg, p))
+        self.ema_bits.copy_(bits_t)
 
     def _eval_params(self, bits: Sequence[int], x: torch.Tensor) -> Optional[torch.Tensor]:
         """EMA params for eval, or None (batch statistics) when they do not fit these bits."""
@@ -329,7 +343,8 @@ class SchemeMixture(QuantizerBase):
     def mixture_weights(self) -> torch.Tensor:
         """m = softmax((θ + g)/τ) with fresh noise (training) — differentiable in θ. Pruned
         candidates get weight 0 (their logits are dropped from the softmax)."""
-        g = self.gumbel().to(self.theta.device)
+        # non_blocking: a host-to-device copy without it synchronises the GPU stream every step
+        g = self.gumbel().to(self.theta.device, non_blocking=True)
         logits = (self.theta + g) / self._tau
         if len(self._active) < len(self.schemes):
             logits = logits.masked_fill(~self.active, float("-inf"))
