@@ -13,13 +13,11 @@ import subprocess
 import sys
 
 PRE = "import torch, autoqnn, warnings; warnings.simplefilter('ignore'); OPS = torch.ops.autoqnn\n"
-CASES = {
+CASES = {  # the first case is the one that crashed on torch 2.11 (H200 machine, 2026-11-30)
     "cpu-scheme_params-nan-bits (ValueError)": "OPS.scheme_params(torch.randn(10), torch.tensor([float('nan')]), [6], False)",
     "cpu-tensor_stats-int (TypeError)": "OPS.tensor_stats(torch.arange(5), False)",
-    "cpu-mixture-bad-params (ValueError)": "OPS.mixture(torch.randn(10), torch.zeros(1, 1, 3), torch.ones(1), torch.tensor([3.]), [6], False)",
     "cpu-torch-own-error (RuntimeError)": "torch.randn(3) @ torch.randn(4)",
     "cuda-scheme_params-nan-bits (ValueError)": "OPS.scheme_params(torch.randn(10, device='cuda'), torch.tensor([float('nan')]), [6], False)",
-    "cuda-tensor_stats-int (TypeError)": "OPS.tensor_stats(torch.arange(5, device='cuda'), False)",
 }
 
 
