@@ -184,6 +184,24 @@ def test_cuda_twins_have_the_main_schemas_and_fakes():
         assert y.shape == x.shape
 
 
+@pytest.mark.skipif(not autoqnn.backends.TRITON_OPS, reason="Triton twins not registered (triton missing)")
+def test_triton_twins_have_the_main_schemas():
+    """The twins' schemas are written from the main ops' schema strings (triton_op infers them
+    from annotations in some torch releases): same arguments and returns, ints as SymInt."""
+    from autoqnn.ops import _triton
+
+    norm = lambda t: str(t).replace("SymInt", "int")  # noqa: E731
+    for op in _triton.TWIN_OPS:
+        a = getattr(torch.ops.autoqnn, op).default._schema
+        b = getattr(torch.ops.autoqnn, f"{op}_triton").default._schema
+        assert [(x.name, norm(x.type)) for x in a.arguments] == [(x.name, norm(x.type)) for x in b.arguments]
+        assert [norm(x.type) for x in a.returns] == [norm(x.type) for x in b.returns]
+    with pytest.raises(ValueError, match="does not take the arguments"):
+        _triton.with_schema_signature(lambda x, y: x, "(Tensor x, bool per_channel) -> Tensor")
+    with pytest.raises(ValueError, match="cannot parse"):
+        _triton.with_schema_signature(lambda x: x, "Tensor x -> Tensor")
+
+
 def test_tune_on_cpu_measures_and_does_not_write(table_path):
     res = kc.tune("cpu", sizes=[64, 256], rounds=1, warmup=0, ops=("mixture", "quantize_backward"))
     expect = ["cpp"] if _ext.HAS_EXT else []

@@ -48,6 +48,26 @@ def test_activation_ema_used_at_eval():
     assert 0.5 < float(q.ema_params[0, 0, 0]) / 0.586 < 1.5  # ~ λ₃·σ of N(0,1)
 
 
+def test_activation_ema_averages_and_restarts_when_the_bits_change():
+    """The EMA update (decided on the device, no host read): the first batch starts it, equal
+    bits average with the momentum, a change of the integer bits (QPL) restarts it."""
+    q = Quantizer("clip", 3, kind="activation", learn_bits=True, ema_momentum=0.9)
+    x1, x2, x3 = torch.randn(500), torch.randn(500) * 3, torch.randn(500) * 7
+    p = lambda x, b: AF.scheme_params(x, ["clip"], [b])  # noqa: E731
+    q(x1)
+    torch.testing.assert_close(q.ema_params, p(x1, 3))
+    q(x2)
+    torch.testing.assert_close(q.ema_params, p(x1, 3) * 0.9 + p(x2, 3) * 0.1)
+    assert q.ema_bits.tolist() == [3.0]
+    with torch.no_grad():
+        q.bits.fill_(5.2)  # the learned bitwidth now rounds to 5: the average restarts
+    q(x3)
+    torch.testing.assert_close(q.ema_params, p(x3, 5))
+    assert q.ema_bits.tolist() == [5.0]
+    q.eval()  # eval uses the restarted EMA at the new bits
+    torch.testing.assert_close(q(x1), AF.quantize(x1, "clip", 5, params=q.ema_params))
+
+
 def test_fixed_ema_step_stays_power_of_two():
     q = Quantizer("fixed", 4, kind="activation")
     for s in (1.0, 3.0, 7.0):
