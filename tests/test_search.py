@@ -404,3 +404,46 @@ def test_resume_with_different_quant_config_is_refused(tmp_path):
                           checkpoint_dir=str(tmp_path), resume="auto", quant=QuantConfig(weight_bits=4))
     with pytest.raises(ValueError, match="different quantization config"):
         autoqnn.search(small_cnn(), toy_data(128), None, cfg2, quiet=True)
+
+
+def test_qss_training_step_reads_no_tensor_values_on_the_host(monkeypatch):
+    """On a GPU every host read of a tensor value (item, tolist, bool/float/int, torch.equal) in
+    a quantizer's training forward synchronises the stream and stalls the pipeline. A QSS step
+    (forward + backward + optimizer step) makes none from autoqnn's code. Checked on CPU by
+    counting the calls whose caller is in the autoqnn package."""
+    import traceback
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(1, 4, 3), nn.ReLU(), nn.Conv2d(4, 4, 3), nn.ReLU(), nn.Conv2d(4, 4, 3),
+                          nn.ReLU(), nn.Flatten(), nn.Linear(4 * 2 * 2, 3))
+    x, y = torch.randn(8, 1, 8, 8), torch.randint(0, 3, (8,))
+    qm = S.prepare(model, S.SearchConfig(quant=QuantConfig(), precision_epochs=0), x[:2])
+    qm.train()
+    opt = torch.optim.SGD(qm.parameters(), lr=0.01)
+
+    def step():
+        loss = nn.functional.cross_entropy(qm(x), y)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+
+    step()  # first step: EMA starts, caches fill
+    reads = []
+
+    def spy(name, fn):
+        def wrapped(*a, **k):
+            frames = traceback.extract_stack(limit=4)[:-1]
+            caller = frames[-1].filename if frames else ""
+            if "/autoqnn/" in caller.replace("\\", "/") and "/tests/" not in caller:
+                reads.append((name, f"{caller}:{frames[-1].lineno}"))
+            return fn(*a, **k)
+        return wrapped
+
+    for name in ("item", "tolist", "__bool__", "__float__", "__int__"):
+        monkeypatch.setattr(torch.Tensor, name, spy(name, getattr(torch.Tensor, name)))
+    monkeypatch.setattr(torch, "equal", spy("equal", torch.equal))
+    step()
+    step()
+    monkeypatch.undo()
+    assert reads == [], reads
+    assert any(isinstance(q, SchemeMixture) and q.kind == "activation" for _, q in quantizers(qm))
