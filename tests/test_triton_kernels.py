@@ -100,12 +100,29 @@ _COMPILE = textwrap.dedent(r"""
             build(M._mixture_bwd_kernel, {"g_ptr": xs, "x_ptr": xs, "p_ptr": "*" + cd, "w_ptr": "*" + cd,
                   "gx_ptr": xs, "part_ptr": "*" + cd, "N": "i32", "C": "i32", "NBLK": "i32"}, kw,
                   f"bwd-{xdt}-{len(sids)}-{with_w}")
+    from autoqnn.triton_kernels import stats as S
+    for is64 in (False, True):
+        cd = "*fp64" if is64 else "*fp32"
+        t = "fp64" if is64 else "fp32"
+        build(S._stats_kernel, {"x_ptr": cd, "part_ptr": "*fp64", "N": "i32", "NBLK": "i32"},
+              {"IS64": is64, "BLOCK": 1024}, f"stats-pass1-{t}")
+        build(S._dep_kernel, {"x_ptr": cd, "rp_ptr": cd, "part_ptr": "*fp64", "N": "i32", "NBLK": "i32"},
+              {"VAR": True, "TER": True, "QUAT": True, "RES": 3, "IS64": is64, "BLOCK": 1024}, f"stats-dep-{t}")
+        build(S._p1_finalize_kernel, {"part_ptr": "*fp64", "st_ptr": "*fp64", "rp_ptr": cd,
+              "consts_ptr": "*fp64", "NBLK": "i32"}, {"IS64": is64, "RB": 256}, f"stats-fin1-{t}")
+        build(S._dep_finalize_kernel, {"part_ptr": "*fp64", "st_ptr": "*fp64", "rp_ptr": cd, "sig_ptr": cd,
+              "sums_ptr": "*fp64", "consts_ptr": "*fp64", "NBLK": "i32"},
+              {"Q": 2, "RES": 1, "IS64": is64, "RB": 256}, f"stats-findep-{t}")
+        build(S._params_kernel, {"st_ptr": "*fp64", "rp_ptr": cd, "sig_ptr": cd, "p2_ptr": "*fp64",
+              "p3_ptr": "*fp64", "sid_ptr": "*i32", "bits_ptr": "*i32", "lam_ptr": "*fp64", "out_ptr": cd,
+              "K": "i32", "C": "i32"}, {"IS64": is64}, f"stats-params-{t}")
     print(json.dumps({"ok": res}))
 """)
 
 
 def test_kernels_compile_for_gpu():
-    """The kernels compile to sm_90 PTX/cubin (no GPU needed: Triton's bundled ptxas)."""
+    """The kernels (mixture and statistics) compile to sm_90 PTX/cubin (no GPU needed: Triton's
+    bundled ptxas)."""
     env = dict(os.environ)
     env.pop("TRITON_INTERPRET", None)
     r = subprocess.run([sys.executable, "-c", _COMPILE], cwd=ROOT, env=env, capture_output=True,
@@ -118,7 +135,7 @@ def test_kernels_compile_for_gpu():
         assert st["fma"] == 0, (tag, st)  # enable_fp_fusion=False: products rounded on their own
         assert st["div_approx"] == 0, (tag, st)  # IEEE division only
         assert st["atom"] == 0, (tag, st)  # deterministic partial sums
-        if "fp64" not in tag:
+        if "fp64" not in tag and not tag.startswith("stats-"):
             assert st["div_rn_f32"] > 0, (tag, st)
 
 

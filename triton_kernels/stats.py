@@ -29,7 +29,7 @@ import triton.language as tl
 
 from .mixture import _launch_geometry, _round_clamped, _safe_div, _wrap
 
-__all__ = ["row_stats", "dependent_sums", "ROW_SLOTS", "NUM_STATS", "NUM_DEP"]
+__all__ = ["row_stats", "dependent_sums", "scheme_params_chain", "ROW_SLOTS", "NUM_STATS", "NUM_DEP"]
 
 NUM_STATS = 7  # n, Σ|x|, Σx, Σx², min, max, max|x|
 NUM_DEP = 6  # Σ(x−mean)², ternary Σ|x|, ternary count, quaternary Σx·v, Σv², residual Σ|r_q|
@@ -153,3 +153,231 @@ def dependent_sums(
         IS64=cd == torch.float64, BLOCK=block, num_warps=warps, enable_fp_fusion=False,
     )
     return part.view(C, nblk, NUM_DEP).sum(1)
+
+
+# ----------------------------------------------------------------------------- on-device chain
+# scheme_params entirely on the device (the structure of csrc/cuda/tensor_stats.cu): each pass's
+# block partials are merged per row by a finalize program (one per row, fixed order: deterministic)
+# that also writes the values the next pass compares against; a last program per row writes
+# every candidate's scales. A handful of launches and no host synchronisation, instead of the
+# ~250 small torch ops of chaining the passes on the host.
+NUM_ST = 8  # per-row pass-1 results: n, Σ|x|, Σx, Σx², min, max, max|x| (min/max 0 if n = 0), pad
+_CONSTS = 2  # float64 constants: Ternary's Δ/mean|x|, Quaternary's step/σ
+
+
+@triton.jit
+def _merge_rows(part_ptr, row, NBLK, S: tl.constexpr, col: tl.constexpr, OP: tl.constexpr, RB: tl.constexpr):
+    """Column ``col`` of this row's NBLK partials merged in a fixed order (OP 0 sum, 1 min, 2 max)."""
+    base = part_ptr + row.to(tl.int64) * NBLK * S
+    if OP == 0:
+        acc = tl.zeros([RB], dtype=tl.float64)
+    elif OP == 1:
+        acc = tl.full([RB], float("inf"), tl.float64)
+    else:
+        acc = tl.full([RB], -float("inf"), tl.float64)
+    for i in range(0, NBLK, RB):
+        offs = i + tl.arange(0, RB)
+        m = offs < NBLK
+        if OP == 0:
+            acc += tl.load(base + offs * S + col, mask=m, other=0.0)
+        elif OP == 1:
+            acc = tl.minimum(acc, tl.load(base + offs * S + col, mask=m, other=float("inf")))
+        else:
+            acc = tl.maximum(acc, tl.load(base + offs * S + col, mask=m, other=-float("inf")))
+    if OP == 0:
+        return tl.sum(acc, axis=0)
+    elif OP == 1:
+        return tl.min(acc, axis=0)
+    else:
+        return tl.max(acc, axis=0)
+
+
+@triton.jit
+def _p1_finalize_kernel(
+    part_ptr,  # [C * NBLK, 7] float64 (pass 1 partials)
+    st_ptr,  # [C, 8] float64 out
+    rp_ptr,  # [C, 16] compute dtype out: 0 mean, 1 delta, 3 alpha_1 = mean|x|
+    consts_ptr,  # [2] float64
+    NBLK,
+    IS64: tl.constexpr, RB: tl.constexpr,
+):
+    CD: tl.constexpr = tl.float64 if IS64 else tl.float32
+    row = tl.program_id(0)
+    n = _merge_rows(part_ptr, row, NBLK, 7, 0, 0, RB)
+    s1 = _merge_rows(part_ptr, row, NBLK, 7, 1, 0, RB)
+    sx = _merge_rows(part_ptr, row, NBLK, 7, 2, 0, RB)
+    s2 = _merge_rows(part_ptr, row, NBLK, 7, 3, 0, RB)
+    mn = _merge_rows(part_ptr, row, NBLK, 7, 4, 1, RB)
+    mx = _merge_rows(part_ptr, row, NBLK, 7, 5, 2, RB)
+    ma = _merge_rows(part_ptr, row, NBLK, 7, 6, 2, RB)
+    has = n > 0
+    st = st_ptr + row.to(tl.int64) * 8
+    tl.store(st + 0, n)
+    tl.store(st + 1, s1)
+    tl.store(st + 2, sx)
+    tl.store(st + 3, s2)
+    tl.store(st + 4, tl.where(has, mn, 0.0))
+    tl.store(st + 5, tl.where(has, mx, 0.0))
+    tl.store(st + 6, tl.where(has, ma, 0.0))
+    nn = tl.where(has, n, 1.0)
+    mean = tl.where(has, sx / nn, 0.0).to(CD)
+    mean_abs = tl.where(has, s1 / nn, 0.0).to(CD)
+    rp = rp_ptr + row.to(tl.int64) * 16
+    tl.store(rp + 0, mean)
+    tl.store(rp + 1, tl.load(consts_ptr + 0).to(CD) * mean_abs)
+    tl.store(rp + 3, mean_abs)
+
+
+@triton.jit
+def _dep_finalize_kernel(
+    part_ptr,  # [C * NBLK, 6] float64 (this pass's partials)
+    st_ptr,  # [C, 8] float64 (pass 1)
+    rp_ptr,  # [C, 16] compute dtype (updated: s_quat at 2, alpha_Q at 2 + Q)
+    sig_ptr,  # [C] compute dtype (sigma, written by pass 2)
+    sums_ptr,  # [C, 6] float64 out (this pass's sums)
+    consts_ptr,  # [2] float64
+    NBLK,
+    Q: tl.constexpr, RES: tl.constexpr, IS64: tl.constexpr, RB: tl.constexpr,
+):
+    CD: tl.constexpr = tl.float64 if IS64 else tl.float32
+    row = tl.program_id(0)
+    out = sums_ptr + row.to(tl.int64) * 6
+    s0 = _merge_rows(part_ptr, row, NBLK, 6, 0, 0, RB)
+    tl.store(out + 0, s0)
+    tl.store(out + 1, _merge_rows(part_ptr, row, NBLK, 6, 1, 0, RB))
+    tl.store(out + 2, _merge_rows(part_ptr, row, NBLK, 6, 2, 0, RB))
+    tl.store(out + 3, _merge_rows(part_ptr, row, NBLK, 6, 3, 0, RB))
+    tl.store(out + 4, _merge_rows(part_ptr, row, NBLK, 6, 4, 0, RB))
+    s5 = _merge_rows(part_ptr, row, NBLK, 6, 5, 0, RB)
+    tl.store(out + 5, s5)
+    n = tl.load(st_ptr + row.to(tl.int64) * 8)
+    rp = rp_ptr + row.to(tl.int64) * 16
+    if Q == 2:
+        var = tl.where(n > 1, s0 / tl.maximum(n - 1, 1.0), 0.0)
+        sigma = tl.sqrt(var).to(CD)  # float64: sqrt.rn (PTX has no approximate f64 sqrt)
+        tl.store(sig_ptr + row, sigma)
+        tl.store(rp + 2, tl.load(consts_ptr + 1).to(CD) * sigma)
+    if RES > 0:
+        tl.store(rp + 2 + Q, tl.where(n > 0, s5 / tl.where(n > 0, n, 1.0), 0.0).to(CD))
+
+
+@triton.jit
+def _pow2(k):
+    """2^k as float64 for integer k (int32 tensor), exact down to the subnormals (two factors,
+    each a normal power of two built from its exponent bits)."""
+    k1 = k // 2
+    k2 = k - k1
+    a = ((k1 + 1023).to(tl.int64) << 52).to(tl.float64, bitcast=True)
+    b = ((k2 + 1023).to(tl.int64) << 52).to(tl.float64, bitcast=True)
+    return a * b
+
+
+@triton.jit
+def _params_kernel(
+    st_ptr, rp_ptr, sig_ptr, p2_ptr, p3_ptr,  # per-row results of the passes
+    sid_ptr, bits_ptr, lam_ptr,  # [K] int32, [K] int32, [K] float64 (ClipQ/PotQ step/sigma)
+    out_ptr,  # [K, C, 12] compute dtype
+    K, C,
+    IS64: tl.constexpr,
+):
+    CD: tl.constexpr = tl.float64 if IS64 else tl.float32
+    row = tl.program_id(0)
+    r64 = row.to(tl.int64)
+    st = st_ptr + r64 * 8
+    rp = rp_ptr + r64 * 16
+    slot = tl.arange(0, 16)
+    alphas = tl.load(rp + 3 + slot, mask=slot < 13, other=0.0)  # slot i: alpha_{i+1}
+    mean_abs = tl.load(rp + 3)
+    delta = tl.load(rp + 1)
+    s_quat = tl.load(rp + 2)
+    sigma = tl.load(sig_ptr + row)
+    ma = tl.load(st + 6).to(CD)
+    mn = tl.load(st + 4).to(CD)
+    mx = tl.load(st + 5).to(CD)
+    cnt = tl.load(p2_ptr + r64 * 6 + 2)
+    ter = tl.where(cnt > 0, tl.load(p2_ptr + r64 * 6 + 1) / tl.where(cnt > 0, cnt, 1.0), 0.0).to(CD)
+    vv = tl.load(p3_ptr + r64 * 6 + 4)
+    quat = tl.where(vv > 0, tl.load(p3_ptr + r64 * 6 + 3) / tl.where(vv > 0, vv, 1.0), 0.0).to(CD)
+    # frexp exponent of max|x| (max|x| = f * 2^e, f in [0.5, 1)) from its float64 bits; float64
+    # subnormals are scaled into the normal range first
+    ma64 = ma.to(tl.float64)
+    sub = ma64 < 2.2250738585072014e-308
+    m2 = tl.where(sub, ma64 * 18446744073709551616.0, ma64)
+    e = ((m2.to(tl.int64, bitcast=True) >> 52) & 0x7FF).to(tl.int32) - 1022 - tl.where(sub, 64, 0)
+    for k in range(K):
+        sid = tl.load(sid_ptr + k)
+        b = tl.load(bits_ptr + k)
+        lam = tl.load(lam_ptr + k).to(CD)
+        fixed_step = tl.where(ma > 0, _pow2(e + 1 - b).to(CD), 0.0)
+        zoom_step = (mx - mn) * _pow2(-b).to(CD)  # exact: / 2^b (a float32 `/` is approximate on GPUs)
+        v0 = tl.where(sid == 0, mean_abs, 0.0)
+        v0 = tl.where(sid == 1, delta, v0)
+        v0 = tl.where(sid == 2, s_quat, v0)
+        v0 = tl.where(sid == 3, fixed_step, v0)
+        v0 = tl.where(sid == 4, mean_abs, v0)
+        v0 = tl.where(sid == 5, mn, v0)
+        v0 = tl.where((sid == 6) | (sid == 7), lam * sigma, v0)
+        v1 = tl.where(sid == 1, ter, 0.0)
+        v1 = tl.where(sid == 2, quat, v1)
+        v1 = tl.where(sid == 3, ma, v1)
+        v1 = tl.where(sid == 5, zoom_step, v1)
+        vals = tl.where(slot == 0, v0, tl.where(slot == 1, v1, 0.0)).to(CD)
+        vals = tl.where((sid == 4) & (slot <= b), alphas.to(CD), vals)
+        tl.store(out_ptr + (k * C + r64) * 12 + slot, vals, mask=slot < 12)
+
+
+_SMALL: dict = {}
+
+
+def _small_tensor(values, dtype, device) -> torch.Tensor:
+    """A tiny constant tensor on ``device``, made once per (values, dtype, device): building it
+    per call would be a blocking host-to-device copy (a stream synchronisation) every call."""
+    key = (values, dtype, str(device))
+    t = _SMALL.get(key)
+    if t is None:
+        if len(_SMALL) > 4096:  # bounded: the keys are candidate sets and bits, few in practice
+            _SMALL.clear()
+        t = _SMALL[key] = torch.tensor(values, dtype=dtype).to(device)
+    return t
+
+
+def scheme_params_chain(x: torch.Tensor, per_channel: bool, sids, bits, lams, consts, plan) -> torch.Tensor:
+    """Every candidate's scales ``[K, C, 12]`` in the compute dtype, computed on the device.
+
+    ``sids``/``bits``: the candidates' scheme ids and integer bits; ``lams``: per candidate the
+    ClipQ/PotQ step over σ at its bits (0 for the others); ``consts``: (Ternary Δ/mean|x|,
+    Quaternary step/σ); ``plan``: the dependent passes as ``(q, var, ter, quat, res_steps)``
+    tuples, chained like the C++ kernel. Passing these in keeps the scheme tables in autoqnn."""
+    x2, C, N = _rows(x, per_channel)
+    cd = torch.float64 if x.dtype == torch.float64 else torch.float32
+    K = len(sids)
+    dev = x.device
+    if C == 0 or N == 0 or K == 0:
+        return torch.zeros((K, C, 12), dtype=cd, device=dev)
+    is64 = x.dtype == torch.float64
+    block, nblk, warps = _launch_geometry(N)
+    rb = min(1024, triton.next_power_of_2(max(nblk, 16)))
+    f64 = dict(dtype=torch.float64, device=dev)
+    c64 = _small_tensor(tuple(float(c) for c in consts), torch.float64, dev)
+    part = torch.empty((C * nblk, NUM_STATS), **f64)
+    st = torch.empty((C, NUM_ST), **f64)
+    rp = torch.zeros((C, ROW_SLOTS), dtype=cd, device=dev)
+    sig = torch.zeros((C,), dtype=cd, device=dev)
+    sums = torch.zeros((3, C, NUM_DEP), **f64)  # pass 2, pass 3, later passes
+    _wrap(_stats_kernel)[(C * nblk,)](x2, part, N, nblk, IS64=is64, BLOCK=block, num_warps=warps,
+                                       enable_fp_fusion=False)
+    _wrap(_p1_finalize_kernel)[(C,)](part, st, rp, c64, nblk, IS64=is64, RB=rb, enable_fp_fusion=False)
+    dpart = torch.empty((C * nblk, NUM_DEP), **f64)
+    for q, var, ter, quat, res in plan:
+        _wrap(_dep_kernel)[(C * nblk,)](
+            x2, rp, dpart, N, nblk, VAR=bool(var), TER=bool(ter), QUAT=bool(quat), RES=int(res),
+            IS64=is64, BLOCK=block, num_warps=warps, enable_fp_fusion=False,
+        )
+        _wrap(_dep_finalize_kernel)[(C,)](dpart, st, rp, sig, sums[min(q, 4) - 2], c64, nblk, Q=int(q),
+                                          RES=int(res), IS64=is64, RB=rb, enable_fp_fusion=False)
+    out = torch.zeros((K, C, 12), dtype=cd, device=dev)
+    meta = _small_tensor((tuple(map(int, sids)), tuple(map(int, bits))), torch.int32, dev)
+    lam = _small_tensor(tuple(float(v) for v in lams), torch.float64, dev)
+    _wrap(_params_kernel)[(C,)](st, rp, sig, sums[0], sums[1], meta[0], meta[1], lam, out, K, C,
+                                IS64=is64, enable_fp_fusion=False)
+    return out

@@ -33,7 +33,7 @@ import re
 import torch
 
 from .. import backends
-from ..schemes import NUM_PARAMS, QUATERNARY_LAMBDA, TERNARY_DELTA, scheme_info
+from ..schemes import CLIPQ_LAMBDA, POTQ_LAMBDA, QUATERNARY_LAMBDA, TERNARY_DELTA, scheme_info
 from . import _schema
 from . import reference as ref
 
@@ -93,77 +93,32 @@ def _tensor_stats_impl(x, per_channel):
 
 
 def _scheme_params_impl(x, bits, schemes, per_channel):
-    """Every candidate's scales from the Triton passes, chained like the C++ kernel
-    (``csrc/cpu/quantize.cpp::fill_params``): pass 1, then pass 2 = σ + Ternary + ResQ α_2,
-    pass 3 = Quaternary + α_3, pass q ≥ 4 = α_q. Per-row values are rounded to the compute
-    dtype where the reference computes them in it."""
+    """Every candidate's scales, on the device (``triton_kernels.stats.scheme_params_chain``):
+    pass 1, then the dependent passes chained like the C++ kernel
+    (``csrc/cpu/quantize.cpp::fill_params``): pass 2 = σ + Ternary + ResQ α_2, pass 3 =
+    Quaternary + α_3, pass q ≥ 4 = α_q; per-row values rounded to the compute dtype where the
+    reference rounds them. The scheme tables (which passes, λ's) are decided here."""
     _check_device(x)
     _check_float(x)
     schemes = [int(s) for s in schemes]
     b_int = ref.int_bits(bits, schemes)
-    cd = ref.compute_dtype(x.dtype)
-    C = ref.num_channels(x, per_channel)
-    out = torch.zeros(len(schemes), C, NUM_PARAMS, dtype=cd, device=x.device)
-    if C == 0:
-        return out
     names = [scheme_info(s).name for s in schemes]
     need_sigma = any(n in ("quaternary", "clip", "pot") for n in names)
     need_ter = "ternary" in names
     need_quat = "quaternary" in names
     res_bits = max([b for n, b in zip(names, b_int) if n == "residual"], default=0)
-    st = stats_kernels.row_stats(x, per_channel)  # [C, 7] float64
-    n = st[:, 0]
-    pos = n > 0
-
-    def per_n(v):  # Σ/n in float64, 0 without finite elements, then the compute dtype
-        return torch.where(pos, v / torch.where(pos, n, 1.0), 0.0).to(cd)
-
-    mean, mean_abs = per_n(st[:, 2]), per_n(st[:, 1])
-    delta = TERNARY_DELTA * mean_abs
-    sigma = torch.zeros(C, dtype=cd, device=x.device)
-    s_quat = torch.zeros(C, dtype=cd, device=x.device)
-    rp = torch.zeros(C, stats_kernels.ROW_SLOTS, dtype=cd, device=x.device)
-    rp[:, 0], rp[:, 1], rp[:, 3] = mean, delta, mean_abs
-    alphas = [mean_abs]
-    p2 = p3 = None
-    last = max(3 if need_quat else 2, res_bits + 1)
-    for q in range(2, last + 1):
+    plan = []
+    for q in range(2, max(3 if need_quat else 2, res_bits + 1) + 1):
         res = res_bits + 1 >= q
         if q == 2 and not (need_sigma or need_ter or res):
             continue
         if q >= 3 and not res and not (q == 3 and need_quat):
             continue
-        r = stats_kernels.dependent_sums(x, per_channel, rp, var=q == 2, ter=q == 2 and need_ter,
-                                         quat=q == 3 and need_quat, res_steps=q - 1 if res else 0)
-        if q == 2:
-            p2 = r
-            var = torch.where(n > 1, r[:, 0] / torch.clamp(n - 1, min=1), 0.0)
-            sigma = var.sqrt().to(cd)
-            s_quat = QUATERNARY_LAMBDA * sigma
-            rp[:, 2] = s_quat
-        if q == 3:
-            p3 = r
-        if res:
-            a = per_n(r[:, 5])
-            alphas.append(a)
-            rp[:, 2 + q] = a
-    ma, mn, mx = st[:, 6].to(cd), st[:, 4].to(cd), st[:, 5].to(cd)
-    for k, (name, b) in enumerate(zip(names, b_int)):
-        p = out[k]
-        if ref.fill_pass1_params(p, name, b, mean_abs=mean_abs, max_abs=ma, mn=mn, mx=mx, sigma=sigma):
-            continue
-        if name == "ternary":
-            cnt = p2[:, 2]
-            p[:, 0] = delta
-            p[:, 1] = torch.where(cnt > 0, p2[:, 1] / torch.where(cnt > 0, cnt, 1.0), 0.0).to(cd)
-        elif name == "quaternary":
-            vv = p3[:, 4]
-            p[:, 0] = s_quat
-            p[:, 1] = torch.where(vv > 0, p3[:, 3] / torch.where(vv > 0, vv, 1.0), 0.0).to(cd)
-        elif name == "residual":
-            for i in range(b + 1):
-                p[:, i] = alphas[i]
-    return out
+        plan.append((q, q == 2, q == 2 and need_ter, q == 3 and need_quat, q - 1 if res else 0))
+    lams = [CLIPQ_LAMBDA[b] if n == "clip" else POTQ_LAMBDA[b] if n == "pot" else 0.0
+            for n, b in zip(names, b_int)]
+    return stats_kernels.scheme_params_chain(
+        x, per_channel, schemes, b_int, lams, (TERNARY_DELTA, QUATERNARY_LAMBDA), tuple(plan))
 
 
 def _quantize_impl(x, params, bits, scheme, per_channel):
