@@ -109,13 +109,13 @@ _COMPILE = textwrap.dedent(r"""
         build(S._dep_kernel, {"x_ptr": cd, "rp_ptr": cd, "part_ptr": "*fp64", "N": "i32", "NBLK": "i32"},
               {"VAR": True, "TER": True, "QUAT": True, "RES": 3, "IS64": is64, "BLOCK": 1024}, f"stats-dep-{t}")
         build(S._p1_finalize_kernel, {"part_ptr": "*fp64", "st_ptr": "*fp64", "rp_ptr": cd,
-              "consts_ptr": "*fp64", "NBLK": "i32"}, {"IS64": is64, "RB": 256}, f"stats-fin1-{t}")
+              "consts_ptr": "*fp64", "NBLK": "i32"}, {"IS64": is64, "RB": 256, "NIT": 3}, f"stats-fin1-{t}")
         build(S._dep_finalize_kernel, {"part_ptr": "*fp64", "st_ptr": "*fp64", "rp_ptr": cd, "sig_ptr": cd,
               "sums_ptr": "*fp64", "consts_ptr": "*fp64", "NBLK": "i32"},
-              {"Q": 2, "RES": 1, "IS64": is64, "RB": 256}, f"stats-findep-{t}")
+              {"Q": 2, "RES": 1, "IS64": is64, "RB": 256, "NIT": 3}, f"stats-findep-{t}")
         build(S._params_kernel, {"st_ptr": "*fp64", "rp_ptr": cd, "sig_ptr": cd, "p2_ptr": "*fp64",
               "p3_ptr": "*fp64", "sid_ptr": "*i32", "bits_ptr": "*i32", "lam_ptr": "*fp64", "out_ptr": cd,
-              "K": "i32", "C": "i32"}, {"IS64": is64}, f"stats-params-{t}")
+              "C": "i32"}, {"K": 8, "IS64": is64}, f"stats-params-{t}")
     print(json.dumps({"ok": res}))
 """)
 

@@ -166,8 +166,11 @@ _CONSTS = 2  # float64 constants: Ternary's Δ/mean|x|, Quaternary's step/σ
 
 
 @triton.jit
-def _merge_rows(part_ptr, row, NBLK, S: tl.constexpr, col: tl.constexpr, OP: tl.constexpr, RB: tl.constexpr):
-    """Column ``col`` of this row's NBLK partials merged in a fixed order (OP 0 sum, 1 min, 2 max)."""
+def _merge_rows(part_ptr, row, NBLK, S: tl.constexpr, col: tl.constexpr, OP: tl.constexpr, RB: tl.constexpr,
+                NIT: tl.constexpr):
+    """Column ``col`` of this row's NBLK partials merged in a fixed order (OP 0 sum, 1 min, 2 max);
+    NIT = cdiv(NBLK, RB) iterations (a constexpr: Triton 3.6's interpreter cannot take a
+    run-time loop bound)."""
     base = part_ptr + row.to(tl.int64) * NBLK * S
     if OP == 0:
         acc = tl.zeros([RB], dtype=tl.float64)
@@ -175,8 +178,8 @@ def _merge_rows(part_ptr, row, NBLK, S: tl.constexpr, col: tl.constexpr, OP: tl.
         acc = tl.full([RB], float("inf"), tl.float64)
     else:
         acc = tl.full([RB], -float("inf"), tl.float64)
-    for i in range(0, NBLK, RB):
-        offs = i + tl.arange(0, RB)
+    for it in range(NIT):
+        offs = it * RB + tl.arange(0, RB)
         m = offs < NBLK
         if OP == 0:
             acc += tl.load(base + offs * S + col, mask=m, other=0.0)
@@ -199,17 +202,17 @@ def _p1_finalize_kernel(
     rp_ptr,  # [C, 16] compute dtype out: 0 mean, 1 delta, 3 alpha_1 = mean|x|
     consts_ptr,  # [2] float64
     NBLK,
-    IS64: tl.constexpr, RB: tl.constexpr,
+    IS64: tl.constexpr, RB: tl.constexpr, NIT: tl.constexpr,
 ):
     CD: tl.constexpr = tl.float64 if IS64 else tl.float32
     row = tl.program_id(0)
-    n = _merge_rows(part_ptr, row, NBLK, 7, 0, 0, RB)
-    s1 = _merge_rows(part_ptr, row, NBLK, 7, 1, 0, RB)
-    sx = _merge_rows(part_ptr, row, NBLK, 7, 2, 0, RB)
-    s2 = _merge_rows(part_ptr, row, NBLK, 7, 3, 0, RB)
-    mn = _merge_rows(part_ptr, row, NBLK, 7, 4, 1, RB)
-    mx = _merge_rows(part_ptr, row, NBLK, 7, 5, 2, RB)
-    ma = _merge_rows(part_ptr, row, NBLK, 7, 6, 2, RB)
+    n = _merge_rows(part_ptr, row, NBLK, 7, 0, 0, RB, NIT)
+    s1 = _merge_rows(part_ptr, row, NBLK, 7, 1, 0, RB, NIT)
+    sx = _merge_rows(part_ptr, row, NBLK, 7, 2, 0, RB, NIT)
+    s2 = _merge_rows(part_ptr, row, NBLK, 7, 3, 0, RB, NIT)
+    mn = _merge_rows(part_ptr, row, NBLK, 7, 4, 1, RB, NIT)
+    mx = _merge_rows(part_ptr, row, NBLK, 7, 5, 2, RB, NIT)
+    ma = _merge_rows(part_ptr, row, NBLK, 7, 6, 2, RB, NIT)
     has = n > 0
     st = st_ptr + row.to(tl.int64) * 8
     tl.store(st + 0, n)
@@ -237,18 +240,18 @@ def _dep_finalize_kernel(
     sums_ptr,  # [C, 6] float64 out (this pass's sums)
     consts_ptr,  # [2] float64
     NBLK,
-    Q: tl.constexpr, RES: tl.constexpr, IS64: tl.constexpr, RB: tl.constexpr,
+    Q: tl.constexpr, RES: tl.constexpr, IS64: tl.constexpr, RB: tl.constexpr, NIT: tl.constexpr,
 ):
     CD: tl.constexpr = tl.float64 if IS64 else tl.float32
     row = tl.program_id(0)
     out = sums_ptr + row.to(tl.int64) * 6
-    s0 = _merge_rows(part_ptr, row, NBLK, 6, 0, 0, RB)
+    s0 = _merge_rows(part_ptr, row, NBLK, 6, 0, 0, RB, NIT)
     tl.store(out + 0, s0)
-    tl.store(out + 1, _merge_rows(part_ptr, row, NBLK, 6, 1, 0, RB))
-    tl.store(out + 2, _merge_rows(part_ptr, row, NBLK, 6, 2, 0, RB))
-    tl.store(out + 3, _merge_rows(part_ptr, row, NBLK, 6, 3, 0, RB))
-    tl.store(out + 4, _merge_rows(part_ptr, row, NBLK, 6, 4, 0, RB))
-    s5 = _merge_rows(part_ptr, row, NBLK, 6, 5, 0, RB)
+    tl.store(out + 1, _merge_rows(part_ptr, row, NBLK, 6, 1, 0, RB, NIT))
+    tl.store(out + 2, _merge_rows(part_ptr, row, NBLK, 6, 2, 0, RB, NIT))
+    tl.store(out + 3, _merge_rows(part_ptr, row, NBLK, 6, 3, 0, RB, NIT))
+    tl.store(out + 4, _merge_rows(part_ptr, row, NBLK, 6, 4, 0, RB, NIT))
+    s5 = _merge_rows(part_ptr, row, NBLK, 6, 5, 0, RB, NIT)
     tl.store(out + 5, s5)
     n = tl.load(st_ptr + row.to(tl.int64) * 8)
     rp = rp_ptr + row.to(tl.int64) * 16
@@ -277,8 +280,8 @@ def _params_kernel(
     st_ptr, rp_ptr, sig_ptr, p2_ptr, p3_ptr,  # per-row results of the passes
     sid_ptr, bits_ptr, lam_ptr,  # [K] int32, [K] int32, [K] float64 (ClipQ/PotQ step/sigma)
     out_ptr,  # [K, C, 12] compute dtype
-    K, C,
-    IS64: tl.constexpr,
+    C,
+    K: tl.constexpr, IS64: tl.constexpr,  # K a constexpr: Triton 3.6's interpreter needs constant loop bounds
 ):
     CD: tl.constexpr = tl.float64 if IS64 else tl.float32
     row = tl.program_id(0)
@@ -357,6 +360,7 @@ def scheme_params_chain(x: torch.Tensor, per_channel: bool, sids, bits, lams, co
     is64 = x.dtype == torch.float64
     block, nblk, warps = _launch_geometry(N)
     rb = min(1024, triton.next_power_of_2(max(nblk, 16)))
+    nit = triton.cdiv(nblk, rb)
     f64 = dict(dtype=torch.float64, device=dev)
     c64 = _small_tensor(tuple(float(c) for c in consts), torch.float64, dev)
     part = torch.empty((C * nblk, NUM_STATS), **f64)
@@ -366,7 +370,8 @@ def scheme_params_chain(x: torch.Tensor, per_channel: bool, sids, bits, lams, co
     sums = torch.zeros((3, C, NUM_DEP), **f64)  # pass 2, pass 3, later passes
     _wrap(_stats_kernel)[(C * nblk,)](x2, part, N, nblk, IS64=is64, BLOCK=block, num_warps=warps,
                                        enable_fp_fusion=False)
-    _wrap(_p1_finalize_kernel)[(C,)](part, st, rp, c64, nblk, IS64=is64, RB=rb, enable_fp_fusion=False)
+    _wrap(_p1_finalize_kernel)[(C,)](part, st, rp, c64, nblk, IS64=is64, RB=rb, NIT=nit,
+                                     enable_fp_fusion=False)
     dpart = torch.empty((C * nblk, NUM_DEP), **f64)
     for q, var, ter, quat, res in plan:
         _wrap(_dep_kernel)[(C * nblk,)](
@@ -374,10 +379,11 @@ def scheme_params_chain(x: torch.Tensor, per_channel: bool, sids, bits, lams, co
             IS64=is64, BLOCK=block, num_warps=warps, enable_fp_fusion=False,
         )
         _wrap(_dep_finalize_kernel)[(C,)](dpart, st, rp, sig, sums[min(q, 4) - 2], c64, nblk, Q=int(q),
-                                          RES=int(res), IS64=is64, RB=rb, enable_fp_fusion=False)
+                                          RES=int(res), IS64=is64, RB=rb, NIT=nit,
+                                          enable_fp_fusion=False)
     out = torch.zeros((K, C, 12), dtype=cd, device=dev)
     meta = _small_tensor((tuple(map(int, sids)), tuple(map(int, bits))), torch.int32, dev)
     lam = _small_tensor(tuple(float(v) for v in lams), torch.float64, dev)
-    _wrap(_params_kernel)[(C,)](st, rp, sig, sums[0], sums[1], meta[0], meta[1], lam, out, K, C,
+    _wrap(_params_kernel)[(C,)](st, rp, sig, sums[0], sums[1], meta[0], meta[1], lam, out, C, K=K,
                                 IS64=is64, enable_fp_fusion=False)
     return out
