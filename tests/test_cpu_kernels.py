@@ -4,6 +4,9 @@ awkward shape; bitwise determinism across thread counts; errors raised by the ke
 import pytest
 import torch
 
+from kernel_inputs import bits8 as _bits
+from kernel_inputs import sample
+
 from autoqnn import _ext
 from autoqnn.ops import has_kernel
 from autoqnn.ops import reference as ref
@@ -20,19 +23,6 @@ DTYPES = [torch.float32, torch.float16, torch.bfloat16, torch.float64]
 SHAPES = [(1,), (2,), (255,), (257,), (769,), (5125,), (16385,), (16, 3, 3, 3), (3, 7000), (0,), (4, 0)]
 
 
-def _bits(b):
-    return torch.tensor([1, 2, 2, b, b, b, b, min(b, 4)], dtype=torch.float32)
-
-
-def _x(shape, dtype, special=True, seed=0):
-    g = torch.Generator().manual_seed(seed)
-    x = torch.randn(shape, generator=g) * torch.rand(shape, generator=g).add(0.5)
-    if special and x.numel() > 20:
-        flat = x.view(-1)
-        flat[3], flat[5], flat[7], flat[11] = float("nan"), float("inf"), -float("inf"), 0.0
-    return x.to(dtype)
-
-
 def _close_levels(a, b, frac=1e-3):
     a, b = a.double(), b.double()
     ok = torch.isclose(a, b, rtol=1e-5, atol=1e-7, equal_nan=True)
@@ -44,8 +34,8 @@ def _close_levels(a, b, frac=1e-3):
 @pytest.mark.parametrize("shape", SHAPES, ids=lambda s: "x".join(map(str, s)))
 @pytest.mark.parametrize("per_channel", [False, True], ids=["tensor", "channel"])
 def test_cpu_kernels_match_reference(dtype, shape, per_channel):
-    x = _x(shape, dtype)
-    gy = _x(shape, dtype, special=False, seed=1)
+    x = sample(shape, dtype)
+    gy = sample(shape, dtype, special=False, seed=1)
     w = torch.softmax(torch.randn(8, generator=torch.Generator().manual_seed(2)), 0)
     for b in (2, 3, 8):
         bits = _bits(b)
@@ -78,8 +68,8 @@ def test_cpu_kernels_match_reference(dtype, shape, per_channel):
 
 @pytest.mark.parametrize("per_channel", [False, True], ids=["tensor", "channel"])
 def test_cpu_kernels_deterministic_across_threads(per_channel):
-    x = _x((8, 40000), torch.float32)
-    gy = _x((8, 40000), torch.float32, special=False, seed=3)
+    x = sample((8, 40000), torch.float32)
+    gy = sample((8, 40000), torch.float32, special=False, seed=3)
     w = torch.softmax(torch.randn(8), 0)
     bits = _bits(3)
     old = torch.get_num_threads()

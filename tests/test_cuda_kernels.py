@@ -6,6 +6,9 @@ output kernels fed its scales give the reference's levels. GPU only (skipped wit
 import pytest
 import torch
 
+from kernel_inputs import bits8 as _bits
+from kernel_inputs import sample
+
 from autoqnn import _ext
 from autoqnn.ops import has_kernel
 from autoqnn.ops import reference as ref
@@ -25,17 +28,8 @@ DTYPES = [torch.float32, torch.float16, torch.bfloat16, torch.float64]
 SHAPES = [(1,), (2,), (255,), (257,), (769,), (4097,), (5125,), (16, 3, 3, 3), (3, 7000), (0,), (4, 0), ()]
 
 
-def _bits(b):
-    return torch.tensor([1, 2, 2, b, b, b, b, min(b, 4)], dtype=torch.float32)
-
-
 def _x(shape, dtype, special=True, seed=0):
-    g = torch.Generator().manual_seed(seed)
-    x = torch.randn(shape, generator=g) * torch.rand(shape, generator=g).add(0.5)
-    if special and x.numel() > 20:
-        flat = x.view(-1)
-        flat[3], flat[5], flat[7], flat[11] = float("nan"), float("inf"), -float("inf"), 0.0
-    return x.to(dtype).cuda()
+    return sample(shape, dtype, special, seed).cuda()
 
 
 def _check(x, bits, per_channel, sids=SIDS):

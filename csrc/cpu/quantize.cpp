@@ -17,6 +17,7 @@
 #include <type_traits>
 #include <vector>
 
+#include "autoqnn/checks.h"
 #include "autoqnn/scheme_math.h"
 
 // Hot tile loops are compiled for baseline x86-64 (SSE2) and, dispatched at load time by the
@@ -50,25 +51,6 @@ void check_float(const at::Tensor& t, const char* name) {
 
 at::ScalarType compute_type(at::ScalarType s) {
   return s == at::kDouble ? at::kDouble : at::kFloat;
-}
-
-// Forward integer bits: clip(round(b), b_min, b_max) (SPEC 4.1), round half to even.
-std::vector<int> int_bits(const at::Tensor& bits, at::IntArrayRef schemes) {
-  TORCH_CHECK_VALUE(bits.numel() == static_cast<int64_t>(schemes.size()), "autoqnn: bits has ",
-                    bits.numel(), " entries for ", schemes.size(), " schemes");
-  const at::Tensor b = bits.detach().to(at::kCPU, at::kDouble).contiguous();
-  const double* bp = b.data_ptr<double>();
-  std::vector<int> out(schemes.size());
-  for (size_t k = 0; k < schemes.size(); ++k) {
-    const int64_t s = schemes[k];
-    TORCH_CHECK_VALUE(s >= 0 && s < kNumSchemes, "autoqnn: unknown scheme id ", s);
-    TORCH_CHECK_VALUE(std::isfinite(bp[k]), "autoqnn: learned bits for scheme '", scheme_name(s),
-                      "' must be finite, got ", bp[k]);
-    double r = std::nearbyint(bp[k]);
-    r = std::min<double>(std::max<double>(r, kMinBits[s]), kMaxBits[s]);
-    out[k] = static_cast<int>(r);
-  }
-  return out;
 }
 
 // Runs f(row, begin, end, chunk_index) over every (row, chunk) piece in parallel.

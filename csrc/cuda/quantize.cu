@@ -42,22 +42,12 @@ template <typename T>
 Cands<T> make_cands(const at::Tensor& bits, at::IntArrayRef schemes) {
   TORCH_CHECK_VALUE(!schemes.empty() && schemes.size() <= static_cast<size_t>(kMaxK),
                     "autoqnn: between 1 and ", kMaxK, " schemes per call, got ", schemes.size());
-  TORCH_CHECK_VALUE(bits.numel() == static_cast<int64_t>(schemes.size()), "autoqnn: bits has ",
-                    bits.numel(), " entries for ", schemes.size(), " schemes");
-  // bits are tiny: one small host copy (the forward needs them as integers to specialise loops).
-  const at::Tensor b = bits.detach().to(at::kCPU, at::kDouble).contiguous();
-  const double* bp = b.data_ptr<double>();
+  const std::vector<int> ib = int_bits(bits, schemes);
   Cands<T> c{};
   c.K = static_cast<int32_t>(schemes.size());
   for (int k = 0; k < c.K; ++k) {
-    const int64_t s = schemes[k];
-    TORCH_CHECK_VALUE(s >= 0 && s < kNumSchemes, "autoqnn: unknown scheme id ", s);
-    TORCH_CHECK_VALUE(std::isfinite(bp[k]), "autoqnn: learned bits for scheme '", scheme_name(s),
-                      "' must be finite, got ", bp[k]);
-    double r = std::nearbyint(bp[k]);
-    r = std::min<double>(std::max<double>(r, kMinBits[s]), kMaxBits[s]);
-    c.sid[k] = static_cast<int32_t>(s);
-    c.bits[k] = static_cast<int32_t>(r);
+    c.sid[k] = static_cast<int32_t>(schemes[k]);
+    c.bits[k] = static_cast<int32_t>(ib[k]);
     c.cb[k] = static_cast<T>(bits_scale_factor(c.bits[k]));
   }
   return c;

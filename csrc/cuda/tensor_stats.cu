@@ -254,24 +254,17 @@ __global__ void params_write_kernel(const Acc* __restrict__ acc1, const T* __res
   }
 }
 
-// Forward integer bits (SPEC 4.1), validated like the CPU kernel; bits are [K] and tiny.
+// The candidates' ids, integer bits (int_bits, shared with the CPU kernel) and ClipQ/PotQ lambdas.
 Cands params_cands(const at::Tensor& bits, at::IntArrayRef schemes) {
   TORCH_CHECK_VALUE(schemes.size() <= static_cast<size_t>(kNumSchemes), "autoqnn::scheme_params: at most ",
                     kNumSchemes, " schemes per call, got ", schemes.size());
-  TORCH_CHECK_VALUE(bits.numel() == static_cast<int64_t>(schemes.size()), "autoqnn: bits has ", bits.numel(),
-                    " entries for ", schemes.size(), " schemes");
-  const at::Tensor b = bits.detach().to(at::kCPU, at::kDouble).contiguous();
-  const double* bp = b.const_data_ptr<double>();
+  const std::vector<int> ib = int_bits(bits, schemes);
   Cands cs{};
   cs.K = static_cast<int32_t>(schemes.size());
   for (int k = 0; k < cs.K; ++k) {
     const int64_t s = schemes[k];
-    TORCH_CHECK_VALUE(s >= 0 && s < kNumSchemes, "autoqnn: unknown scheme id ", s);
-    TORCH_CHECK_VALUE(std::isfinite(bp[k]), "autoqnn: learned bits for scheme '", scheme_name(s),
-                      "' must be finite, got ", bp[k]);
-    const double rb = std::min<double>(std::max<double>(std::nearbyint(bp[k]), kMinBits[s]), kMaxBits[s]);
     cs.sid[k] = static_cast<int32_t>(s);
-    cs.bits[k] = static_cast<int32_t>(rb);
+    cs.bits[k] = static_cast<int32_t>(ib[k]);
     cs.lam[k] = s == kClip ? kClipLambda[cs.bits[k]] : (s == kPot ? kPotLambda[cs.bits[k]] : 0.0);
   }
   return cs;

@@ -8,7 +8,12 @@
 #include <c10/core/ScalarType.h>
 #include <c10/util/Exception.h>
 
+#include <algorithm>
+#include <cmath>
 #include <cstdint>
+#include <vector>
+
+#include "autoqnn/scheme_math.h"
 
 namespace autoqnn {
 
@@ -32,6 +37,28 @@ inline at::ScalarType stats_dtype(at::ScalarType s) {
 // Rows of per-channel statistics: channels = dim 0; 0-d tensors are per-tensor (one row).
 inline int64_t num_channels(const at::Tensor& x, bool per_channel) {
   return (per_channel && x.dim() > 0) ? x.size(0) : 1;
+}
+
+// Forward integer bits of each candidate: clip(round(b), b_min, b_max) (SPEC 4.1), round half to
+// even; ValueError for a bits/schemes length mismatch, an unknown scheme or a non-finite learned
+// bitwidth. bits are tiny ([K]): one small host copy (a no-op for the usual host-side bits).
+// Shared by the CPU and CUDA kernels.
+inline std::vector<int> int_bits(const at::Tensor& bits, at::IntArrayRef schemes) {
+  TORCH_CHECK_VALUE(bits.numel() == static_cast<int64_t>(schemes.size()), "autoqnn: bits has ",
+                    bits.numel(), " entries for ", schemes.size(), " schemes");
+  const at::Tensor b = bits.detach().to(at::kCPU, at::kDouble).contiguous();
+  const double* bp = b.const_data_ptr<double>();
+  std::vector<int> out(schemes.size());
+  for (size_t k = 0; k < schemes.size(); ++k) {
+    const int64_t s = schemes[k];
+    TORCH_CHECK_VALUE(s >= 0 && s < kNumSchemes, "autoqnn: unknown scheme id ", s);
+    TORCH_CHECK_VALUE(std::isfinite(bp[k]), "autoqnn: learned bits for scheme '", scheme_name(s),
+                      "' must be finite, got ", bp[k]);
+    double r = std::nearbyint(bp[k]);
+    r = std::min<double>(std::max<double>(r, kMinBits[s]), kMaxBits[s]);
+    out[k] = static_cast<int>(r);
+  }
+  return out;
 }
 
 }  // namespace autoqnn
