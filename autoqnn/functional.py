@@ -15,6 +15,7 @@ from __future__ import annotations
 
 from typing import Optional, Sequence, Union
 
+import functools
 import math
 
 import torch
@@ -94,6 +95,49 @@ def _bits_tensor(bits: BitsArg, infos) -> tuple[torch.Tensor, Optional[list[int]
     return torch.tensor(ints, dtype=torch.float32), ints
 
 
+def _hashable_bits(bits):
+    """``bits`` as a cache key (a 1-tuple holding None, a number or a tuple of numbers), or None
+    when it cannot be one (tensors, other sequences, booleans, which must keep failing
+    validation but compare equal to 0/1). 3 and 3.0 share a key: they validate the same."""
+    if bits is None or (isinstance(bits, (int, float)) and not isinstance(bits, bool)):
+        return (bits,)
+    if isinstance(bits, (list, tuple)) and all(
+        isinstance(b, (int, float)) and not isinstance(b, bool) for b in bits
+    ):
+        return (tuple(bits),)
+    return None
+
+
+@functools.lru_cache(maxsize=512)
+def _resolve_cached(schemes: tuple, bits_key: tuple):
+    infos = tuple(scheme_info(s) for s in schemes)
+    bits = bits_key[0]
+    bits_t, ints = _bits_tensor(list(bits) if isinstance(bits, tuple) else bits, infos)
+    bits_t.requires_grad_(False)
+    return infos, tuple(i.id for i in infos), bits_t, tuple(ints)
+
+
+def _resolve(schemes, bits: BitsArg):
+    """(scheme infos, ids, float bits tensor [K], integer bits or None). Training loops call
+    the functional API with the same schemes and integer bits thousands of times: those
+    resolutions are cached (host time per call matters on GPUs, where the kernels are short).
+    The cached bits tensor is shared read-only by every call that hits the entry."""
+    key = _hashable_bits(bits)
+    if key is not None and not isinstance(schemes, (str, bytes)):
+        try:
+            st = tuple(schemes)
+            hash(st)
+        except TypeError:
+            st = None
+        # scheme ids: bool is an int that scheme_info must keep rejecting
+        if st is not None and all(isinstance(s, (str, int)) and not isinstance(s, bool) for s in st):
+            infos, sids, bits_t, ints = _resolve_cached(st, key)
+            return list(infos), list(sids), bits_t, list(ints)
+    infos = [scheme_info(s) for s in schemes]
+    bits_t, ints = _bits_tensor(bits, infos)
+    return infos, [i.id for i in infos], bits_t, ints
+
+
 def _check_params_arg(params, x, K, per_channel):
     C = ref.num_channels(x, per_channel)
     if not isinstance(params, torch.Tensor) or params.shape != (K, C, NUM_PARAMS):
@@ -170,9 +214,8 @@ def quantize(
         A tensor of ``x``'s shape and dtype (contiguous).
     """
     check_input(x)
-    info = scheme_info(scheme)
     _check_per_channel(x, per_channel)
-    bits_t, ints = _bits_tensor(bits, [info])
+    (info,), _, bits_t, ints = _resolve((scheme,), bits)
     if params is not None:
         params = _check_params_arg(params, x, 1, per_channel)
     mode = backends.resolve(backend, x.device, _needs(backend, "quantize", "quantize_backward"))
@@ -211,20 +254,20 @@ def quantize_mixture(
     """
     check_input(x)
     check_input(weights, "weights")
-    infos = [scheme_info(s) for s in schemes]
+    if isinstance(schemes, (str, bytes)):
+        raise TypeError(f"schemes must be a sequence of scheme names, got the string {schemes!r}")
+    infos, sids, bits_t, ints = _resolve(schemes, bits)
     K = len(infos)
     if K == 0:
         raise ValueError("schemes must name at least one candidate")
-    if len({i.id for i in infos}) != K:
+    if len(set(sids)) != K:
         raise ValueError(f"schemes contains duplicates: {[i.name for i in infos]}")
     if weights.numel() != K or weights.dim() > 1:
         raise ValueError(f"weights must have shape [{K}] (one per scheme), got {list(weights.shape)}")
     weights = weights.reshape(K)
     _check_per_channel(x, per_channel)
-    bits_t, ints = _bits_tensor(bits, infos)
     if params is not None:
         params = _check_params_arg(params, x, K, per_channel)
-    sids = [i.id for i in infos]
     mode = backends.resolve(backend, x.device, _needs(backend, "mixture", "mixture_backward"))
     if mode == "torch":
         return _torch_impl(x, weights, bits_t, ints, sids, per_channel, params)
@@ -246,12 +289,13 @@ def scheme_params(
     uses the ``autoqnn::scheme_params`` op (C++ on CPU, Triton or the reference on GPUs)."""
     check_input(x)
     _check_per_channel(x, per_channel)
-    infos = [scheme_info(s) for s in schemes]
-    bits_t, _ = _bits_tensor(bits, infos)
+    if isinstance(schemes, (str, bytes)):
+        raise TypeError(f"schemes must be a sequence of scheme names, got the string {schemes!r}")
+    _, sids, bits_t, _ = _resolve(schemes, bits)
     mode = "triton" if backends.check_backend_name(backend) == "triton" else "ops"
     if mode == "triton":
         backends.resolve("triton", x.device, ["scheme_params"])
-    return _params_op(mode)(x.detach(), bits_t.detach(), [i.id for i in infos], per_channel)
+    return _params_op(mode)(x.detach(), bits_t.detach(), sids, per_channel)
 
 
 def tensor_stats(x: torch.Tensor, per_channel: bool = False) -> torch.Tensor:

@@ -470,6 +470,31 @@ def test_bits_tensor_shape_and_dtype():
     assert torch.equal(AF.quantize(x, "clip", torch.tensor(5)), AF.quantize(x, "clip", 5))
 
 
+def test_cached_resolution_keeps_validating():
+    """The functional API caches (schemes, int bits) resolutions: a cached valid key must not
+    let an equal-comparing invalid one through (True == 1, [3, True] == [3, 1]), and the shared
+    bits tensor must not pick up a gradient or change between calls."""
+    x = _randn(100)
+    w = torch.full((2,), 0.5)
+    y1 = AF.quantize(x, "binary", 1)
+    with pytest.raises(ValueError, match="binary"):
+        AF.quantize(x, "binary", True)
+    AF.quantize_mixture(x, w, ["clip", "pot"], [3, 2])
+    with pytest.raises(ValueError):
+        AF.quantize_mixture(x, w, ["clip", "pot"], [3, True])
+    # 3.0 validates like 3 and shares its entry; 3.5 never reaches the cache
+    assert torch.equal(AF.quantize(x, "clip", 3.0), AF.quantize(x, "clip", 3))
+    with pytest.raises(ValueError, match="clip"):
+        AF.quantize(x, "clip", 3.5)
+    # the same entry twice, the second call after a backward through the first
+    xr = x.clone().requires_grad_()
+    AF.quantize_mixture(xr, w, ("clip", "pot"), [3, 2]).sum().backward()
+    infos, sids, bt, ints = AF._resolve(("clip", "pot"), [3, 2])
+    assert bt.tolist() == [3.0, 2.0] and not bt.requires_grad and bt.grad is None and ints == [3, 2]
+    assert AF._resolve(["clip", "pot"], (3, 2))[2] is bt  # lists and tuples share the entry
+    assert torch.equal(AF.quantize(x, "binary", 1), y1)
+
+
 # ----------------------------------------------------------------------------- backends
 def test_unavailable_backends_raise():
     x = _randn(100)
