@@ -1,5 +1,5 @@
 # SPDX-License-Identifier: MIT
-"""Would a batched op (all weights of a model in one launch) pay? An upper bound, measured.
+"""Does the batched op (all weights of a model in one call) pay? Measured, with its upper bound.
 
 The QSS step quantizes every weight tensor of the model with the 8-candidate mixture, forward
 and backward, one call per tensor. A batched op would process all of them in one launch per
@@ -10,9 +10,12 @@ which costs the same passes). This script times, side by side on the same weight
 * ``loop``: per tensor, statistics + mixture forward + backward (what autoqnn does today);
 * ``concat``: ``torch.cat`` of the flattened weights, then one statistics + mixture forward +
   backward call (the batched op's best case, the cat included);
-* ``concat-no-cat``: the same on a pre-concatenated tensor (the batched op without a copy).
+* ``concat-no-cat``: the same on a pre-concatenated tensor (the batched op without a copy);
+* ``batched``: :func:`autoqnn.functional.quantize_mixture_batched`, the real batched op (per
+  tensor statistics and mixture weights, the concatenation included).
 
-``loop / concat-no-cat`` is the most a batched op could gain on this machine.
+``loop / concat-no-cat`` is the most a batched op could gain on this machine; ``loop / batched``
+is what it gains.
 
     python bench/bench_batched.py                       # CPU, ResNet-18 and VGG-like weights
     python bench/bench_batched.py --device cuda         # GPU: launch overhead dominates here
@@ -76,20 +79,22 @@ def main(argv=None):
     name = torch.cuda.get_device_name(0) if dev == "cuda" else f"CPU, {torch.get_num_threads()} threads"
     print(f"### Batched weights, upper bound: QSS mixture (8 candidates, 3 bits) fwd+bwd on {name}")
     print(f"torch {torch.__version__}; autoqnn {autoqnn.__version__}; backend {args.backend}\n")
-    print("| weights | tensors | elements | loop ms | concat ms | concat-no-cat ms | loop / concat-no-cat |")
-    print("|---|---:|---:|---:|---:|---:|---:|")
+    print("| weights | tensors | elements | loop ms | batched ms | concat ms | concat-no-cat ms | loop / batched "
+          "| loop / concat-no-cat |")
+    print("|---|---:|---:|---:|---:|---:|---:|---:|---:|")
     g = torch.Generator().manual_seed(0)
     for mname in args.models:
         shapes = MODELS[mname]
         ws = [(torch.randn(s, generator=g) * 0.05).to(dev).requires_grad_() for s in shapes]
         theta = torch.zeros(len(cands), device=dev, requires_grad=True)
+        thetas = torch.zeros(len(shapes), len(cands), device=dev, requires_grad=True)
         gys = [torch.randn(s, generator=g).to(dev) for s in shapes]
         flat = torch.cat([w.detach().reshape(-1) for w in ws]).requires_grad_()
         gflat = torch.cat([gy.reshape(-1) for gy in gys])
 
         def loop():
-            m = torch.softmax(theta, 0)
-            ys = [AF.quantize_mixture(w, m, cands, 3, backend=args.backend) for w in ws]
+            m = torch.softmax(thetas, 1)  # one theta per layer, as the QSS search has
+            ys = [AF.quantize_mixture(w, m[i], cands, 3, backend=args.backend) for i, w in enumerate(ws)]
             torch.autograd.backward(ys, gys)
 
         def concat():
@@ -103,10 +108,15 @@ def main(argv=None):
             y = AF.quantize_mixture(flat, m, cands, 3, backend=args.backend)
             torch.autograd.backward([y], [gflat])
 
-        t = [_timeit(f, dev, args.rounds) for f in (loop, concat, concat_no_cat)]
+        def batched():
+            m = torch.softmax(thetas, 1)
+            ys = AF.quantize_mixture_batched(ws, m, cands, 3, backend=args.backend)
+            torch.autograd.backward(ys, gys)
+
+        t = [_timeit(f, dev, args.rounds) for f in (loop, batched, concat, concat_no_cat)]
         n = sum(math.prod(s) for s in shapes)
         print(f"| {mname} | {len(shapes)} | {n} | {t[0] * 1e3:.3f} | {t[1] * 1e3:.3f} | {t[2] * 1e3:.3f} | "
-              f"{t[0] / t[2]:.2f}x |")
+              f"{t[3] * 1e3:.3f} | {t[0] / t[1]:.2f}x | {t[0] / t[3]:.2f}x |")
         sys.stdout.flush()
 
 

@@ -22,6 +22,10 @@ Ops (bits is a float tensor ``[K]``, the forward uses ``clip(round(bits), b_min,
 ``mixture(x, params, weights, bits, schemes, per_channel) -> y`` and ``mixture_backward``
     y = Σ_k w_k·q_k(x); backward gives (grad_y·Σ_k w_k·mask_k, ⟨grad_y, q_k⟩_k,
     (w_k·⟨grad_y, ∂q_k/∂b⟩)_k) without saving anything of size K×N.
+``scheme_params_batched``, ``mixture_batched`` and ``mixture_batched_backward``
+    the batched variant: many tensors in one call (every weight of a model). ``x`` is their
+    flat concatenation, ``offsets`` (``int[R + 1]``, 0 .. numel) cuts it into R rows, each with
+    its own statistics, weights ``[R, K]`` and bits ``[R, K]``; params are ``[K, R, P]``.
 """
 from __future__ import annotations
 
@@ -52,9 +56,19 @@ SCHEMAS = {
         "(Tensor grad_y, Tensor x, Tensor params, Tensor weights, Tensor bits, int[] schemes, "
         "bool per_channel, bool need_weights_grad, bool need_bits_grad) -> (Tensor, Tensor, Tensor)"
     ),
+    "scheme_params_batched": "(Tensor x, int[] offsets, Tensor bits, int[] schemes) -> Tensor",
+    "mixture_batched": (
+        "(Tensor x, int[] offsets, Tensor params, Tensor weights, Tensor bits, int[] schemes) -> Tensor"
+    ),
+    "mixture_batched_backward": (
+        "(Tensor grad_y, Tensor x, int[] offsets, Tensor params, Tensor weights, Tensor bits, "
+        "int[] schemes, bool need_weights_grad, bool need_bits_grad) -> (Tensor, Tensor, Tensor)"
+    ),
 }
 
 OPS = tuple(SCHEMAS)
+#: the batched variant's ops
+BATCHED_OPS = ("scheme_params_batched", "mixture_batched", "mixture_batched_backward")
 
 #: ops with two GPU implementations: ``autoqnn::<op>_cuda`` (the C++/CUDA kernel of
 #: ``csrc/cuda``) and ``autoqnn::<op>_triton`` (:mod:`autoqnn.ops._triton`). The main op's CUDA
@@ -84,6 +98,9 @@ _DEFAULT_KERNELS = {
     "quantize_backward": ref.quantize_backward_ref,
     "mixture": ref.mixture_ref,
     "mixture_backward": ref.mixture_backward_ref,
+    "scheme_params_batched": ref.scheme_params_batched_ref,
+    "mixture_batched": ref.mixture_batched_ref,
+    "mixture_batched_backward": ref.mixture_batched_backward_ref,
 }
 for _name, _fn in _DEFAULT_KERNELS.items():
     _lib.impl(_name, _fn, "CompositeExplicitAutograd")
@@ -134,6 +151,32 @@ def _mixture_backward_fake(
         torch.empty_like(x, memory_format=torch.contiguous_format),
         torch.empty_like(weights),
         torch.empty_like(bits),
+    )
+
+
+@torch.library.register_fake(qualname("scheme_params_batched"), lib=_lib)
+def _scheme_params_batched_fake(x, offsets, bits, schemes):
+    R = len(offsets) - 1
+    torch._check(R >= 0, lambda: "offsets must have at least one entry")
+    return x.new_empty((len(schemes), R, NUM_PARAMS), dtype=ref.compute_dtype(x.dtype))
+
+
+@torch.library.register_fake(qualname("mixture_batched"), lib=_lib)
+def _mixture_batched_fake(x, offsets, params, weights, bits, schemes):
+    K, R = len(schemes), len(offsets) - 1
+    torch._check(params.dim() == 3 and params.shape[0] == K and params.shape[1] == R,
+                 lambda: "params must be [K, R, P]")
+    torch._check(weights.dim() == 2 and weights.shape[0] == R and weights.shape[1] == K,
+                 lambda: "weights must be [R, K]")
+    return torch.empty_like(x, memory_format=torch.contiguous_format)
+
+
+@torch.library.register_fake(qualname("mixture_batched_backward"), lib=_lib)
+def _mixture_batched_backward_fake(grad_y, x, offsets, params, weights, bits, schemes, need_w, need_b):
+    return (
+        torch.empty_like(x, memory_format=torch.contiguous_format),
+        torch.empty_like(weights, memory_format=torch.contiguous_format),
+        torch.empty_like(bits, memory_format=torch.contiguous_format),
     )
 
 
@@ -203,6 +246,33 @@ def register_autograd_for(fwd: str, bwd: str, kind: str) -> None:
         torch.library.register_autograd(qualname(fwd), backward, setup_context=_mixture_setup, lib=_lib)
 
 
+def _mixture_batched_setup(ctx, inputs, output):
+    x, offsets, params, weights, bits, schemes = inputs
+    ctx.save_for_backward(x, params, weights, bits)
+    ctx.offsets = offsets
+    ctx.schemes = schemes
+
+
+def _mixture_batched_bwd(ctx, grad_y):
+    x, params, weights, bits = ctx.saved_tensors
+    need_w = bool(ctx.needs_input_grad[3])
+    need_b = bool(ctx.needs_input_grad[4])
+    gx, gw, gb = _op("mixture_batched_backward")(
+        grad_y, x, ctx.offsets, params, weights, bits, ctx.schemes, need_w, need_b
+    )
+    return (
+        gx if ctx.needs_input_grad[0] else None,
+        None,
+        None,
+        gw if need_w else None,
+        gb if need_b else None,
+        None,
+    )
+
+
+torch.library.register_autograd(
+    qualname("mixture_batched"), _mixture_batched_bwd, setup_context=_mixture_batched_setup, lib=_lib
+)
 register_autograd_for("quantize", "quantize_backward", kind="quantize")
 register_autograd_for("mixture", "mixture_backward", kind="mixture")
 

@@ -52,6 +52,9 @@ __all__ = [
     "eval_scheme",
     "params_rows",
     "int_bits",
+    "scheme_params_batched_ref",
+    "mixture_batched_ref",
+    "mixture_batched_backward_ref",
 ]
 
 # PotQ rounds log2|u| to the nearest integer: with frexp(|u|) = (f, E), f ∈ [0.5, 1),
@@ -396,3 +399,102 @@ def quantize_backward_ref(
         gb = (g2 * D).sum().to(bits.dtype).reshape(bits.shape)
     return gx.reshape(x.shape).to(x.dtype), gb
 
+
+
+# ----------------------------------------------------------------------------- batched ops
+# Many tensors in one call (e.g. every weight of a model): ``x`` is their flat concatenation and
+# ``offsets`` ([R + 1] ints, 0 .. numel) cut it into R rows, each quantized on its own: its own
+# statistics, mixture weights ``weights[r]`` and bits ``bits[r]`` ([R, K] both). A per-channel
+# tensor contributes one row per channel. These references loop over the rows with the per-tensor
+# references above (the oracle of the batched kernels, and their fallback).
+def check_offsets(x: torch.Tensor, offsets: Sequence[int], op: str = "batched op") -> list[int]:
+    off = [int(o) for o in offsets]
+    if not off or off[0] != 0 or off[-1] != x.numel():
+        raise ValueError(
+            f"autoqnn::{op}: offsets must start at 0 and end at x.numel() = {x.numel()}, got "
+            f"{off[:1]} .. {off[-1:]}"
+        )
+    for r in range(len(off) - 1):
+        if off[r + 1] < off[r]:
+            raise ValueError(f"autoqnn::{op}: offsets must be non-decreasing, got {off[r]} then {off[r + 1]} at row {r}")
+    return off
+
+
+def _check_rows(t: torch.Tensor, R: int, K: int, name: str, op: str) -> None:
+    if t.dim() != 2 or t.shape[0] != R or t.shape[1] != K:
+        raise ValueError(f"autoqnn::{op}: {name} must have shape [{R}, {K}] (rows x schemes), got {list(t.shape)}")
+
+
+def scheme_params_batched_ref(
+    x: torch.Tensor, offsets: Sequence[int], bits: torch.Tensor, schemes: Sequence[int]
+) -> torch.Tensor:
+    """``[K, R, NUM_PARAMS]``: row r's scales, as :func:`scheme_params_ref` of that row alone."""
+    off = check_offsets(x, offsets, "scheme_params_batched")
+    R, K = len(off) - 1, len(schemes)
+    _check_rows(bits, R, K, "bits", "scheme_params_batched")
+    xf = x.detach().reshape(-1)
+    cd = compute_dtype(x.dtype)
+    if R == 0:
+        return torch.zeros((K, 0, NUM_PARAMS), dtype=cd, device=x.device)
+    rows = [scheme_params_ref(xf[off[r]:off[r + 1]], bits[r], schemes, False) for r in range(R)]
+    return torch.cat(rows, 1)
+
+
+def mixture_batched_ref(
+    x: torch.Tensor,
+    offsets: Sequence[int],
+    params: torch.Tensor,
+    weights: torch.Tensor,
+    bits: torch.Tensor,
+    schemes: Sequence[int],
+) -> torch.Tensor:
+    """y = Σ_k weights[r, k]·q_k(x) on every row r, in x's shape and dtype."""
+    off = check_offsets(x, offsets, "mixture_batched")
+    R, K = len(off) - 1, len(schemes)
+    _check_rows(weights, R, K, "weights", "mixture_batched")
+    _check_rows(bits, R, K, "bits", "mixture_batched")
+    if params.dim() != 3 or params.shape[0] != K or params.shape[1] != R:
+        raise ValueError(f"autoqnn::mixture_batched: params must have shape [{K}, {R}, {NUM_PARAMS}], got {list(params.shape)}")
+    xf = x.detach().reshape(-1)
+    y = torch.empty_like(xf, memory_format=torch.contiguous_format)
+    for r in range(R):
+        if off[r + 1] > off[r]:
+            y[off[r]:off[r + 1]] = mixture_ref(
+                xf[off[r]:off[r + 1]], params[:, r:r + 1], weights[r], bits[r], schemes, False
+            )
+    return y.reshape(x.shape)
+
+
+def mixture_batched_backward_ref(
+    grad_y: torch.Tensor,
+    x: torch.Tensor,
+    offsets: Sequence[int],
+    params: torch.Tensor,
+    weights: torch.Tensor,
+    bits: torch.Tensor,
+    schemes: Sequence[int],
+    need_weights_grad: bool = True,
+    need_bits_grad: bool = True,
+):
+    """(grad_x, grad_weights [R, K], grad_bits [R, K]) of :func:`mixture_batched_ref`, row by row
+    as :func:`mixture_backward_ref`."""
+    off = check_offsets(x, offsets, "mixture_batched_backward")
+    R, K = len(off) - 1, len(schemes)
+    _check_rows(weights, R, K, "weights", "mixture_batched_backward")
+    _check_rows(bits, R, K, "bits", "mixture_batched_backward")
+    if grad_y.shape != x.shape:
+        raise ValueError(f"autoqnn: grad_y has shape {list(grad_y.shape)} but x has shape {list(x.shape)}")
+    xf = x.detach().reshape(-1)
+    gf = grad_y.detach().reshape(-1)
+    gx = torch.zeros_like(xf, memory_format=torch.contiguous_format)
+    gw = torch.zeros_like(weights, memory_format=torch.contiguous_format)
+    gb = torch.zeros_like(bits, memory_format=torch.contiguous_format)
+    for r in range(R):
+        if off[r + 1] == off[r]:
+            continue
+        sl = slice(off[r], off[r + 1])
+        gx[sl], gw[r], gb[r] = mixture_backward_ref(
+            gf[sl], xf[sl], params[:, r:r + 1], weights[r], bits[r], schemes, False,
+            need_weights_grad, need_bits_grad,
+        )
+    return gx.reshape(x.shape), gw, gb

@@ -33,15 +33,48 @@ namespace autoqnn {
 namespace {
 
 constexpr int64_t kChunk = 1 << 14;  // elements per reduction chunk (fixed: determinism)
+constexpr int64_t kGroup = 1 << 19;  // batched statistics: elements per group of rows (2 MB fp32)
 
+// Rows of x (contiguous): C rows of N elements each (per tensor: C = 1; per channel: C = dim 0),
+// or, for the batched ops, ragged rows: row c is x[off[c], off[c+1]).
 struct Layout {
-  int64_t C;  // channels (rows)
-  int64_t N;  // elements per row
+  int64_t C = 0;  // rows
+  int64_t N = 0;  // elements per row (uniform layouts)
+  std::vector<int64_t> off;     // ragged rows (empty: uniform)
+  std::vector<int64_t> cfirst;  // ragged: index of row c's first chunk; cfirst[C] = all chunks
+
+  bool ragged() const { return !off.empty(); }
+  int64_t begin(int64_t c) const { return ragged() ? off[c] : c * N; }
+  int64_t len(int64_t c) const { return ragged() ? off[c + 1] - off[c] : N; }
+  static int64_t chunks_of(int64_t n) { return n > 0 ? (n + kChunk - 1) / kChunk : 0; }
+  int64_t chunks(int64_t c) const { return ragged() ? cfirst[c + 1] - cfirst[c] : chunks_of(N); }
+  int64_t first_chunk(int64_t c) const { return ragged() ? cfirst[c] : c * chunks_of(N); }
+  int64_t total_chunks() const { return ragged() ? cfirst[C] : C * chunks_of(N); }
 };
 
 Layout layout_of(const at::Tensor& x, bool per_channel) {
-  const int64_t C = (per_channel && x.dim() > 0) ? x.size(0) : 1;
-  return {C, C > 0 ? x.numel() / C : 0};
+  Layout L;
+  L.C = (per_channel && x.dim() > 0) ? x.size(0) : 1;
+  L.N = L.C > 0 ? x.numel() / L.C : 0;
+  return L;
+}
+
+// Ragged rows from the batched ops' offsets: off[0] = 0, non-decreasing, off[R] = numel.
+Layout ragged_layout(const at::Tensor& x, at::IntArrayRef offsets, const char* op) {
+  TORCH_CHECK_VALUE(!offsets.empty(), "autoqnn::", op, ": offsets must have at least one entry (0)");
+  TORCH_CHECK_VALUE(offsets.front() == 0 && offsets.back() == x.numel(), "autoqnn::", op,
+                    ": offsets must start at 0 and end at x.numel() = ", x.numel(), ", got ",
+                    offsets.front(), " .. ", offsets.back());
+  Layout L;
+  L.C = static_cast<int64_t>(offsets.size()) - 1;
+  L.off.assign(offsets.begin(), offsets.end());
+  L.cfirst.assign(L.C + 1, 0);
+  for (int64_t c = 0; c < L.C; ++c) {
+    TORCH_CHECK_VALUE(L.off[c + 1] >= L.off[c], "autoqnn::", op, ": offsets must be non-decreasing, got ",
+                      L.off[c], " then ", L.off[c + 1], " at row ", c);
+    L.cfirst[c + 1] = L.cfirst[c] + Layout::chunks_of(L.off[c + 1] - L.off[c]);
+  }
+  return L;
 }
 
 void check_float(const at::Tensor& t, const char* name) {
@@ -53,22 +86,31 @@ at::ScalarType compute_type(at::ScalarType s) {
   return s == at::kDouble ? at::kDouble : at::kFloat;
 }
 
-// Runs f(row, begin, end, chunk_index) over every (row, chunk) piece in parallel.
+// Runs f(row, begin, end, chunk_index) over every (row, chunk) piece in parallel; begin/end are
+// offsets inside the row, chunk_index = L.first_chunk(row) + chunk number inside the row.
 template <typename F>
 void for_each_chunk(const Layout& L, F f) {
-  const int64_t per_row = L.N > 0 ? (L.N + kChunk - 1) / kChunk : 0;
-  const int64_t total = L.C * per_row;
+  const int64_t total = L.total_chunks();
   if (total == 0) return;
   at::parallel_for(0, total, 1, [&](int64_t lo, int64_t hi) {
+    int64_t c = 0;
+    if (L.ragged())  // the row of chunk lo; later chunks of the range walk forward from it
+      c = std::upper_bound(L.cfirst.begin(), L.cfirst.end(), lo) - L.cfirst.begin() - 1;
+    const int64_t per_row = Layout::chunks_of(L.N);
     for (int64_t t = lo; t < hi; ++t) {
-      const int64_t c = t / per_row, j = t % per_row;
-      const int64_t b = j * kChunk, e = std::min(L.N, b + kChunk);
+      int64_t j;
+      if (L.ragged()) {
+        while (t >= L.cfirst[c + 1]) ++c;  // skips empty rows too
+        j = t - L.cfirst[c];
+      } else {
+        c = t / per_row;
+        j = t % per_row;
+      }
+      const int64_t b = j * kChunk, e = std::min(L.len(c), b + kChunk);
       f(c, b, e, t);
     }
   });
 }
-
-int64_t chunks_per_row(const Layout& L) { return L.N > 0 ? (L.N + kChunk - 1) / kChunk : 0; }
 
 // ----------------------------------------------------------------------------- statistics
 constexpr int64_t kTile = 256;  // elements per tile (fits L1 with a few temporaries)
@@ -95,12 +137,11 @@ template <int NACC, typename scalar_t, typename Init, typename TileFn, typename 
 std::vector<std::array<double, NACC>> row_reduce(const scalar_t* x, const Layout& L, Init init,
                                                  TileFn tile_fn, Merge merge) {
   using T = at::opmath_type<scalar_t>;
-  const int64_t per_row = chunks_per_row(L);
-  std::vector<std::array<double, NACC>> part(L.C * per_row);
+  std::vector<std::array<double, NACC>> part(L.total_chunks());
   for_each_chunk(L, [&](int64_t c, int64_t b, int64_t e, int64_t t) {
     std::array<double, NACC> acc = init();
     alignas(64) T xt[kTile];
-    const scalar_t* xr = x + c * L.N;
+    const scalar_t* xr = x + L.begin(c);
     for (int64_t t0 = b; t0 < e; t0 += kTile) {
       const int64_t n = std::min(kTile, e - t0);
       tile_fn(c, tile_view<scalar_t, T>(xr + t0, xt, n), n, acc.data());
@@ -110,7 +151,8 @@ std::vector<std::array<double, NACC>> row_reduce(const scalar_t* x, const Layout
   std::vector<std::array<double, NACC>> out(L.C);
   for (int64_t c = 0; c < L.C; ++c) {
     std::array<double, NACC> a = init();
-    for (int64_t j = 0; j < per_row; ++j) merge(a, part[c * per_row + j]);
+    const int64_t first = L.first_chunk(c), nch = L.chunks(c);
+    for (int64_t j = 0; j < nch; ++j) merge(a, part[first + j]);
     out[c] = a;
   }
   return out;
@@ -292,18 +334,40 @@ AUTOQNN_TILE_FN void dependent_tile(const T* __restrict xt, int64_t n, const Dep
   }
 }
 
+// Integer bits of candidate k in row c: one [K] vector for every row, or [C, K] (batched ops).
+struct RowBits {
+  std::vector<int> v;
+  int64_t K = 0;
+  bool per_row = false;
+  int at(int64_t c, int64_t k) const { return v[(per_row ? c * K : 0) + k]; }
+};
+
+RowBits shared_bits(const at::Tensor& bits, at::IntArrayRef schemes) {
+  return {int_bits(bits, schemes), static_cast<int64_t>(schemes.size()), false};
+}
+
+RowBits batched_bits(const at::Tensor& bits, at::IntArrayRef schemes, int64_t R, const char* op) {
+  const int64_t K = schemes.size();
+  TORCH_CHECK_VALUE(bits.dim() == 2 && bits.size(0) == R && bits.size(1) == K, "autoqnn::", op,
+                    ": bits must have shape [", R, ", ", K, "] (rows x schemes), got ", bits.sizes());
+  return {int_bits_rows(bits, schemes), K, true};
+}
+
 template <typename scalar_t>
-void fill_params(const scalar_t* x, const Layout& L, at::IntArrayRef schemes,
-                 const std::vector<int>& bits, at::opmath_type<scalar_t>* out) {
+void fill_params(const scalar_t* x, const Layout& L, at::IntArrayRef schemes, const RowBits& bits,
+                 at::opmath_type<scalar_t>* out, int64_t row0 = 0, int64_t out_C = -1) {
+  // rows c of L are rows row0 + c of bits and of out ([K, out_C, kNumParams])
+  if (out_C < 0) out_C = L.C;
   using T = at::opmath_type<scalar_t>;
   const int64_t K = schemes.size();
   bool need_ter = false, need_quat = false, need_sigma = false;
-  int res_bits = 0;  // residual alphas needed: b + 1
+  int res_bits = 0;  // residual alphas needed: b + 1 (the most any row needs)
   for (int64_t k = 0; k < K; ++k) {
     need_sigma |= schemes[k] == kQuaternary || schemes[k] == kClip || schemes[k] == kPot;
     need_ter |= schemes[k] == kTernary;
     need_quat |= schemes[k] == kQuaternary;
-    if (schemes[k] == kResidual) res_bits = std::max(res_bits, bits[k]);
+    if (schemes[k] == kResidual)
+      for (int64_t c = 0; c < (bits.per_row ? L.C : 1); ++c) res_bits = std::max(res_bits, bits.at(row0 + c, k));
   }
   const auto st = row_stats<scalar_t>(x, L);
   const int64_t C = L.C;
@@ -353,9 +417,9 @@ void fill_params(const scalar_t* x, const Layout& L, at::IntArrayRef schemes,
     }
   }
   for (int64_t k = 0; k < K; ++k) {
-    const int b = bits[k];
     for (int64_t c = 0; c < C; ++c) {
-      T* p = out + (k * C + c) * kNumParams;
+      const int b = bits.at(row0 + c, k);
+      T* p = out + (k * out_C + row0 + c) * kNumParams;
       switch (schemes[k]) {
         case kBinary: p[0] = mean_abs[c]; break;
         case kTernary:
@@ -391,37 +455,73 @@ void fill_params(const scalar_t* x, const Layout& L, at::IntArrayRef schemes,
   }
 }
 
-at::Tensor scheme_params_impl(const at::Tensor& x_, const at::Tensor& bits, at::IntArrayRef schemes,
-                              bool per_channel) {
-  check_float(x_, "x");
-  const std::vector<int> b = int_bits(bits, schemes);
-  const at::Tensor x = x_.contiguous();
-  const Layout L = layout_of(x, per_channel);
+at::Tensor scheme_params_rows(const at::Tensor& x, const Layout& L, const RowBits& b, at::IntArrayRef schemes) {
   const int64_t K = schemes.size();
   at::Tensor out = at::zeros({K, L.C, kNumParams}, x.options().dtype(compute_type(x.scalar_type())));
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "scheme_params", [&] {
     using T = at::opmath_type<scalar_t>;
-    fill_params<scalar_t>(x.const_data_ptr<scalar_t>(), L, schemes, b, out.data_ptr<T>());
+    if (!L.ragged()) {
+      fill_params<scalar_t>(x.const_data_ptr<scalar_t>(), L, schemes, b, out.data_ptr<T>());
+      return;
+    }
+    // Batched rows in groups of consecutive rows of at most kGroup elements (a bigger row is a
+    // group of its own): each group's 2-9 statistics passes then re-read cache-resident data,
+    // as one call per tensor does, instead of streaming the whole batch from memory per pass.
+    // Each row's result does not depend on its group (rows are reduced independently).
+    for (int64_t c0 = 0; c0 < L.C;) {
+      int64_t c1 = c0 + 1;
+      while (c1 < L.C && L.off[c1 + 1] - L.off[c0] <= kGroup) ++c1;
+      Layout G;
+      G.C = c1 - c0;
+      G.off.resize(G.C + 1);
+      G.cfirst.resize(G.C + 1);
+      for (int64_t c = 0; c <= G.C; ++c) {
+        G.off[c] = L.off[c0 + c] - L.off[c0];
+        G.cfirst[c] = L.cfirst[c0 + c] - L.cfirst[c0];
+      }
+      fill_params<scalar_t>(x.const_data_ptr<scalar_t>() + L.off[c0], G, schemes, b, out.data_ptr<T>(), c0, L.C);
+      c0 = c1;
+    }
   });
   return out;
+}
+
+at::Tensor scheme_params_impl(const at::Tensor& x_, const at::Tensor& bits, at::IntArrayRef schemes,
+                              bool per_channel) {
+  check_float(x_, "x");
+  const RowBits b = shared_bits(bits, schemes);
+  const at::Tensor x = x_.contiguous();
+  return scheme_params_rows(x, layout_of(x, per_channel), b, schemes);
 }
 
 // ----------------------------------------------------------------------------- output pass
 struct Candidates {
   std::vector<int64_t> sid;
-  std::vector<int> bits;
-  std::vector<double> cb;  // bits_scale_factor per candidate
+  RowBits bits;
+  std::vector<double> cb;  // bits_scale_factor per entry of bits.v
+  int b(int64_t c, int64_t k) const { return bits.at(c, k); }
+  double scale(int64_t c, int64_t k) const { return cb[(bits.per_row ? c * bits.K : 0) + k]; }
 };
 
-Candidates candidates(const at::Tensor& bits, at::IntArrayRef schemes) {
+Candidates candidates(RowBits bits, at::IntArrayRef schemes) {
   Candidates cs;
   cs.sid.assign(schemes.begin(), schemes.end());
-  cs.bits = int_bits(bits, schemes);
-  for (int b : cs.bits) cs.cb.push_back(bits_scale_factor(b));
+  cs.bits = std::move(bits);
+  for (int b : cs.bits.v) cs.cb.push_back(bits_scale_factor(b));
   return cs;
 }
 
+// Mixture weights of candidate k in row c: [K] for every row, or [C, K] (batched ops).
+struct RowWeights {
+  std::vector<double> v;
+  int64_t K = 0;
+  bool per_row = false;
+  double at(int64_t c, int64_t k) const { return v[(per_row ? c * K : 0) + k]; }
+};
+
 at::Tensor params_for(const at::Tensor& params, const at::Tensor& x, int64_t K, const Layout& L) {
+  TORCH_CHECK_TYPE(at::isFloatingType(params.scalar_type()), "autoqnn: params has dtype ",
+                   params.scalar_type(), "; expected a floating-point tensor");
   TORCH_CHECK_VALUE(params.dim() == 3 && params.size(0) == K && params.size(1) == L.C &&
                         params.size(2) == kNumParams,
                     "autoqnn: params must have shape [", K, ", ", L.C, ", ", kNumParams, "], got ",
@@ -429,10 +529,18 @@ at::Tensor params_for(const at::Tensor& params, const at::Tensor& x, int64_t K, 
   return params.detach().to(at::kCPU, compute_type(x.scalar_type())).contiguous();
 }
 
-std::vector<double> host_weights(const at::Tensor& w, int64_t K) {
+RowWeights host_weights(const at::Tensor& w, int64_t K) {
   TORCH_CHECK_VALUE(w.numel() == K, "autoqnn: weights must have ", K, " entries, got ", w.numel());
   const at::Tensor h = w.detach().to(at::kCPU, at::kDouble).contiguous();
-  return std::vector<double>(h.data_ptr<double>(), h.data_ptr<double>() + K);
+  return {std::vector<double>(h.data_ptr<double>(), h.data_ptr<double>() + K), K, false};
+}
+
+RowWeights batched_weights(const at::Tensor& w, int64_t R, int64_t K, const char* op) {
+  check_float(w, "weights");
+  TORCH_CHECK_VALUE(w.dim() == 2 && w.size(0) == R && w.size(1) == K, "autoqnn::", op,
+                    ": weights must have shape [", R, ", ", K, "] (rows x schemes), got ", w.sizes());
+  const at::Tensor h = w.detach().to(at::kCPU, at::kDouble).contiguous();
+  return {std::vector<double>(h.data_ptr<double>(), h.data_ptr<double>() + R * K), K, true};
 }
 
 // ---- tiles: each candidate is evaluated over a tile of elements with its scheme known at compile
@@ -552,15 +660,11 @@ AUTOQNN_TILE_FN void load_tile(T* __restrict out, const scalar_t* __restrict v, 
   for (int64_t j = 0; j < n; ++j) out[j] = static_cast<T>(v[j]);
 }
 
-// y = sum_k w_k q_k(x); weights == nullptr means a single scheme with weight exactly 1.
-at::Tensor forward_impl(const at::Tensor& x_, const at::Tensor& params_, const std::vector<double>* w,
-                        const at::Tensor& bits, at::IntArrayRef schemes, bool per_channel) {
-  check_float(x_, "x");
-  const at::Tensor x = x_.contiguous();
-  const Layout L = layout_of(x, per_channel);
-  const int64_t K = schemes.size();
-  const Candidates cs = candidates(bits, schemes);
-  const at::Tensor params = params_for(params_, x, K, L);
+// y = sum_k w_k q_k(x) over the rows of L (x contiguous, params checked); weights == nullptr
+// means a single scheme with weight exactly 1.
+at::Tensor forward_rows(const at::Tensor& x, const Layout& L, const at::Tensor& params, const RowWeights* w,
+                        const Candidates& cs) {
+  const int64_t K = cs.sid.size();
   at::Tensor y = at::empty_like(x, at::MemoryFormat::Contiguous);
   if (x.numel() == 0) return y;
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "autoqnn_forward", [&] {
@@ -568,35 +672,123 @@ at::Tensor forward_impl(const at::Tensor& x_, const at::Tensor& params_, const s
     const scalar_t* xp = x.const_data_ptr<scalar_t>();
     scalar_t* yp = y.data_ptr<scalar_t>();
     const T* pp = params.const_data_ptr<T>();
-    std::vector<T> wt(K, T(1));
-    if (w) for (int64_t k = 0; k < K; ++k) wt[k] = static_cast<T>((*w)[k]);
+    std::vector<T> wt(w ? w->v.size() : 0);
+    for (size_t i = 0; i < wt.size(); ++i) wt[i] = static_cast<T>(w->v[i]);
     for_each_chunk(L, [&](int64_t c, int64_t b, int64_t e, int64_t) {
       alignas(64) T xt[kTile], yt[kTile], qt[kTile];
+      const T* wr = w ? wt.data() + (w->per_row ? c * K : 0) : nullptr;
       for (int64_t t0 = b; t0 < e; t0 += kTile) {
         const int64_t n = std::min(kTile, e - t0);
-        const scalar_t* xr = xp + c * L.N + t0;
+        const scalar_t* xr = xp + L.begin(c) + t0;
         load_tile<scalar_t, T>(xt, xr, n);  // aligned L1 copy: read K times below
         const T* xv = xt;
         for (int64_t k = 0; k < K; ++k) {
           const T* p = pp + (k * L.C + c) * kNumParams;
-          eval_tile_rt<T, false>(cs.sid[k], xv, n, p, cs.bits[k], T(cs.cb[k]), k == 0 ? yt : qt, nullptr, nullptr);
-          if (w) {
+          eval_tile_rt<T, false>(cs.sid[k], xv, n, p, cs.b(c, k), T(cs.scale(c, k)), k == 0 ? yt : qt, nullptr,
+                                 nullptr);
+          if (wr) {
             if (k == 0)
-              axpy_tile<T>(yt, yt, wt[k], n, true);
+              axpy_tile<T>(yt, yt, wr[k], n, true);
             else
-              axpy_tile<T>(yt, qt, wt[k], n, false);
+              axpy_tile<T>(yt, qt, wr[k], n, false);
           }
         }
-        store_tile<scalar_t, T>(yp + c * L.N + t0, yt, n);
+        store_tile<scalar_t, T>(yp + L.begin(c) + t0, yt, n);
       }
     });
   });
   return y;
 }
 
-// Returns grad_x and fills gw/gb (double, size K) when requested.
+at::Tensor forward_impl(const at::Tensor& x_, const at::Tensor& params_, const RowWeights* w,
+                        const at::Tensor& bits, at::IntArrayRef schemes, bool per_channel) {
+  check_float(x_, "x");
+  const at::Tensor x = x_.contiguous();
+  const Layout L = layout_of(x, per_channel);
+  const Candidates cs = candidates(shared_bits(bits, schemes), schemes);
+  const at::Tensor params = params_for(params_, x, schemes.size(), L);
+  return forward_rows(x, L, params, w, cs);
+}
+
+// Returns grad_x and fills gw/gb (double) when requested: [K] summed over every row for shared
+// weights, [C, K] per row for per-row weights (batched ops).
+at::Tensor backward_rows(const at::Tensor& gy, const at::Tensor& x, const Layout& L, const at::Tensor& params,
+                         const RowWeights* w, const Candidates& cs, bool need_w, bool need_b,
+                         std::vector<double>& gw, std::vector<double>& gb) {
+  const int64_t K = cs.sid.size();
+  const bool per_row = w && w->per_row;
+  const int64_t out_rows = per_row ? L.C : 1;
+  at::Tensor gx = at::empty_like(x, at::MemoryFormat::Contiguous);
+  gw.assign(out_rows * K, 0.0);
+  gb.assign(out_rows * K, 0.0);
+  if (x.numel() == 0) return gx;
+  const int64_t nacc = 2 * K;
+  std::vector<double> part(L.total_chunks() * nacc, 0.0);
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "autoqnn_backward", [&] {
+    using T = at::opmath_type<scalar_t>;
+    const scalar_t* xp = x.const_data_ptr<scalar_t>();
+    const scalar_t* gp = gy.const_data_ptr<scalar_t>();
+    scalar_t* gxp = gx.data_ptr<scalar_t>();
+    const T* pp = params.const_data_ptr<T>();
+    const int64_t wrows = per_row ? L.C : 1;
+    std::vector<T> wt(wrows * K, T(1));
+    if (w)
+      for (size_t i = 0; i < wt.size(); ++i) wt[i] = static_cast<T>(w->v[i]);
+    // Sum of the identity-STE candidates' weights, in candidate order (as the reference).
+    std::vector<T> w_identity(wrows, T(0));
+    for (int64_t r = 0; r < wrows; ++r)
+      for (int64_t k = 0; k < K; ++k)
+        if (cs.sid[k] != kClip) w_identity[r] = w_identity[r] + wt[r * K + k];
+    auto body = [&](auto need_d_tag) {
+      constexpr bool ND = decltype(need_d_tag)::value;
+      for_each_chunk(L, [&](int64_t c, int64_t b, int64_t e, int64_t t) {
+        alignas(64) T xt[kTile], gt[kTile], qt[kTile], st[kTile], dt[kTile], mk[kTile];
+        double* acc = part.data() + t * nacc;
+        const int64_t wr = per_row ? c : 0;
+        const T* wc = wt.data() + wr * K;
+        for (int64_t t0 = b; t0 < e; t0 += kTile) {
+          const int64_t n = std::min(kTile, e - t0);
+          const scalar_t* xr = xp + L.begin(c) + t0;
+          const scalar_t* gr = gp + L.begin(c) + t0;
+          load_tile<scalar_t, T>(xt, xr, n);  // aligned L1 copies: read K times below
+          load_tile<scalar_t, T>(gt, gr, n);
+          const T* xv = xt;
+          const T* gv = gt;
+          bool any_masked = false;
+          for (int64_t k = 0; k < K; ++k) {
+            const T* p = pp + (k * L.C + c) * kNumParams;
+            eval_tile_rt<T, ND>(cs.sid[k], xv, n, p, cs.b(c, k), T(cs.scale(c, k)), qt, st, dt);
+            if (cs.sid[k] == kClip) {
+              mask_tile<T>(mk, st, wc[k], n, !any_masked);
+              any_masked = true;
+            }
+            if (need_w) acc[k] += dot_tile<T>(gv, qt, n);
+            if constexpr (ND) acc[K + k] += dot_tile<T>(gv, dt, n);
+          }
+          grad_x_tile<scalar_t, T>(gxp + L.begin(c) + t0, xv, gv, mk, any_masked, w_identity[wr], n);
+        }
+      });
+    };
+    if (need_b) body(std::true_type{});
+    else body(std::false_type{});
+  });
+  // chunk partials merged in chunk order (rows in order): deterministic
+  for (int64_t c = 0; c < L.C; ++c) {
+    const int64_t o = per_row ? c * K : 0;
+    for (int64_t j = L.first_chunk(c), e = j + L.chunks(c); j < e; ++j)
+      for (int64_t k = 0; k < K; ++k) {
+        gw[o + k] += part[j * nacc + k];
+        gb[o + k] += part[j * nacc + K + k];
+      }
+  }
+  if (w)
+    for (int64_t r = 0; r < out_rows; ++r)
+      for (int64_t k = 0; k < K; ++k) gb[r * K + k] *= w->at(r, k);
+  return gx;
+}
+
 at::Tensor backward_impl(const at::Tensor& gy_, const at::Tensor& x_, const at::Tensor& params_,
-                         const std::vector<double>* w, const at::Tensor& bits, at::IntArrayRef schemes,
+                         const RowWeights* w, const at::Tensor& bits, at::IntArrayRef schemes,
                          bool per_channel, bool need_w, bool need_b, std::vector<double>& gw,
                          std::vector<double>& gb) {
   check_float(x_, "x");
@@ -605,67 +797,9 @@ at::Tensor backward_impl(const at::Tensor& gy_, const at::Tensor& x_, const at::
                     " but x has shape ", x_.sizes());
   const at::Tensor gy = gy_.to(x.scalar_type()).contiguous();
   const Layout L = layout_of(x, per_channel);
-  const int64_t K = schemes.size();
-  const Candidates cs = candidates(bits, schemes);
-  const at::Tensor params = params_for(params_, x, K, L);
-  at::Tensor gx = at::empty_like(x, at::MemoryFormat::Contiguous);
-  gw.assign(K, 0.0);
-  gb.assign(K, 0.0);
-  if (x.numel() == 0) return gx;
-  const int64_t per_row = chunks_per_row(L);
-  const int64_t nacc = 2 * K;
-  std::vector<double> part(L.C * per_row * nacc, 0.0);
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "autoqnn_backward", [&] {
-    using T = at::opmath_type<scalar_t>;
-    const scalar_t* xp = x.const_data_ptr<scalar_t>();
-    const scalar_t* gp = gy.const_data_ptr<scalar_t>();
-    scalar_t* gxp = gx.data_ptr<scalar_t>();
-    const T* pp = params.const_data_ptr<T>();
-    std::vector<T> wt(K, T(1));
-    if (w) for (int64_t k = 0; k < K; ++k) wt[k] = static_cast<T>((*w)[k]);
-    // Sum of the identity-STE candidates' weights, in candidate order (as the reference).
-    T w_identity = T(0);
-    for (int64_t k = 0; k < K; ++k)
-      if (cs.sid[k] != kClip) w_identity = w_identity + wt[k];
-    auto body = [&](auto need_d_tag) {
-      constexpr bool ND = decltype(need_d_tag)::value;
-      for_each_chunk(L, [&](int64_t c, int64_t b, int64_t e, int64_t t) {
-        alignas(64) T xt[kTile], gt[kTile], qt[kTile], st[kTile], dt[kTile], mk[kTile];
-        double* acc = part.data() + t * nacc;
-        for (int64_t t0 = b; t0 < e; t0 += kTile) {
-          const int64_t n = std::min(kTile, e - t0);
-          const scalar_t* xr = xp + c * L.N + t0;
-          const scalar_t* gr = gp + c * L.N + t0;
-          load_tile<scalar_t, T>(xt, xr, n);  // aligned L1 copies: read K times below
-          load_tile<scalar_t, T>(gt, gr, n);
-          const T* xv = xt;
-          const T* gv = gt;
-          bool any_masked = false;
-          for (int64_t k = 0; k < K; ++k) {
-            const T* p = pp + (k * L.C + c) * kNumParams;
-            eval_tile_rt<T, ND>(cs.sid[k], xv, n, p, cs.bits[k], T(cs.cb[k]), qt, st, dt);
-            if (cs.sid[k] == kClip) {
-              mask_tile<T>(mk, st, wt[k], n, !any_masked);
-              any_masked = true;
-            }
-            if (need_w) acc[k] += dot_tile<T>(gv, qt, n);
-            if constexpr (ND) acc[K + k] += dot_tile<T>(gv, dt, n);
-          }
-          grad_x_tile<scalar_t, T>(gxp + c * L.N + t0, xv, gv, mk, any_masked, w_identity, n);
-        }
-      });
-    };
-    if (need_b) body(std::true_type{});
-    else body(std::false_type{});
-  });
-  for (int64_t t = 0; t < L.C * per_row; ++t)
-    for (int64_t k = 0; k < K; ++k) {
-      gw[k] += part[t * nacc + k];
-      gb[k] += part[t * nacc + K + k];
-    }
-  if (w)
-    for (int64_t k = 0; k < K; ++k) gb[k] *= (*w)[k];
-  return gx;
+  const Candidates cs = candidates(shared_bits(bits, schemes), schemes);
+  const at::Tensor params = params_for(params_, x, schemes.size(), L);
+  return backward_rows(gy, x, L, params, w, cs, need_w, need_b, gw, gb);
 }
 
 at::Tensor to_like(const std::vector<double>& v, const at::Tensor& like) {
@@ -700,7 +834,7 @@ std::tuple<at::Tensor, at::Tensor> quantize_backward_cpu(const at::Tensor& grad_
 at::Tensor mixture_cpu(const at::Tensor& x, const at::Tensor& params, const at::Tensor& weights,
                        const at::Tensor& bits, at::IntArrayRef schemes, bool per_channel) {
   check_float(weights, "weights");
-  const std::vector<double> w = host_weights(weights, schemes.size());
+  const RowWeights w = host_weights(weights, schemes.size());
   return forward_impl(x, params, &w, bits, schemes, per_channel);
 }
 
@@ -709,16 +843,65 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> mixture_backward_cpu(
     const at::Tensor& bits, at::IntArrayRef schemes, bool per_channel, bool need_weights_grad,
     bool need_bits_grad) {
   check_float(weights, "weights");
-  const std::vector<double> w = host_weights(weights, schemes.size());
+  const RowWeights w = host_weights(weights, schemes.size());
   std::vector<double> gw, gb;
   at::Tensor gx = backward_impl(grad_y, x, params, &w, bits, schemes, per_channel, need_weights_grad,
                                 need_bits_grad, gw, gb);
   return {gx, to_like(gw, weights), to_like(gb, bits)};
 }
 
+// ---- batched ops: rows of a flat x given by offsets, per-row weights and bits [R, K]
+struct Batched {
+  at::Tensor x;  // contiguous
+  Layout L;
+  Candidates cs;
+};
+
+Batched batched_setup(const at::Tensor& x_, at::IntArrayRef offsets, const at::Tensor& bits,
+                      at::IntArrayRef schemes, const char* op) {
+  check_float(x_, "x");
+  TORCH_CHECK_VALUE(!schemes.empty(), "autoqnn::", op, ": schemes must name at least one candidate");
+  Batched b;
+  b.x = x_.contiguous();
+  b.L = ragged_layout(b.x, offsets, op);
+  b.cs = candidates(batched_bits(bits, schemes, b.L.C, op), schemes);
+  return b;
+}
+
+at::Tensor scheme_params_batched_cpu(const at::Tensor& x, at::IntArrayRef offsets, const at::Tensor& bits,
+                                     at::IntArrayRef schemes) {
+  const Batched b = batched_setup(x, offsets, bits, schemes, "scheme_params_batched");
+  return scheme_params_rows(b.x, b.L, b.cs.bits, schemes);
+}
+
+at::Tensor mixture_batched_cpu(const at::Tensor& x, at::IntArrayRef offsets, const at::Tensor& params,
+                               const at::Tensor& weights, const at::Tensor& bits, at::IntArrayRef schemes) {
+  const Batched b = batched_setup(x, offsets, bits, schemes, "mixture_batched");
+  const RowWeights w = batched_weights(weights, b.L.C, schemes.size(), "mixture_batched");
+  return forward_rows(b.x, b.L, params_for(params, b.x, schemes.size(), b.L), &w, b.cs);
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> mixture_batched_backward_cpu(
+    const at::Tensor& grad_y, const at::Tensor& x, at::IntArrayRef offsets, const at::Tensor& params,
+    const at::Tensor& weights, const at::Tensor& bits, at::IntArrayRef schemes, bool need_weights_grad,
+    bool need_bits_grad) {
+  const Batched b = batched_setup(x, offsets, bits, schemes, "mixture_batched_backward");
+  TORCH_CHECK_VALUE(grad_y.sizes() == x.sizes(), "autoqnn: grad_y has shape ", grad_y.sizes(),
+                    " but x has shape ", x.sizes());
+  const RowWeights w = batched_weights(weights, b.L.C, schemes.size(), "mixture_batched_backward");
+  const at::Tensor gy = grad_y.to(b.x.scalar_type()).contiguous();
+  std::vector<double> gw, gb;
+  at::Tensor gx = backward_rows(gy, b.x, b.L, params_for(params, b.x, schemes.size(), b.L), &w, b.cs,
+                                need_weights_grad, need_bits_grad, gw, gb);
+  return {gx, to_like(gw, weights), to_like(gb, bits)};
+}
+
 }  // namespace
 
 TORCH_LIBRARY_IMPL(autoqnn, CPU, m) {
+  m.impl("scheme_params_batched", &scheme_params_batched_cpu);
+  m.impl("mixture_batched", &mixture_batched_cpu);
+  m.impl("mixture_batched_backward", &mixture_batched_backward_cpu);
   m.impl("scheme_params", &scheme_params_cpu);
   m.impl("quantize", &quantize_cpu);
   m.impl("quantize_backward", &quantize_backward_cpu);

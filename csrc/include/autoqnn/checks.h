@@ -39,25 +39,39 @@ inline int64_t num_channels(const at::Tensor& x, bool per_channel) {
   return (per_channel && x.dim() > 0) ? x.size(0) : 1;
 }
 
-// Forward integer bits of each candidate: clip(round(b), b_min, b_max) (SPEC 4.1), round half to
-// even; ValueError for a bits/schemes length mismatch, an unknown scheme or a non-finite learned
-// bitwidth. bits are tiny ([K]): one small host copy (a no-op for the usual host-side bits).
-// Shared by the CPU and CUDA kernels.
+// Forward integer bits of one candidate: clip(round(b), b_min, b_max) (SPEC 4.1), round half to
+// even; ValueError for an unknown scheme or a non-finite learned bitwidth.
+inline int int_bit(double b, int64_t s) {
+  TORCH_CHECK_VALUE(s >= 0 && s < kNumSchemes, "autoqnn: unknown scheme id ", s);
+  TORCH_CHECK_VALUE(std::isfinite(b), "autoqnn: learned bits for scheme '", scheme_name(s),
+                    "' must be finite, got ", b);
+  double r = std::nearbyint(b);
+  r = std::min<double>(std::max<double>(r, kMinBits[s]), kMaxBits[s]);
+  return static_cast<int>(r);
+}
+
+// int_bit of every candidate; ValueError for a bits/schemes length mismatch. bits are tiny
+// ([K]): one small host copy (a no-op for the usual host-side bits). Shared by the CPU and CUDA
+// kernels.
 inline std::vector<int> int_bits(const at::Tensor& bits, at::IntArrayRef schemes) {
   TORCH_CHECK_VALUE(bits.numel() == static_cast<int64_t>(schemes.size()), "autoqnn: bits has ",
                     bits.numel(), " entries for ", schemes.size(), " schemes");
   const at::Tensor b = bits.detach().to(at::kCPU, at::kDouble).contiguous();
   const double* bp = b.const_data_ptr<double>();
   std::vector<int> out(schemes.size());
-  for (size_t k = 0; k < schemes.size(); ++k) {
-    const int64_t s = schemes[k];
-    TORCH_CHECK_VALUE(s >= 0 && s < kNumSchemes, "autoqnn: unknown scheme id ", s);
-    TORCH_CHECK_VALUE(std::isfinite(bp[k]), "autoqnn: learned bits for scheme '", scheme_name(s),
-                      "' must be finite, got ", bp[k]);
-    double r = std::nearbyint(bp[k]);
-    r = std::min<double>(std::max<double>(r, kMinBits[s]), kMaxBits[s]);
-    out[k] = static_cast<int>(r);
-  }
+  for (size_t k = 0; k < schemes.size(); ++k) out[k] = int_bit(bp[k], schemes[k]);
+  return out;
+}
+
+// Batched ops: bits [R, K] (one row of candidates' bits per row of x) -> R*K integers, row-major.
+inline std::vector<int> int_bits_rows(const at::Tensor& bits, at::IntArrayRef schemes) {
+  const int64_t K = static_cast<int64_t>(schemes.size());
+  TORCH_CHECK_VALUE(bits.dim() == 2 && bits.size(1) == K, "autoqnn: bits must have shape [rows, ", K,
+                    "], got ", bits.sizes());
+  const at::Tensor b = bits.detach().to(at::kCPU, at::kDouble).contiguous();
+  const double* bp = b.const_data_ptr<double>();
+  std::vector<int> out(b.numel());
+  for (int64_t i = 0; i < b.numel(); ++i) out[i] = int_bit(bp[i], schemes[i % K]);
   return out;
 }
 

@@ -1,0 +1,282 @@
+# SPDX-License-Identifier: MIT
+"""The batched variant: ``autoqnn::scheme_params_batched`` / ``mixture_batched`` /
+``mixture_batched_backward`` and :func:`autoqnn.functional.quantize_mixture_batched`.
+
+The batched C++ kernel runs each row with the per-tensor kernel's chunking, tiles and
+accumulation order, so its values and gradients are *bit-identical* to one
+``quantize_mixture`` call per tensor; that is the strongest oracle and most tests use it. The
+ops are also checked against their pure-PyTorch references (row-by-row loops), with opcheck and
+``torch.compile(fullgraph=True)``."""
+import pytest
+import torch
+
+from kernel_inputs import sample
+
+import autoqnn.functional as AF
+from autoqnn import _ext, backends
+from autoqnn.ops import has_kernel
+from autoqnn.ops import reference as ref
+from autoqnn.schemes import NUM_PARAMS, WEIGHT_CANDIDATES
+
+OPS = torch.ops.autoqnn
+C8 = WEIGHT_CANDIDATES
+SIDS = list(range(8))
+HAVE_CPP = _ext.HAS_EXT and has_kernel("mixture_batched", "CPU")
+needs_cpp = pytest.mark.skipif(not HAVE_CPP, reason=f"C++ CPU kernels not built: {_ext.LOAD_ERROR}")
+DTYPES = [torch.float32, torch.float16, torch.bfloat16, torch.float64]
+# weights of a small conv net, odd sizes across the kernels' tile (256) / chunk (16384)
+# boundaries, an empty tensor and a single element
+SHAPES = [(16, 3, 3, 3), (7,), (0,), (5, 769), (3, 16385), (1,), (2, 0)]
+
+
+def _inputs(dtype, seed=0, shapes=SHAPES):
+    xs = [sample(s, dtype, special=(i % 2 == 0), seed=seed + i) for i, s in enumerate(shapes)]
+    g = torch.Generator().manual_seed(seed + 100)
+    W = torch.softmax(torch.randn(len(shapes), 8, generator=g), 1)
+    return xs, W
+
+
+def _run(fn, xs, W, B, gys):
+    """Outputs and the gradients of xs, W and B (B may be None) for grad outputs gys."""
+    xs = [x.detach().clone().requires_grad_() for x in xs]
+    W = W.detach().clone().requires_grad_()
+    B = None if B is None else B.detach().clone().requires_grad_()
+    ys = fn(xs, W, B)
+    torch.autograd.backward(ys, gys)
+    return ys, [x.grad for x in xs], W.grad, None if B is None else B.grad
+
+
+def _equal(a, b):
+    return a.shape == b.shape and a.dtype == b.dtype and torch.equal(a.nan_to_num(), b.nan_to_num())
+
+
+@needs_cpp
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("bits_kind", ["int", "per-tensor-ints", "learned"])
+@pytest.mark.parametrize("per_channel", [False, True], ids=["tensor", "channel"])
+def test_batched_equals_one_call_per_tensor(dtype, bits_kind, per_channel):
+    xs, W = _inputs(dtype)
+    S = len(xs)
+    per_tensor = [[1, 2, 2, b, b, b, b, min(b, 4)] for b in (2, 3, 8, 5, 4, 6, 7)][:S]
+    B = None
+    if bits_kind == "learned":
+        B = torch.tensor([[1.0, 2, 2, 3.4, 2.6, 5.1, 9.0, 3.2]] * S) + torch.linspace(0, 1.2, S)[:, None]
+    gys = [sample(x.shape, dtype, special=False, seed=50 + i) for i, x in enumerate(xs)]
+
+    def bits_of(i, B):
+        return {"int": 3, "per-tensor-ints": per_tensor[i], "learned": None if B is None else B[i]}[bits_kind]
+
+    def batched(xs, W, B):
+        bits = {"int": 3, "per-tensor-ints": [torch.tensor(p) for p in per_tensor], "learned": B}[bits_kind]
+        return AF.quantize_mixture_batched(xs, W, C8, bits, per_channel=per_channel)
+
+    def looped(xs, W, B):
+        return [AF.quantize_mixture(x, W[i], C8, bits_of(i, B), per_channel=per_channel) for i, x in enumerate(xs)]
+
+    got = _run(batched, xs, W, B, gys)
+    exp = _run(looped, xs, W, B, gys)
+    for y, e in zip(got[0], exp[0]):
+        assert _equal(y, e)
+    for g, e in zip(got[1], exp[1]):
+        assert _equal(g, e)
+    if not per_channel:  # the same sums in the same order
+        assert _equal(got[2], exp[2])  # NaN x gives NaN <g, q_k>, in both
+        if B is not None:
+            assert _equal(got[3], exp[3])
+    else:  # per-row sums [R, K] are added over a tensor's channels by autograd: float rounding
+        torch.testing.assert_close(got[2], exp[2], rtol=1e-5, atol=1e-5, equal_nan=True)
+        if B is not None:
+            torch.testing.assert_close(got[3], exp[3], rtol=1e-5, atol=1e-5)
+    if B is not None:
+        assert got[3].abs().sum() > 0  # the learned bits do receive a gradient
+
+
+def _ragged(dtype, seed=0):
+    """A flat x of ragged rows, empty and one-element rows included, NaN/Inf inside."""
+    lens = [27, 0, 1, 769, 300, 16385, 2, 0, 5125]
+    x = sample((sum(lens),), dtype, seed=seed)
+    x[30:330] = 0.25  # row 4 constant
+    off = [0]
+    for n in lens:
+        off.append(off[-1] + n)
+    R = len(lens)
+    g = torch.Generator().manual_seed(seed + 7)
+    W = torch.softmax(torch.randn(R, 8, generator=g), 1)
+    B = torch.tensor([[1.0, 2, 2, b, b, b, b, min(b, 4)] for b in (3, 2, 8, 4, 5, 6, 2, 7, 3)])
+    return x, off, W, B
+
+
+@needs_cpp
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_batched_ops_match_reference(dtype):
+    x, off, W, B = _ragged(dtype)
+    gy = sample(x.shape, dtype, special=False, seed=9)
+    p = OPS.scheme_params_batched(x, off, B, SIDS)
+    pr = ref.scheme_params_batched_ref(x, off, B, SIDS)
+    assert p.shape == pr.shape == (8, len(off) - 1, NUM_PARAMS) and p.dtype == pr.dtype
+    torch.testing.assert_close(p, pr, rtol=2e-5, atol=1e-7)
+    # each row's params are exactly the per-tensor kernel's on that row alone
+    for r in range(len(off) - 1):
+        pt = OPS.scheme_params(x[off[r]:off[r + 1]], B[r], SIDS, False)
+        assert torch.equal(p[:, r:r + 1], pt)
+    y = OPS.mixture_batched(x, off, pr, W, B, SIDS)
+    yr = ref.mixture_batched_ref(x, off, pr, W, B, SIDS)
+    assert y.dtype == dtype and y.shape == x.shape
+    ok = torch.isclose(y.double(), yr.double(), rtol=1e-5, atol=1e-7, equal_nan=True)
+    assert int((~ok).sum()) <= 2
+    gx, gw, gb = OPS.mixture_batched_backward(gy, x, off, pr, W, B, SIDS, True, True)
+    gxr, gwr, gbr = ref.mixture_batched_backward_ref(gy, x, off, pr, W, B, SIDS, True, True)
+    assert gw.shape == gb.shape == (len(off) - 1, 8)
+    ok = torch.isclose(gx.double(), gxr.double(), rtol=1e-5, atol=1e-7, equal_nan=True)
+    assert int((~ok).sum()) <= 2
+    torch.testing.assert_close(gw, gwr, rtol=1e-3, atol=1e-3, equal_nan=True)  # NaN x -> NaN q
+    torch.testing.assert_close(gb, gbr, rtol=1e-3, atol=1e-3)
+    assert torch.all(gw[[1, 7]] == 0) and torch.all(gb[[1, 7]] == 0)  # empty rows
+    # without the optional gradients: zeros, grad_x unchanged
+    gx2, gw2, gb2 = OPS.mixture_batched_backward(gy, x, off, pr, W, B, SIDS, False, False)
+    assert torch.equal(gx2.nan_to_num(), gx.nan_to_num()) and not gw2.any() and not gb2.any()
+
+
+@needs_cpp
+def test_batched_ops_deterministic_across_threads():
+    x, off, W, B = _ragged(torch.float32)
+    gy = sample(x.shape, torch.float32, special=False, seed=3)
+    old = torch.get_num_threads()
+    outs = []
+    try:
+        for nt in (1, 2, 3):
+            torch.set_num_threads(nt)
+            p = OPS.scheme_params_batched(x, off, B, SIDS)
+            y = OPS.mixture_batched(x, off, p, W, B, SIDS)
+            outs.append((p, y) + tuple(OPS.mixture_batched_backward(gy, x, off, p, W, B, SIDS, True, True)))
+    finally:
+        torch.set_num_threads(old)
+    for o in outs[1:]:
+        for a, b in zip(outs[0], o):
+            assert torch.equal(a.nan_to_num(), b.nan_to_num())
+
+
+def test_opcheck_batched_ops():
+    x, off, W, B = _ragged(torch.float32)
+    # finite values (opcheck compares outputs without equal_nan); few rows: opcheck runs a lot
+    x, off = x[: off[5]].nan_to_num(0.0, 0.0, 0.0), off[:6]
+    W, B = W[:5].contiguous(), B[:5].contiguous()
+    torch.library.opcheck(OPS.scheme_params_batched.default, (x, off, B, SIDS))
+    p = OPS.scheme_params_batched(x, off, B, SIDS)
+    for rg in (False, True):
+        args = (x.clone().requires_grad_(rg), off, p, W.clone().requires_grad_(rg), B.clone().requires_grad_(rg), SIDS)
+        torch.library.opcheck(OPS.mixture_batched.default, args)
+    gy = torch.randn_like(x)
+    torch.library.opcheck(OPS.mixture_batched_backward.default, (gy, x, off, p, W, B, SIDS, True, True))
+    # a single empty row and no rows at all
+    e = torch.zeros(0)
+    torch.library.opcheck(OPS.scheme_params_batched.default, (e, [0, 0], B[:1], SIDS))
+    torch.library.opcheck(OPS.scheme_params_batched.default, (e, [0], B[:0], SIDS))
+
+
+def test_batched_compiles_fullgraph():
+    xs, W = _inputs(torch.float32, shapes=[(8, 3, 3, 3), (40,), (6, 50)])
+
+    def f(xs, W):
+        return AF.quantize_mixture_batched(xs, W, C8, 3)
+
+    eager = f(xs, W)
+    compiled = torch.compile(f, fullgraph=True, backend="aot_eager")(xs, W)
+    for a, b in zip(eager, compiled):
+        assert torch.equal(a.nan_to_num(), b.nan_to_num())
+
+
+def test_batched_backend_torch_and_loop_fallbacks_agree():
+    xs, W = _inputs(torch.float32, shapes=[(8, 3, 3, 3), (40,), (6, 50)])
+    a = AF.quantize_mixture_batched(xs, W, C8, 3, backend="torch")
+    b = [AF.quantize_mixture(x, W[i], C8, 3, backend="torch") for i, x in enumerate(xs)]
+    for u, v in zip(a, b):
+        assert torch.equal(u.nan_to_num(), v.nan_to_num())
+    with pytest.raises(backends.BackendUnavailableError, match="needs a CUDA tensor"):
+        # 'cuda' on a CPU tensor says why; so does 'cpp' on a non-CPU device (not testable here)
+        AF.quantize_mixture_batched(xs, W, C8, 3, backend="cuda")
+
+
+def test_batched_argument_errors():
+    xs, W = _inputs(torch.float32, shapes=[(8, 3), (40,)])
+    with pytest.raises(TypeError, match="sequence"):
+        AF.quantize_mixture_batched(xs[0], W, C8, 3)
+    with pytest.raises(TypeError, match=r"xs\[1\]"):
+        AF.quantize_mixture_batched([xs[0], torch.arange(4)], W, C8, 3)
+    with pytest.raises(ValueError, match=r"xs\[1\].*one dtype"):
+        AF.quantize_mixture_batched([xs[0], xs[1].double()], W, C8, 3)
+    with pytest.raises(ValueError, match=r"weights must have shape \[2, 8\]"):
+        AF.quantize_mixture_batched(xs, W[:, :3], C8, 3)
+    with pytest.raises(ValueError, match="3 entries for 2 tensors"):
+        AF.quantize_mixture_batched(xs, [W[0]] * 3, C8, 3)
+    with pytest.raises(ValueError, match="duplicates"):
+        AF.quantize_mixture_batched(xs, W[:, :2], ["clip", "C"], 3)
+    with pytest.raises(ValueError, match=r"pot.*2\.\.4"):
+        AF.quantize_mixture_batched(xs, W, C8, 6)
+    with pytest.raises(ValueError, match="one per tensor"):
+        AF.quantize_mixture_batched(xs, W, C8, [torch.tensor(3.0)] * 3)
+    with pytest.raises(ValueError, match=r"\[2, 8\]"):
+        AF.quantize_mixture_batched(xs, W, C8, torch.full((3, 8), 3.0))
+    with pytest.raises(ValueError, match="finite"):
+        AF.quantize_mixture_batched(xs, W, C8, [torch.tensor(3.0), torch.tensor(float("nan"))])
+    with pytest.raises(ValueError, match="per_channel"):
+        AF.quantize_mixture_batched([torch.tensor(1.0)], W[:1], C8, 3, per_channel=True)
+    assert AF.quantize_mixture_batched([], torch.zeros(0, 8), C8, 3) == []
+
+
+@needs_cpp
+def test_batched_op_errors_name_the_problem():
+    x, off, W, B = _ragged(torch.float32)
+    p = ref.scheme_params_batched_ref(x, off, B, SIDS)
+    with pytest.raises(ValueError, match="end at x.numel"):
+        OPS.scheme_params_batched(x, off[:-1], B[:-1], SIDS)
+    with pytest.raises(ValueError, match="non-decreasing"):
+        OPS.scheme_params_batched(x, [0, 50, 40, x.numel()], B[:3], SIDS)
+    with pytest.raises(ValueError, match=r"bits must have shape \[9, 8\]"):
+        OPS.scheme_params_batched(x, off, B[:, :3], SIDS)
+    with pytest.raises(ValueError, match=r"weights must have shape \[9, 8\]"):
+        OPS.mixture_batched(x, off, p, W[:4], B, SIDS)
+    with pytest.raises(ValueError, match="params must have shape"):
+        OPS.mixture_batched(x, off, p[:, :4], W, B, SIDS)
+    with pytest.raises(TypeError, match="dtype"):
+        OPS.mixture_batched(x.int(), off, p, W, B, SIDS)
+    with pytest.raises(ValueError, match="grad_y"):
+        OPS.mixture_batched_backward(x[:5], x, off, p, W, B, SIDS, True, True)
+
+
+def test_batched_does_not_save_k_by_n():
+    """Like the per-tensor mixture: the autograd graph keeps x (the flat concatenation), params,
+    weights and bits, nothing of size K x N."""
+    xs, W = _inputs(torch.float32, shapes=[(64, 3, 3, 3), (4000,)])
+    xs = [x.requires_grad_() for x in xs]
+    n = sum(x.numel() for x in xs)
+    saved = []
+
+    def pack(t):
+        saved.append(t.numel())
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        ys = AF.quantize_mixture_batched(xs, W.requires_grad_(), C8, 3)
+    torch.autograd.backward(ys, [torch.ones_like(y) for y in ys])
+    assert max(saved) <= n and sum(s for s in saved if s >= n) <= n, saved
+
+
+@needs_cpp
+@pytest.mark.parametrize("group_numel", [1, 600, 20000, 0])
+def test_batched_groups_give_the_same_results(group_numel):
+    """Groups of consecutive tensors (CPU default 2^20 elements; 1 = one tensor per call; 0 = one
+    call for everything) change only how many calls run, not a single bit of the results."""
+    xs, W = _inputs(torch.float32, seed=4)
+    gys = [sample(x.shape, torch.float32, special=False, seed=70 + i) for i, x in enumerate(xs)]
+    B = torch.full((len(xs), 8), 3.0)
+
+    def batched(xs, W, B):
+        return AF.quantize_mixture_batched(xs, W, C8, B, group_numel=group_numel)
+
+    def looped(xs, W, B):
+        return [AF.quantize_mixture(x, W[i], C8, B[i]) for i, x in enumerate(xs)]
+
+    got, exp = _run(batched, xs, W, B, gys), _run(looped, xs, W, B, gys)
+    for a, b in zip(got[0] + got[1] + [got[2], got[3]], exp[0] + exp[1] + [exp[2], exp[3]]):
+        assert _equal(a, b)
