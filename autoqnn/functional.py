@@ -74,7 +74,7 @@ def _check_finite_bits(bt: torch.Tensor, infos) -> None:
             raise ValueError(f"autoqnn: learned bits for scheme '{info.name}' must be finite, got {v}")
 
 
-def _bits_tensor(bits: BitsArg, infos) -> tuple[torch.Tensor, Optional[list[int]]]:
+def _bits_tensor(bits: BitsArg, infos, check_finite: bool = True) -> tuple[torch.Tensor, Optional[list[int]]]:
     """(float bits tensor [K], validated integer bits or None when they are learned values)."""
     K = len(infos)
     if isinstance(bits, torch.Tensor):
@@ -90,7 +90,8 @@ def _bits_tensor(bits: BitsArg, infos) -> tuple[torch.Tensor, Optional[list[int]
             raise ValueError(
                 f"bits tensor must be 0-d or have shape [{K}] (one per scheme), got {list(bits.shape)}"
             )
-        _check_finite_bits(bt, infos)
+        if check_finite:
+            _check_finite_bits(bt, infos)
         return bt, None
     ints = resolve_bits([i.id for i in infos], bits)
     return torch.tensor(ints, dtype=torch.float32), ints
@@ -430,19 +431,33 @@ _CPU_GROUP_NUMEL = 1 << 20
 def _mixture_batched_call(xs, wl, bl, schemes, sids, per_channel):
     S = len(xs)
     dev = xs[0].device
-    bts = [_resolve(schemes, b)[2] for b in bl]
+    infos = [scheme_info(i) for i in sids]
+    # bits per tensor; learned ones are checked for finiteness once below (one host read for
+    # the whole batch instead of one per tensor)
+    bts = [_resolve(schemes, b)[2] if not isinstance(b, torch.Tensor) else _bits_tensor(b, infos, False)[0]
+           for b in bl]
     rows = [ref.num_channels(x, per_channel) for x in xs]
     offsets = [0]
     for x, C in zip(xs, rows):
         n = x.numel() // C if C else 0
         base = offsets[-1]
         offsets += [base + n * (j + 1) for j in range(C)]
-    bits_rows = torch.stack([b.to(dev, torch.float32) if not b.is_floating_point() else b.to(dev) for b in bts])
-    w_rows = torch.stack(wl).to(dev) if S > 1 else wl[0].reshape(1, -1).to(dev)
-    if per_channel:  # one row per channel: repeat each tensor's weights and bits (differentiable)
-        counts = torch.tensor(rows, device=dev)
-        w_rows = w_rows.repeat_interleave(counts, 0, output_size=sum(rows))
-        bits_rows = bits_rows.repeat_interleave(counts, 0, output_size=sum(rows))
+    bts = [b if b.is_floating_point() else b.to(torch.float32) for b in bts]
+    if any(b.device != bts[0].device for b in bts):
+        bts = [b.to(dev) for b in bts]
+    # integer bits stay on the host (the kernels read bits there): no host-to-device copy
+    bits_rows = torch.stack(bts) if S > 1 else bts[0].reshape(1, -1)
+    if any(isinstance(b, torch.Tensor) for b in bl) and not torch.compiler.is_compiling():
+        for i, row in enumerate(bits_rows.detach().tolist()):
+            for info, v in zip(infos, row):
+                if not math.isfinite(v):
+                    raise ValueError(f"autoqnn: learned bits of xs[{i}] for scheme '{info.name}' must be finite, got {v}")
+    w_rows = torch.stack(wl) if S > 1 else wl[0].reshape(1, -1)
+    if w_rows.device != dev:
+        w_rows = w_rows.to(dev)
+    if per_channel:  # one row per channel: each tensor's weights and bits repeated (differentiable)
+        w_rows = torch.cat([w_rows[i:i + 1].expand(C, -1) for i, C in enumerate(rows)])
+        bits_rows = torch.cat([bits_rows[i:i + 1].expand(C, -1) for i, C in enumerate(rows)])
     flat = torch.cat([x.reshape(-1) for x in xs]) if S > 1 else xs[0].reshape(-1)
     params = torch.ops.autoqnn.scheme_params_batched(flat.detach(), offsets, bits_rows.detach(), sids)
     y = torch.ops.autoqnn.mixture_batched(flat, offsets, params, w_rows, bits_rows, sids)

@@ -280,3 +280,80 @@ def test_batched_groups_give_the_same_results(group_numel):
     got, exp = _run(batched, xs, W, B, gys), _run(looped, xs, W, B, gys)
     for a, b in zip(got[0] + got[1] + [got[2], got[3]], exp[0] + exp[1] + [exp[2], exp[3]]):
         assert _equal(a, b)
+
+
+# ----------------------------------------------------------------------------- CUDA (GPU only)
+HAVE_CUDA = torch.cuda.is_available() and _ext.HAS_CUDA_KERNELS and has_kernel("mixture_batched", "CUDA")
+needs_cuda = pytest.mark.skipif(not HAVE_CUDA, reason="needs a CUDA GPU and autoqnn._C built with CUDA kernels")
+
+
+@needs_cuda
+@pytest.mark.cuda
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_batched_cuda_matches_reference_and_per_tensor_kernels(dtype):
+    x, off, W, B = _ragged(dtype)
+    x, W = x.cuda(), W.cuda()
+    gy = sample(x.shape, dtype, special=False, seed=9).cuda()
+    for bits in (B, B.cuda()):  # bits on the host (the API's integer bits) or on the device
+        p = OPS.scheme_params_batched(x, off, bits, SIDS)
+        pr = ref.scheme_params_batched_ref(x, off, bits, SIDS)
+        assert p.device.type == "cuda" and p.shape == pr.shape and p.dtype == pr.dtype
+        torch.testing.assert_close(p, pr, rtol=2e-5, atol=1e-7)
+        assert torch.equal(p, OPS.scheme_params_batched(x, off, bits, SIDS))  # deterministic
+        for r in range(len(off) - 1):  # the same chunks, merged in the same order, as per tensor
+            assert torch.equal(p[:, r:r + 1], OPS.scheme_params(x[off[r]:off[r + 1]], B[r], SIDS, False))
+        y = OPS.mixture_batched(x, off, pr, W, bits, SIDS)
+        yr = ref.mixture_batched_ref(x, off, pr, W, bits, SIDS)
+        ok = torch.isclose(y.double(), yr.double(), rtol=1e-5, atol=1e-7, equal_nan=True)
+        assert int((~ok).sum()) <= 2
+        for r in range(len(off) - 1):
+            sl = slice(off[r], off[r + 1])
+            exp = OPS.mixture_cuda(x[sl], pr[:, r:r + 1], W[r], B[r], SIDS, False)
+            assert torch.equal(y[sl].nan_to_num(), exp.nan_to_num())
+        gx, gw, gb = OPS.mixture_batched_backward(gy, x, off, pr, W, bits, SIDS, True, True)
+        gxr, gwr, gbr = ref.mixture_batched_backward_ref(gy, x, off, pr, W, bits, SIDS, True, True)
+        ok = torch.isclose(gx.double(), gxr.double(), rtol=1e-5, atol=1e-7, equal_nan=True)
+        assert int((~ok).sum()) <= 2
+        torch.testing.assert_close(gw, gwr, rtol=1e-3, atol=1e-3, equal_nan=True)
+        torch.testing.assert_close(gb.cpu(), gbr.cpu(), rtol=1e-3, atol=1e-3)
+        again = OPS.mixture_batched_backward(gy, x, off, pr, W, bits, SIDS, True, True)
+        assert all(torch.equal(a.nan_to_num(), b.nan_to_num()) for a, b in zip(again, (gx, gw, gb)))
+        _, gw0, gb0 = OPS.mixture_batched_backward(gy, x, off, pr, W, bits, SIDS, False, False)
+        assert not gw0.any() and not gb0.any()
+
+
+@needs_cuda
+@pytest.mark.cuda
+@pytest.mark.parametrize("per_channel", [False, True], ids=["tensor", "channel"])
+def test_batched_cuda_api_equals_one_call_per_tensor(per_channel):
+    xs, W = _inputs(torch.float32)
+    xs, W = [x.cuda() for x in xs], W.cuda()
+    B = (torch.tensor([[1.0, 2, 2, 3.4, 2.6, 5.1, 9.0, 3.2]] * len(xs)) + torch.linspace(0, 1.2, len(xs))[:, None]).cuda()
+    gys = [sample(x.shape, torch.float32, special=False, seed=50 + i).cuda() for i, x in enumerate(xs)]
+
+    def batched(xs, W, B):
+        return AF.quantize_mixture_batched(xs, W, C8, B, per_channel=per_channel)
+
+    def looped(xs, W, B):
+        return [AF.quantize_mixture(x, W[i], C8, B[i], per_channel=per_channel, backend="cuda")
+                for i, x in enumerate(xs)]
+
+    got, exp = _run(batched, xs, W, B, gys), _run(looped, xs, W, B, gys)
+    for a, b in zip(got[0] + got[1], exp[0] + exp[1]):
+        assert _equal(a, b)
+    # block sums reduced in another order than the per-tensor kernel's grid: close, not equal
+    torch.testing.assert_close(got[2], exp[2], rtol=1e-4, atol=1e-4, equal_nan=True)
+    torch.testing.assert_close(got[3], exp[3], rtol=1e-4, atol=1e-4)
+
+
+@needs_cuda
+@pytest.mark.cuda
+def test_batched_cuda_opcheck():
+    x, off, W, B = _ragged(torch.float32)
+    x, off = x[: off[5]].nan_to_num(0.0, 0.0, 0.0).cuda(), off[:6]
+    W, B = W[:5].contiguous().cuda(), B[:5].contiguous().cuda()
+    torch.library.opcheck(OPS.scheme_params_batched.default, (x, off, B, SIDS))
+    p = OPS.scheme_params_batched(x, off, B, SIDS)
+    args = (x.clone().requires_grad_(), off, p, W.clone().requires_grad_(), B.clone().requires_grad_(), SIDS)
+    torch.library.opcheck(OPS.mixture_batched.default, args)
+    torch.library.opcheck(OPS.mixture_batched_backward.default, (torch.randn_like(x), x, off, p, W, B, SIDS, True, True))

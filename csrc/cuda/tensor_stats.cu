@@ -31,6 +31,8 @@
 
 #include "autoqnn/checks.h"
 #include "autoqnn/dispatch.h"
+#include "autoqnn/batched_rows.h"
+#include "autoqnn/row_map.h"
 #include "autoqnn/scheme_math.h"
 #include "autoqnn/tensor_stats.h"
 
@@ -56,17 +58,28 @@ __device__ A block_reduce(A acc) {
   return sh[0];
 }
 
-// Stage 1: block b reduces chunk j = b % chunks_per_row of row c = b / chunks_per_row.
+// Block b's chunk: its row, where it starts in x and how many elements it has.
+struct Chunk {
+  int64_t row, start, len;
+};
+
+__device__ inline Chunk chunk_of(const RowMap& m, int64_t b) {
+  const int64_t c = m.row_of_chunk(b);
+  const int64_t begin = (b - m.first(c)) * stats::kChunk;
+  const int64_t n = m.len(c) - begin;
+  return {c, m.begin(c) + begin, n < stats::kChunk ? n : stats::kChunk};
+}
+
+// Stage 1: block b reduces its chunk (uniform rows: chunk b % chunks_per_row of row
+// b / chunks_per_row).
 template <typename scalar_t>
 __global__ void __launch_bounds__(kThreads)
-    stats_partial_kernel(const scalar_t* __restrict__ x /* [C, N] contiguous */,
-                         Acc* __restrict__ part /* [C, chunks_per_row] */, int64_t N,
-                         int64_t chunks_per_row) {
+    stats_partial_kernel(const scalar_t* __restrict__ x /* contiguous */, Acc* __restrict__ part /* [chunks] */,
+                         RowMap m) {
+  const Chunk ch = chunk_of(m, blockIdx.x);
   const int64_t b = blockIdx.x;
-  const int64_t c = b / chunks_per_row;
-  const int64_t begin = (b % chunks_per_row) * stats::kChunk;
-  const int64_t len = N - begin < stats::kChunk ? N - begin : stats::kChunk;
-  const scalar_t* row = x + c * N + begin;
+  const int64_t len = ch.len;
+  const scalar_t* row = x + ch.start;
   Acc acc = Acc::identity();
   for (int64_t i = threadIdx.x; i < len; i += kThreads) acc.add(stats::to_double(row[i]));
   acc = block_reduce(acc);
@@ -117,11 +130,12 @@ struct Cands {
 // elements, as tensor_stats) and writes the row values the dependent passes need.
 template <typename T>
 __global__ void __launch_bounds__(kThreads)
-    params_pass1_finalize_kernel(const Acc* __restrict__ part, int64_t chunks_per_row,
-                                 Acc* __restrict__ acc1 /* [C] */, T* __restrict__ rp /* [C, kRowSlots] */) {
+    params_pass1_finalize_kernel(const Acc* __restrict__ part, RowMap m, Acc* __restrict__ acc1 /* [C] */,
+                                 T* __restrict__ rp /* [C, kRowSlots] */) {
   const int64_t c = blockIdx.x;
+  const int64_t first = m.first(c), nch = m.chunks(c);
   Acc acc = Acc::identity();
-  for (int64_t j = threadIdx.x; j < chunks_per_row; j += kThreads) acc.merge(part[c * chunks_per_row + j]);
+  for (int64_t j = threadIdx.x; j < nch; j += kThreads) acc.merge(part[first + j]);
   acc = block_reduce(acc);
   if (threadIdx.x != 0) return;
   if (!(acc.n > 0.0)) acc.mn = acc.mx = acc.ma = 0.0;
@@ -135,17 +149,16 @@ __global__ void __launch_bounds__(kThreads)
   r[4] = mean_abs;  // alpha_1
 }
 
-// One dependent pass: block b sums chunk b % chunks_per_row of row b / chunks_per_row.
+// One dependent pass: block b sums its chunk.
 template <typename scalar_t, typename T>
 __global__ void __launch_bounds__(kThreads)
-    params_dep_partial_kernel(const scalar_t* __restrict__ x /* [C, N] */, int64_t N, int64_t chunks_per_row,
-                              const T* __restrict__ rp, bool var, bool ter, bool quat, int res,
-                              Dep* __restrict__ part) {
+    params_dep_partial_kernel(const scalar_t* __restrict__ x, RowMap m, const T* __restrict__ rp, bool var,
+                              bool ter, bool quat, int res, Dep* __restrict__ part) {
   const int64_t b = blockIdx.x;
-  const int64_t c = b / chunks_per_row;
-  const int64_t begin = (b % chunks_per_row) * stats::kChunk;
-  const int64_t len = N - begin < stats::kChunk ? N - begin : stats::kChunk;
-  const scalar_t* row = x + c * N + begin;
+  const Chunk ch = chunk_of(m, b);
+  const int64_t c = ch.row;
+  const int64_t len = ch.len;
+  const scalar_t* row = x + ch.start;
   const T* r = rp + c * kRowSlots;
   const T mean = r[0], delta = r[1], s = r[2];
   Dep d = Dep::zero();
@@ -185,11 +198,12 @@ __global__ void __launch_bounds__(kThreads)
 // passes need (q == 2: sigma and the Quaternary step; res > 0: alpha_{res+1}).
 template <typename T>
 __global__ void __launch_bounds__(kThreads)
-    params_dep_finalize_kernel(const Dep* __restrict__ part, int64_t chunks_per_row, const Acc* __restrict__ acc1,
-                               int q, int res, T* __restrict__ rp, Dep* __restrict__ out /* [C] */) {
+    params_dep_finalize_kernel(const Dep* __restrict__ part, RowMap m, const Acc* __restrict__ acc1, int q,
+                               int res, T* __restrict__ rp, Dep* __restrict__ out /* [C] */) {
   const int64_t c = blockIdx.x;
+  const int64_t first = m.first(c), nch = m.chunks(c);
   Dep d = Dep::zero();
-  for (int64_t j = threadIdx.x; j < chunks_per_row; j += kThreads) d.merge(part[c * chunks_per_row + j]);
+  for (int64_t j = threadIdx.x; j < nch; j += kThreads) d.merge(part[first + j]);
   d = block_reduce(d);
   if (threadIdx.x != 0) return;
   out[c] = d;
@@ -204,9 +218,11 @@ __global__ void __launch_bounds__(kThreads)
 }
 
 // Every candidate's scales, one thread per row (csrc/cpu/quantize.cpp::fill_params, last loop).
+// Batched ops: per-row bits and ClipQ/PotQ lambdas row_bits / row_lam [C, K] (else cs's).
 template <typename T>
 __global__ void params_write_kernel(const Acc* __restrict__ acc1, const T* __restrict__ rp,
                                     const Dep* __restrict__ p2, const Dep* __restrict__ p3, Cands cs,
+                                    const int32_t* __restrict__ row_bits, const double* __restrict__ row_lam,
                                     int64_t C, T* __restrict__ out /* [K, C, kNumParams] */) {
   const int64_t c = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x;
   if (c >= C) return;
@@ -215,7 +231,8 @@ __global__ void params_write_kernel(const Acc* __restrict__ acc1, const T* __res
   const T mean_abs = r[4], delta = r[1], s_quat = r[2], sigma = r[3];
   for (int k = 0; k < cs.K; ++k) {
     T* p = out + (k * C + c) * kNumParams;
-    const int b = cs.bits[k];
+    const int b = row_bits ? row_bits[c * cs.K + k] : cs.bits[k];
+    const double lam = row_lam ? row_lam[c * cs.K + k] : cs.lam[k];
     switch (cs.sid[k]) {
       case kBinary: p[0] = mean_abs; break;
       case kTernary: {
@@ -248,7 +265,7 @@ __global__ void params_write_kernel(const Acc* __restrict__ acc1, const T* __res
         break;
       }
       case kClip:
-      case kPot: p[0] = static_cast<T>(cs.lam[k]) * sigma; break;
+      case kPot: p[0] = static_cast<T>(lam) * sigma; break;
       default: break;
     }
   }
@@ -270,20 +287,20 @@ Cands params_cands(const at::Tensor& bits, at::IntArrayRef schemes) {
   return cs;
 }
 
+// The statistics chain over the rows of m (nb = all chunks). Batched ops: per-row bits and
+// lambdas row_bits / row_lam [C, K] on the device and res_bits = the most ResQ bits of any row.
 template <typename scalar_t, typename T>
-void launch_scheme_params(const at::Tensor& xc, int64_t C, int64_t N, const Cands& cs, at::Tensor& out,
-                          cudaStream_t stream) {
+void launch_scheme_params(const at::Tensor& xc, const RowMap& m, int64_t nb_, const Cands& cs, int res_bits,
+                          const int32_t* row_bits, const double* row_lam, at::Tensor& out, cudaStream_t stream) {
   bool need_sigma = false, need_ter = false, need_quat = false;
-  int res_bits = 0;
   for (int k = 0; k < cs.K; ++k) {
     const int s = cs.sid[k];
     need_sigma |= s == kQuaternary || s == kClip || s == kPot;
     need_ter |= s == kTernary;
     need_quat |= s == kQuaternary;
-    if (s == kResidual) res_bits = std::max(res_bits, static_cast<int>(cs.bits[k]));
   }
-  const int64_t chunks = (N + stats::kChunk - 1) / stats::kChunk;
-  const int64_t blocks = C * chunks;
+  const int64_t C = m.R;
+  const int64_t blocks = nb_;
   TORCH_CHECK(blocks <= std::numeric_limits<int32_t>::max() && C <= std::numeric_limits<int32_t>::max(),
               "autoqnn::scheme_params: tensor too large for the CUDA kernel");
   const auto bytes = xc.options().dtype(at::kByte);
@@ -302,9 +319,11 @@ void launch_scheme_params(const at::Tensor& xc, int64_t C, int64_t N, const Cand
   const scalar_t* xp = xc.const_data_ptr<scalar_t>();
   const unsigned nb = static_cast<unsigned>(blocks), nc = static_cast<unsigned>(C);
 
-  stats_partial_kernel<scalar_t><<<nb, kThreads, 0, stream>>>(xp, static_cast<Acc*>(part), N, chunks);
-  C10_CUDA_KERNEL_LAUNCH_CHECK();
-  params_pass1_finalize_kernel<T><<<nc, kThreads, 0, stream>>>(static_cast<Acc*>(part), chunks, acc1, rpp);
+  if (nb > 0) {
+    stats_partial_kernel<scalar_t><<<nb, kThreads, 0, stream>>>(xp, static_cast<Acc*>(part), m);
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+  }
+  params_pass1_finalize_kernel<T><<<nc, kThreads, 0, stream>>>(static_cast<Acc*>(part), m, acc1, rpp);
   C10_CUDA_KERNEL_LAUNCH_CHECK();
   const int last = std::max(need_quat ? 3 : 2, res_bits + 1);
   for (int q = 2; q <= last; ++q) {
@@ -313,17 +332,26 @@ void launch_scheme_params(const at::Tensor& xc, int64_t C, int64_t N, const Cand
     if (q >= 3 && !res && !(q == 3 && need_quat)) continue;
     const int steps = res ? q - 1 : 0;
     TORCH_INTERNAL_ASSERT(steps <= kMaxResSteps);
-    params_dep_partial_kernel<scalar_t, T><<<nb, kThreads, 0, stream>>>(
-        xp, N, chunks, rpp, q == 2, q == 2 && need_ter, q == 3 && need_quat, steps, static_cast<Dep*>(part));
-    C10_CUDA_KERNEL_LAUNCH_CHECK();
+    if (nb > 0) {
+      params_dep_partial_kernel<scalar_t, T><<<nb, kThreads, 0, stream>>>(
+          xp, m, rpp, q == 2, q == 2 && need_ter, q == 3 && need_quat, steps, static_cast<Dep*>(part));
+      C10_CUDA_KERNEL_LAUNCH_CHECK();
+    }
     Dep* sums = q == 2 ? p2 : (q == 3 ? p3 : p_later);
-    params_dep_finalize_kernel<T><<<nc, kThreads, 0, stream>>>(static_cast<Dep*>(part), chunks, acc1, q, steps,
-                                                              rpp, sums);
+    params_dep_finalize_kernel<T><<<nc, kThreads, 0, stream>>>(static_cast<Dep*>(part), m, acc1, q, steps, rpp,
+                                                              sums);
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   }
   params_write_kernel<T><<<static_cast<unsigned>((C + kThreads - 1) / kThreads), kThreads, 0, stream>>>(
-      acc1, rpp, p2, p3, cs, C, out.mutable_data_ptr<T>());
+      acc1, rpp, p2, p3, cs, row_bits, row_lam, C, out.mutable_data_ptr<T>());
   C10_CUDA_KERNEL_LAUNCH_CHECK();
+}
+
+int max_res_bits(const Cands& cs) {
+  int r = 0;
+  for (int k = 0; k < cs.K; ++k)
+    if (cs.sid[k] == kResidual) r = std::max(r, static_cast<int>(cs.bits[k]));
+  return r;
 }
 
 }  // namespace
@@ -351,8 +379,12 @@ at::Tensor tensor_stats_cuda(const at::Tensor& x, bool per_channel) {
   const cudaStream_t stream = at::cuda::getCurrentCUDAStream();
 
   AUTOQNN_DISPATCH_FLOATING(xc.scalar_type(), "tensor_stats_cuda", [&] {
+    RowMap m;
+    m.R = C;
+    m.N = N;
+    m.chunks_per_row = chunks_per_row;
     stats_partial_kernel<scalar_t><<<static_cast<unsigned>(blocks), kThreads, 0, stream>>>(
-        xc.const_data_ptr<scalar_t>(), part_ptr, N, chunks_per_row);
+        xc.const_data_ptr<scalar_t>(), part_ptr, m);
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   });
   if (out_dtype == at::kDouble) {
@@ -380,12 +412,86 @@ at::Tensor scheme_params_cuda(const at::Tensor& x, const at::Tensor& bits, at::I
   if (C == 0 || N == 0 || cs.K == 0) return out;  // no finite element anywhere: every scale is 0
   const at::Tensor xc = x.contiguous();
   const cudaStream_t stream = at::cuda::getCurrentCUDAStream();
+  RowMap m;
+  m.R = C;
+  m.N = N;
+  m.chunks_per_row = (N + stats::kChunk - 1) / stats::kChunk;
+  const int res_bits = max_res_bits(cs);
   AUTOQNN_DISPATCH_FLOATING(xc.scalar_type(), "scheme_params_cuda", [&] {
     if constexpr (std::is_same_v<scalar_t, double>) {
-      launch_scheme_params<scalar_t, double>(xc, C, N, cs, out, stream);
+      launch_scheme_params<scalar_t, double>(xc, m, C * m.chunks_per_row, cs, res_bits, nullptr, nullptr, out, stream);
     } else {
-      launch_scheme_params<scalar_t, float>(xc, C, N, cs, out, stream);
+      launch_scheme_params<scalar_t, float>(xc, m, C * m.chunks_per_row, cs, res_bits, nullptr, nullptr, out, stream);
     }
+  });
+  return out;
+}
+
+// ----------------------------------------------------------------------------- batched
+// Ragged rows on the device for the batched ops (csrc/cuda/quantize.cu shares it): offsets and
+// chunk starts ([R + 1] each, one host-to-device copy of a pageable buffer, no stream sync).
+BatchedRows batched_rows(const at::Tensor& x, at::IntArrayRef offsets, const char* op) {
+  TORCH_CHECK_VALUE(!offsets.empty(), "autoqnn::", op, ": offsets must have at least one entry (0)");
+  TORCH_CHECK_VALUE(offsets.front() == 0 && offsets.back() == x.numel(), "autoqnn::", op,
+                    ": offsets must start at 0 and end at x.numel() = ", x.numel(), ", got ", offsets.front(),
+                    " .. ", offsets.back());
+  BatchedRows br;
+  const int64_t R = static_cast<int64_t>(offsets.size()) - 1;
+  at::Tensor host = at::empty({2 * (R + 1)}, at::TensorOptions().dtype(at::kLong));
+  int64_t* h = host.mutable_data_ptr<int64_t>();
+  h[R + 1] = 0;
+  for (int64_t c = 0; c <= R; ++c) {
+    h[c] = offsets[c];
+    if (c < R) {
+      TORCH_CHECK_VALUE(offsets[c + 1] >= offsets[c], "autoqnn::", op, ": offsets must be non-decreasing, got ",
+                        offsets[c], " then ", offsets[c + 1], " at row ", c);
+      h[R + 2 + c] = h[R + 1 + c] + (offsets[c + 1] - offsets[c] + stats::kChunk - 1) / stats::kChunk;
+    }
+  }
+  br.chunks = h[2 * R + 1];
+  br.dev = host.to(x.device(), /*non_blocking=*/true);
+  br.map.R = R;
+  br.map.off = br.dev.const_data_ptr<int64_t>();
+  br.map.cfirst = br.map.off + (R + 1);
+  return br;
+}
+
+at::Tensor scheme_params_batched_cuda(const at::Tensor& x, at::IntArrayRef offsets, const at::Tensor& bits,
+                                      at::IntArrayRef schemes) {
+  check_float_input(x, "scheme_params_batched", "x");
+  TORCH_INTERNAL_ASSERT(x.is_cuda());
+  const c10::cuda::CUDAGuard guard(x.device());
+  const at::Tensor xc = x.contiguous();
+  const BatchedRows br = batched_rows(xc, offsets, "scheme_params_batched");
+  const int64_t R = br.map.R, K = static_cast<int64_t>(schemes.size());
+  TORCH_CHECK_VALUE(K >= 1 && K <= kNumSchemes, "autoqnn::scheme_params_batched: between 1 and ", kNumSchemes,
+                    " schemes per call, got ", K);
+  TORCH_CHECK_VALUE(bits.dim() == 2 && bits.size(0) == R && bits.size(1) == K, "autoqnn::scheme_params_batched: ",
+                    "bits must have shape [", R, ", ", K, "] (rows x schemes), got ", bits.sizes());
+  // per-row integer bits and lambdas, computed on the host (bits are read there anyway)
+  const std::vector<int> ib = int_bits_rows(bits, schemes);
+  Cands cs{};  // ids only: bits and lambdas are per row
+  cs.K = static_cast<int32_t>(K);
+  for (int64_t k = 0; k < K; ++k) cs.sid[k] = static_cast<int32_t>(schemes[k]);
+  at::Tensor hb = at::empty({R * K}, at::TensorOptions().dtype(at::kInt));
+  at::Tensor hl = at::empty({R * K}, at::TensorOptions().dtype(at::kDouble));
+  int res_bits = 0;
+  for (int64_t i = 0; i < R * K; ++i) {
+    const int64_t s = schemes[i % K];
+    const int b = ib[i];
+    hb.mutable_data_ptr<int32_t>()[i] = b;
+    hl.mutable_data_ptr<double>()[i] = s == kClip ? kClipLambda[b] : (s == kPot ? kPotLambda[b] : 0.0);
+    if (s == kResidual) res_bits = std::max(res_bits, b);
+  }
+  at::Tensor out = at::zeros({K, R, kNumParams}, x.options().dtype(stats_dtype(x.scalar_type())));
+  if (R == 0) return out;
+  const at::Tensor db = hb.to(x.device(), /*non_blocking=*/true);
+  const at::Tensor dl = hl.to(x.device(), /*non_blocking=*/true);
+  const cudaStream_t stream = at::cuda::getCurrentCUDAStream();
+  AUTOQNN_DISPATCH_FLOATING(xc.scalar_type(), "scheme_params_batched_cuda", [&] {
+    using T = std::conditional_t<std::is_same_v<scalar_t, double>, double, float>;
+    launch_scheme_params<scalar_t, T>(xc, br.map, br.chunks, cs, res_bits, db.const_data_ptr<int32_t>(),
+                                      dl.const_data_ptr<double>(), out, stream);
   });
   return out;
 }
@@ -393,6 +499,7 @@ at::Tensor scheme_params_cuda(const at::Tensor& x, const at::Tensor& bits, at::I
 TORCH_LIBRARY_IMPL(autoqnn, CUDA, m) {
   m.impl("tensor_stats", &tensor_stats_cuda);
   m.impl("scheme_params", &scheme_params_cuda);
+  m.impl("scheme_params_batched", &scheme_params_batched_cuda);
 }
 
 }  // namespace autoqnn
