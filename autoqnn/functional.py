@@ -142,6 +142,18 @@ def _resolve(schemes, bits: BitsArg):
     return infos, [i.id for i in infos], bits_t, ints
 
 
+def _mixture_candidates(schemes, bits: BitsArg):
+    """:func:`_resolve` for a mixture: at least one candidate, no duplicates."""
+    if isinstance(schemes, (str, bytes)):
+        raise TypeError(f"schemes must be a sequence of scheme names, got the string {schemes!r}")
+    infos, sids, bits_t, ints = _resolve(schemes, bits)
+    if not infos:
+        raise ValueError("schemes must name at least one candidate")
+    if len(set(sids)) != len(infos):
+        raise ValueError(f"schemes contains duplicates: {[i.name for i in infos]}")
+    return infos, sids, bits_t, ints
+
+
 def _check_params_arg(params, x, K, per_channel):
     C = ref.num_channels(x, per_channel)
     if not isinstance(params, torch.Tensor) or params.shape != (K, C, NUM_PARAMS):
@@ -258,14 +270,8 @@ def quantize_mixture(
     """
     check_input(x)
     check_input(weights, "weights")
-    if isinstance(schemes, (str, bytes)):
-        raise TypeError(f"schemes must be a sequence of scheme names, got the string {schemes!r}")
-    infos, sids, bits_t, ints = _resolve(schemes, bits)
+    infos, sids, bits_t, ints = _mixture_candidates(schemes, bits)
     K = len(infos)
-    if K == 0:
-        raise ValueError("schemes must name at least one candidate")
-    if len(set(sids)) != K:
-        raise ValueError(f"schemes contains duplicates: {[i.name for i in infos]}")
     if weights.numel() != K or weights.dim() > 1:
         raise ValueError(f"weights must have shape [{K}] (one per scheme), got {list(weights.shape)}")
     weights = weights.reshape(K)
@@ -362,14 +368,8 @@ def quantize_mixture_batched(
                 f"xs[{i}] is {x.dtype} on {x.device} but xs[0] is {xs[0].dtype} on {xs[0].device}; "
                 "the batched call needs one dtype and device"
             )
-    if isinstance(schemes, (str, bytes)):
-        raise TypeError(f"schemes must be a sequence of scheme names, got the string {schemes!r}")
-    infos, sids, _, _ = _resolve(schemes, None)
+    infos, sids, _, _ = _mixture_candidates(schemes, None)
     K = len(infos)
-    if K == 0:
-        raise ValueError("schemes must name at least one candidate")
-    if len(set(sids)) != K:
-        raise ValueError(f"schemes contains duplicates: {[i.name for i in infos]}")
     if isinstance(weights, torch.Tensor):
         check_input(weights, "weights")
         if weights.shape != (S, K):

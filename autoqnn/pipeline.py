@@ -33,7 +33,7 @@ from torch import nn
 
 from . import qag as _qag
 from .config import QuantConfig
-from .nn import Quantizer, QuantizerBase, SchemeMixture
+from .nn import Quantizer, QuantizerBase, SchemeMixture, WeightBatcher
 from .nn import quantizers as _iter_quantizers
 from .schemes import scheme_info
 
@@ -95,6 +95,10 @@ class SearchConfig:
     device: str = "auto"
     num_workers: int = 0
     log_every: int = 0  # print a line every N steps (rank 0); 0: per epoch only
+    # QSS: quantize all weight vertices in one batched call per step (autoqnn.nn.WeightBatcher).
+    # Same results (bit-identical on CPU); off by default: on CPU it saves nothing measurable per
+    # step, and the batched CUDA kernels, where it should pay, are not yet verified on a GPU
+    batch_weights: bool = False
 
     def __post_init__(self):
         if isinstance(self.quant, dict):
@@ -133,6 +137,8 @@ class SearchConfig:
             raise ValueError("SearchConfig.batch_size and eval_batch_size must be >= 1")
         if self.size_budget_bytes is not None and self.size_budget_bytes <= 0:
             raise ValueError("SearchConfig.size_budget_bytes must be positive")
+        if not isinstance(self.batch_weights, bool):
+            raise ValueError(f"SearchConfig.batch_weights must be True or False, got {self.batch_weights!r}")
         if self.resume not in (None, "auto") and not isinstance(self.resume, (str, os.PathLike)):
             raise ValueError("SearchConfig.resume must be None, 'auto' or a checkpoint path")
         return self
@@ -1141,6 +1147,14 @@ def _search(model: nn.Module, train_data, val_data, cfg, *, loss_fn: Callable, c
     learned_bits: Dict[str, float] = {}
 
     def run_phase(phase: str, net: nn.Module, epochs: int, start_epoch: int, start_step: int, opt_state=None):
+        batcher = WeightBatcher(net) if phase == "search" and epochs and cfg.batch_weights else None
+        try:
+            run_phase_body(phase, net, epochs, start_epoch, start_step, opt_state)
+        finally:
+            if batcher is not None:
+                batcher.remove()
+
+    def run_phase_body(phase: str, net: nn.Module, epochs: int, start_epoch: int, start_step: int, opt_state=None):
         nonlocal global_step
         if epochs == 0:
             return

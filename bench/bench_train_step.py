@@ -6,7 +6,9 @@ loss) against one float training step, same model, batch and optimizer.
 Providers: ``float`` (no quantizers), ``qss-ref`` / ``qpl-ref`` (quantizers on the pure-PyTorch
 reference backend), ``qss-fused`` / ``qpl-fused`` (backend "auto": the C++ kernels on CPU, CUDA or
 Triton on GPU); ``qss-pruned2`` is the fused QSS step after candidate pruning left 2 candidates
-per vertex (what pruning saves late in a search). Issue #5's goal: QSS-fused <= 1.5x float on CPU, <= 1.3x on GPU.
+per vertex (what pruning saves late in a search); ``qss-batched`` is ``qss-fused`` with every weight
+vertex quantized in one batched call per step (:class:`autoqnn.nn.WeightBatcher`; what
+``SearchConfig.batch_weights`` switches on). Issue #5's goal: QSS-fused <= 1.5x float on CPU, <= 1.3x on GPU.
 
     python bench/bench_train_step.py                 # CPU: VGG-like (width 16) on 28x28, batch 128
     python bench/bench_train_step.py --device cuda   # GPU: ResNet-18 at 224 px, batch 128
@@ -25,7 +27,7 @@ import autoqnn
 from autoqnn.config import QuantConfig
 from autoqnn.pipeline import SearchConfig, fix_schemes, precision_loss, prepare
 
-PROVIDERS = ["float", "qss-ref", "qss-fused", "qss-pruned2", "qpl-ref", "qpl-fused"]
+PROVIDERS = ["float", "qss-ref", "qss-fused", "qss-batched", "qss-pruned2", "qpl-ref", "qpl-fused"]
 
 
 def make_model(device: str):
@@ -62,6 +64,10 @@ def make_step(provider: str, device: str):
                     q.update_pruning(threshold=0.99, patience=1)  # keeps the argmax ...
                     q.active[-2] = True  # ... and one more
                     q._refresh_from_buffers()
+        if provider == "qss-batched":
+            from autoqnn.nn import WeightBatcher
+
+            model._bench_batcher = WeightBatcher(model)  # kept alive with the model
     model.train()
     opt = torch.optim.SGD(model.parameters(), lr=1e-3, momentum=0.9)
 

@@ -357,3 +357,87 @@ def test_batched_cuda_opcheck():
     args = (x.clone().requires_grad_(), off, p, W.clone().requires_grad_(), B.clone().requires_grad_(), SIDS)
     torch.library.opcheck(OPS.mixture_batched.default, args)
     torch.library.opcheck(OPS.mixture_batched_backward.default, (torch.randn_like(x), x, off, p, W, B, SIDS, True, True))
+
+
+# ----------------------------------------------------------------------------- WeightBatcher
+def _qss_model(seed=0, per_channel=False, exclude_first_last=False):
+    import autoqnn
+    from autoqnn.models import build_model
+
+    torch.manual_seed(seed)
+    m = build_model("vgglike", num_classes=10, in_channels=1, image_size=28)
+    cfg = autoqnn.SearchConfig(quant=autoqnn.QuantConfig(per_channel_weights=per_channel,
+                                                          exclude_first_last=exclude_first_last))
+    return autoqnn.prepare(m, cfg, torch.randn(2, 1, 28, 28))
+
+
+def _train_steps(qm, batcher, steps=3):
+    from autoqnn.nn import WeightBatcher
+
+    g = torch.Generator().manual_seed(5)
+    torch.manual_seed(6)  # dropout
+    b = WeightBatcher(qm) if batcher else None
+    qm.train()
+    opt = torch.optim.SGD(qm.parameters(), lr=0.05)
+    outs = []
+    for _ in range(steps):
+        x = torch.randn(8, 1, 28, 28, generator=g)
+        y = torch.randint(0, 10, (8,), generator=g)
+        out = qm(x)
+        loss = torch.nn.functional.cross_entropy(out, y)
+        opt.zero_grad()
+        loss.backward()
+        outs.append((out.detach().clone(), {n: p.grad.clone() for n, p in qm.named_parameters() if p.grad is not None}))
+        opt.step()
+    if b is not None:
+        assert b.calls == steps  # one batched call per forward (one group: same candidates and bits)
+        b.remove()
+    return outs
+
+
+@needs_cpp
+@pytest.mark.parametrize("per_channel", [False, True], ids=["tensor", "channel"])
+def test_weight_batcher_trains_exactly_like_the_per_layer_path(per_channel):
+    """Three SGD steps of a QSS model with and without the batcher: the same outputs and the same
+    gradients of every weight and θ (bitwise per tensor; per channel, θ's gradient sums its rows
+    in another order), the same Gumbel step counters afterwards."""
+    a, b = _qss_model(per_channel=per_channel), _qss_model(per_channel=per_channel)
+    ra, rb = _train_steps(a, False), _train_steps(b, True)
+    for (oa, ga), (ob, gb) in zip(ra, rb):
+        if per_channel:
+            torch.testing.assert_close(oa, ob, rtol=1e-5, atol=1e-6)
+        else:
+            assert torch.equal(oa, ob)
+        assert ga.keys() == gb.keys() and any(".theta" in n for n in ga)
+        for n in ga:
+            if per_channel:
+                torch.testing.assert_close(ga[n], gb[n], rtol=1e-4, atol=1e-6)
+            else:
+                assert torch.equal(ga[n], gb[n]), n
+    sa = {n: int(q.step) for n, q in a.named_modules() if hasattr(q, "step") and isinstance(q.step, torch.Tensor)}
+    sb = {n: int(q.step) for n, q in b.named_modules() if hasattr(q, "step") and isinstance(q.step, torch.Tensor)}
+    assert sa == sb and max(sa.values()) == 3
+
+
+@needs_cpp
+def test_weight_batcher_leaves_eval_pruned_and_removed_alone():
+    from autoqnn.nn import SchemeMixture, WeightBatcher
+
+    qm = _qss_model()
+    x = torch.randn(4, 1, 28, 28)
+    wqs = [m for n, m in qm.named_modules() if isinstance(m, SchemeMixture) and m.kind == "weight"]
+    assert len(wqs) >= 3
+    with WeightBatcher(qm) as b:
+        qm.eval()
+        with torch.no_grad():
+            qm(x)
+        assert b.calls == 0  # eval: the per-layer argmax path
+        qm.train()
+        # prune a candidate of one vertex: it leaves the batch, the others still batch
+        wqs[0].active[3] = False
+        wqs[0]._active = [k for k in range(8) if k != 3]
+        qm(x).sum().backward()
+        assert b.calls == 1
+        assert all(getattr(q, "_batched", None) is None for q in wqs)  # nothing left pending
+    qm(x)
+    assert b.calls == 1  # removed: no more batched calls

@@ -343,6 +343,35 @@ def test_search_is_deterministic_for_a_seed(backend):
     assert not torch.are_deterministic_algorithms_enabled()  # torch's global flag restored afterwards
 
 
+def test_search_with_batched_weights_matches_the_per_layer_search(monkeypatch):
+    """SearchConfig.batch_weights=True (every QSS weight vertex in one batched call per step)
+    changes how the weights are quantized, not what: the same plan, probabilities and losses."""
+    made = []
+
+    class Counting(S.WeightBatcher):
+        def __init__(self, *a, **k):
+            super().__init__(*a, **k)
+            made.append(self)
+
+    monkeypatch.setattr(S, "WeightBatcher", Counting)
+    data = toy_data(192)
+    cfg = dict(search_epochs=2, precision_epochs=0, finetune_epochs=0, batch_size=64, seed=3, deterministic=True,
+               quant=QuantConfig(exclude_first_last=False))
+    runs = []
+    for batched in (False, True):
+        torch.manual_seed(0)
+        runs.append(autoqnn.search(small_cnn(), data, None, S.SearchConfig(batch_weights=batched, **cfg), quiet=True))
+    r1, r2 = runs
+    assert [(p.name, p.scheme, p.bits) for p in r1.plan] == [(p.name, p.scheme, p.bits) for p in r2.plan]
+    h1 = [(h.get("train_loss"), h.get("probs")) for h in r1.history if h.get("phase") == "search"]
+    h2 = [(h.get("train_loss"), h.get("probs")) for h in r2.history if h.get("phase") == "search"]
+    assert len(h1) == 2 and h1[0][0] is not None and h1 == h2
+    assert len(made) == 1 and made[0].calls == 2 * 3  # batched: 2 epochs x 3 steps (192 / 64)
+    assert not made[0]._handles  # removed when the phase ended
+    with pytest.raises(ValueError, match="batch_weights"):
+        S.SearchConfig(batch_weights="yes")
+
+
 def test_search_coarse_grained_shares_one_scheme_per_kind():
     torch.manual_seed(1)
     cfg = S.SearchConfig(search_epochs=1, precision_epochs=0, finetune_epochs=0, batch_size=64,

@@ -20,11 +20,12 @@ from .layers import (  # noqa: F401
 )
 from .attention import QMultiheadAttention  # noqa: F401
 from .quantizers import Quantizer, QuantizerBase, SchemeMixture  # noqa: F401
+from .batching import WeightBatcher  # noqa: F401
 
 __all__ = [
     "Quantizer", "SchemeMixture", "QuantizerBase", "QConv1d", "QConv2d", "QConv3d",
     "QConvTranspose1d", "QConvTranspose2d", "QConvTranspose3d", "QLinear", "QUANT_LAYERS",
-    "FLOAT_TO_QUANT", "QuantLayerMixin", "QMultiheadAttention", "quantizers", "set_quant_enabled",
+    "FLOAT_TO_QUANT", "QuantLayerMixin", "QMultiheadAttention", "quantizers", "set_quant_enabled", "WeightBatcher",
 ]
 
 

@@ -409,6 +409,10 @@ class SchemeMixture(QuantizerBase):
 
     # ------------------------------------------------------------------ forward
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        pending = self.__dict__.get("_batched")
+        if pending is not None and pending[0] is x:  # computed by a WeightBatcher for this forward
+            self._batched = None
+            return pending[1]
         if not self.enabled or x.numel() == 0:
             return x
         self._record(x)

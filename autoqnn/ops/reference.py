@@ -425,6 +425,17 @@ def _check_rows(t: torch.Tensor, R: int, K: int, name: str, op: str) -> None:
         raise ValueError(f"autoqnn::{op}: {name} must have shape [{R}, {K}] (rows x schemes), got {list(t.shape)}")
 
 
+def _check_batched(x, offsets, params, weights, bits, schemes, op: str) -> list[int]:
+    """The offsets, and weights/bits [R, K] and params [K, R, P] shapes, of a batched output-pass op."""
+    off = check_offsets(x, offsets, op)
+    R, K = len(off) - 1, len(schemes)
+    _check_rows(weights, R, K, "weights", op)
+    _check_rows(bits, R, K, "bits", op)
+    if params.dim() != 3 or params.shape[0] != K or params.shape[1] != R:
+        raise ValueError(f"autoqnn::{op}: params must have shape [{K}, {R}, {NUM_PARAMS}], got {list(params.shape)}")
+    return off
+
+
 def scheme_params_batched_ref(
     x: torch.Tensor, offsets: Sequence[int], bits: torch.Tensor, schemes: Sequence[int]
 ) -> torch.Tensor:
@@ -449,12 +460,8 @@ def mixture_batched_ref(
     schemes: Sequence[int],
 ) -> torch.Tensor:
     """y = Σ_k weights[r, k]·q_k(x) on every row r, in x's shape and dtype."""
-    off = check_offsets(x, offsets, "mixture_batched")
-    R, K = len(off) - 1, len(schemes)
-    _check_rows(weights, R, K, "weights", "mixture_batched")
-    _check_rows(bits, R, K, "bits", "mixture_batched")
-    if params.dim() != 3 or params.shape[0] != K or params.shape[1] != R:
-        raise ValueError(f"autoqnn::mixture_batched: params must have shape [{K}, {R}, {NUM_PARAMS}], got {list(params.shape)}")
+    off = _check_batched(x, offsets, params, weights, bits, schemes, "mixture_batched")
+    R = len(off) - 1
     xf = x.detach().reshape(-1)
     y = torch.empty_like(xf, memory_format=torch.contiguous_format)
     for r in range(R):
@@ -478,10 +485,8 @@ def mixture_batched_backward_ref(
 ):
     """(grad_x, grad_weights [R, K], grad_bits [R, K]) of :func:`mixture_batched_ref`, row by row
     as :func:`mixture_backward_ref`."""
-    off = check_offsets(x, offsets, "mixture_batched_backward")
-    R, K = len(off) - 1, len(schemes)
-    _check_rows(weights, R, K, "weights", "mixture_batched_backward")
-    _check_rows(bits, R, K, "bits", "mixture_batched_backward")
+    off = _check_batched(x, offsets, params, weights, bits, schemes, "mixture_batched_backward")
+    R = len(off) - 1
     if grad_y.shape != x.shape:
         raise ValueError(f"autoqnn: grad_y has shape {list(grad_y.shape)} but x has shape {list(x.shape)}")
     xf = x.detach().reshape(-1)

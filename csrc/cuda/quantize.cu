@@ -61,6 +61,51 @@ int64_t grid_for(int64_t total) {
   return std::max<int64_t>(1, std::min<int64_t>((total + kThreads - 1) / kThreads, kMaxBlocks));
 }
 
+// part[blockIdx.x, 0..K) = the block's sums of acc_q (zeros without need_w), [K..2K) of acc_d:
+// one value at a time, fixed tree (deterministic). Every thread of the block must call it.
+template <typename T>
+__device__ __forceinline__ void block_sums(const T* acc_q, const T* acc_d, int K, bool need_w, T* __restrict__ part) {
+  __shared__ T sh[kThreads];
+  for (int j = 0; j < 2 * K; ++j) {
+    T val = j < K ? acc_q[j] : acc_d[j - K];
+    if (j < K && !need_w) val = T(0);
+    sh[threadIdx.x] = val;
+    __syncthreads();
+    for (int s = kThreads / 2; s > 0; s >>= 1) {
+      if (threadIdx.x < s) sh[threadIdx.x] += sh[threadIdx.x + s];
+      __syncthreads();
+    }
+    if (threadIdx.x == 0) part[blockIdx.x * 2 * K + j] = sh[0];
+    __syncthreads();
+  }
+}
+
+// One element of the mixture backward: adds g*q_k (and g*dq_k/db) to the accumulators and returns
+// grad_x = g * sum_k w_k mask_k (0 at non-finite x). p = candidate 0's params of the element's row,
+// pstride the distance to the next candidate's; w == nullptr: every weight is exactly 1.
+template <typename T, bool ND>
+__device__ __forceinline__ T bwd_element(T v, T g, const T* p, int64_t pstride, const Cands<T>& cs,
+                                         const int32_t* bits, const T* cb, const T* w, T w_identity, T* acc_q,
+                                         T* acc_d) {
+  T masked = T(0);
+  bool any_masked = false;
+#pragma unroll
+  for (int k = 0; k < kMaxK; ++k) {
+    if (k >= cs.K) break;
+    const Eval<T> r = eval_scheme<T, ND>(cs.sid[k], v, p + k * pstride, bits[k], cb[k]);
+    if (cs.sid[k] == kClip) {
+      const T term = r.ste ? (w ? w[k] : T(1)) : T(0);
+      masked = any_masked ? masked + term : term;
+      any_masked = true;
+    }
+    acc_q[k] += g * r.q;
+    if (ND) acc_d[k] += g * r.d;
+  }
+  const T factor = any_masked ? masked + w_identity : w_identity;
+  const bool fin = (v - v) == T(0);
+  return fin ? g * factor : T(0);
+}
+
 // y[i] = sum_k w_k q_k(x[i]); w == nullptr: single scheme, weight exactly 1.
 template <typename scalar_t, typename T>
 __global__ void __launch_bounds__(kThreads)
@@ -102,39 +147,10 @@ __global__ void __launch_bounds__(kThreads)
     const int64_t c = C == 1 ? 0 : i / N;  // skips a 64-bit division per element per tensor
     const T v = static_cast<T>(x[i]);
     const T g = static_cast<T>(gy[i]);
-    T masked = T(0);
-    bool any_masked = false;
-#pragma unroll
-    for (int k = 0; k < kMaxK; ++k) {
-      if (k >= cs.K) break;
-      const T* p = params + (k * C + c) * kNumParams;
-      const Eval<T> r = eval_scheme<T, ND>(cs.sid[k], v, p, cs.bits[k], cs.cb[k]);
-      if (cs.sid[k] == kClip) {
-        const T term = r.ste ? (w ? w[k] : T(1)) : T(0);
-        masked = any_masked ? masked + term : term;
-        any_masked = true;
-      }
-      acc_q[k] += g * r.q;
-      if (ND) acc_d[k] += g * r.d;
-    }
-    const T factor = any_masked ? masked + w_identity : w_identity;
-    const bool fin = (v - v) == T(0);
-    gx[i] = static_cast<scalar_t>(fin ? g * factor : T(0));
+    gx[i] = static_cast<scalar_t>(
+        bwd_element<T, ND>(v, g, params + c * kNumParams, C * kNumParams, cs, cs.bits, cs.cb, w, w_identity, acc_q, acc_d));
   }
-  // Block reduction of the 2K sums, one value at a time, fixed tree (deterministic).
-  __shared__ T sh[kThreads];
-  for (int j = 0; j < 2 * cs.K; ++j) {
-    T val = j < cs.K ? acc_q[j] : acc_d[j - cs.K];
-    if (j < cs.K && !need_w) val = T(0);
-    sh[threadIdx.x] = val;
-    __syncthreads();
-    for (int s = kThreads / 2; s > 0; s >>= 1) {
-      if (threadIdx.x < s) sh[threadIdx.x] += sh[threadIdx.x + s];
-      __syncthreads();
-    }
-    if (threadIdx.x == 0) part[blockIdx.x * 2 * cs.K + j] = sh[0];
-    __syncthreads();
-  }
+  block_sums<T>(acc_q, acc_d, cs.K, need_w, part);
 }
 
 struct Layout {
@@ -269,17 +285,6 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> mixture_backward_cuda(
 // each block knows its row: per-row weights w [R, K], integer bits rb [R, K] and bits scale
 // factors rcb [R, K]. The per-element math and the forward's summation order are those of the
 // kernels above (the forward is bit-identical to one call per tensor).
-struct ChunkSpan {
-  int64_t row, start, len;
-};
-
-__device__ inline ChunkSpan chunk_span(const RowMap& m, int64_t b) {
-  const int64_t c = m.row_of_chunk(b);
-  const int64_t begin = (b - m.first(c)) * stats::kChunk;
-  const int64_t n = m.len(c) - begin;
-  return {c, m.begin(c) + begin, n < stats::kChunk ? n : stats::kChunk};
-}
-
 template <typename T>
 struct RowCands {  // candidate k of one row, in registers
   int32_t bits[kMaxK];
@@ -304,7 +309,7 @@ __global__ void __launch_bounds__(kThreads)
     mixture_batched_fwd_kernel(const scalar_t* __restrict__ x, scalar_t* __restrict__ y,
                                const T* __restrict__ params /* [K, R, P] */, const T* __restrict__ w /* [R, K] */,
                                const int32_t* __restrict__ rb, const T* __restrict__ rcb, Cands<T> cs, RowMap m) {
-  const ChunkSpan ch = chunk_span(m, blockIdx.x);
+  const ChunkSpan ch = m.chunk(blockIdx.x);
   const int64_t c = ch.row;
   const RowCands<T> rc = row_cands<T>(cs.K, c, rb, rcb, w);
   for (int64_t i = threadIdx.x; i < ch.len; i += kThreads) {
@@ -329,7 +334,7 @@ __global__ void __launch_bounds__(kThreads)
                                scalar_t* __restrict__ gx, const T* __restrict__ params, const T* __restrict__ w,
                                const int32_t* __restrict__ rb, const T* __restrict__ rcb, Cands<T> cs, RowMap m,
                                bool need_w, T* __restrict__ part /* [chunks, 2K] */) {
-  const ChunkSpan ch = chunk_span(m, blockIdx.x);
+  const ChunkSpan ch = m.chunk(blockIdx.x);
   const int64_t c = ch.row;
   const RowCands<T> rc = row_cands<T>(cs.K, c, rb, rcb, w);
   T acc_q[kMaxK], acc_d[kMaxK];
@@ -341,38 +346,10 @@ __global__ void __launch_bounds__(kThreads)
   for (int64_t i = threadIdx.x; i < ch.len; i += kThreads) {
     const T v = static_cast<T>(x[ch.start + i]);
     const T g = static_cast<T>(gy[ch.start + i]);
-    T masked = T(0);
-    bool any_masked = false;
-#pragma unroll
-    for (int k = 0; k < kMaxK; ++k) {
-      if (k >= cs.K) break;
-      const T* p = params + (k * m.R + c) * kNumParams;
-      const Eval<T> r = eval_scheme<T, ND>(cs.sid[k], v, p, rc.bits[k], rc.cb[k]);
-      if (cs.sid[k] == kClip) {
-        const T term = r.ste ? rc.w[k] : T(0);
-        masked = any_masked ? masked + term : term;
-        any_masked = true;
-      }
-      acc_q[k] += g * r.q;
-      if (ND) acc_d[k] += g * r.d;
-    }
-    const T factor = any_masked ? masked + w_identity : w_identity;
-    const bool fin = (v - v) == T(0);
-    gx[ch.start + i] = static_cast<scalar_t>(fin ? g * factor : T(0));
+    gx[ch.start + i] = static_cast<scalar_t>(bwd_element<T, ND>(
+        v, g, params + c * kNumParams, m.R * kNumParams, cs, rc.bits, rc.cb, rc.w, w_identity, acc_q, acc_d));
   }
-  __shared__ T sh[kThreads];
-  for (int j = 0; j < 2 * cs.K; ++j) {
-    T val = j < cs.K ? acc_q[j] : acc_d[j - cs.K];
-    if (j < cs.K && !need_w) val = T(0);
-    sh[threadIdx.x] = val;
-    __syncthreads();
-    for (int s = kThreads / 2; s > 0; s >>= 1) {
-      if (threadIdx.x < s) sh[threadIdx.x] += sh[threadIdx.x + s];
-      __syncthreads();
-    }
-    if (threadIdx.x == 0) part[blockIdx.x * 2 * cs.K + j] = sh[0];
-    __syncthreads();
-  }
+  block_sums<T>(acc_q, acc_d, cs.K, need_w, part);
 }
 
 // Per row, the chunk partials in chunk order (float64): gw[r, k] = <g, q_k>,

@@ -58,25 +58,13 @@ __device__ A block_reduce(A acc) {
   return sh[0];
 }
 
-// Block b's chunk: its row, where it starts in x and how many elements it has.
-struct Chunk {
-  int64_t row, start, len;
-};
-
-__device__ inline Chunk chunk_of(const RowMap& m, int64_t b) {
-  const int64_t c = m.row_of_chunk(b);
-  const int64_t begin = (b - m.first(c)) * stats::kChunk;
-  const int64_t n = m.len(c) - begin;
-  return {c, m.begin(c) + begin, n < stats::kChunk ? n : stats::kChunk};
-}
-
 // Stage 1: block b reduces its chunk (uniform rows: chunk b % chunks_per_row of row
 // b / chunks_per_row).
 template <typename scalar_t>
 __global__ void __launch_bounds__(kThreads)
     stats_partial_kernel(const scalar_t* __restrict__ x /* contiguous */, Acc* __restrict__ part /* [chunks] */,
                          RowMap m) {
-  const Chunk ch = chunk_of(m, blockIdx.x);
+  const ChunkSpan ch = m.chunk(blockIdx.x);
   const int64_t b = blockIdx.x;
   const int64_t len = ch.len;
   const scalar_t* row = x + ch.start;
@@ -155,7 +143,7 @@ __global__ void __launch_bounds__(kThreads)
     params_dep_partial_kernel(const scalar_t* __restrict__ x, RowMap m, const T* __restrict__ rp, bool var,
                               bool ter, bool quat, int res, Dep* __restrict__ part) {
   const int64_t b = blockIdx.x;
-  const Chunk ch = chunk_of(m, b);
+  const ChunkSpan ch = m.chunk(b);
   const int64_t c = ch.row;
   const int64_t len = ch.len;
   const scalar_t* row = x + ch.start;

@@ -10,7 +10,14 @@
 
 #include <cstdint>
 
+#include "autoqnn/tensor_stats.h"  // stats::kChunk
+
 namespace autoqnn {
+
+// One chunk: its row, where it starts in x and how many elements it has.
+struct ChunkSpan {
+  int64_t row, start, len;
+};
 
 struct RowMap {
   int64_t R = 0;               // rows
@@ -34,6 +41,13 @@ struct RowMap {
   C10_HOST_DEVICE int64_t len(int64_t c) const { return off ? off[c + 1] - off[c] : N; }
   C10_HOST_DEVICE int64_t first(int64_t c) const { return off ? cfirst[c] : c * chunks_per_row; }
   C10_HOST_DEVICE int64_t chunks(int64_t c) const { return off ? cfirst[c + 1] - cfirst[c] : chunks_per_row; }
+  // Chunk b (of stats::kChunk elements; the last one of a row may be shorter).
+  C10_HOST_DEVICE ChunkSpan chunk(int64_t b) const {
+    const int64_t c = row_of_chunk(b);
+    const int64_t begin = (b - first(c)) * stats::kChunk;
+    const int64_t n = len(c) - begin;
+    return {c, this->begin(c) + begin, n < stats::kChunk ? n : stats::kChunk};
+  }
 };
 
 }  // namespace autoqnn
