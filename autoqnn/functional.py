@@ -125,18 +125,15 @@ def _resolve(schemes, bits: BitsArg):
     resolutions are cached (host time per call matters on GPUs, where the kernels are short).
     The cached bits tensor is shared read-only by every call that hits the entry."""
     key = _hashable_bits(bits)
+    if not isinstance(schemes, (str, bytes)):
+        schemes = tuple(schemes)  # once: a generator can be read only once
     # torch.compile traces the uncached path (Dynamo warns about lru_cache and would trace
-    # through it anyway); the resolution then happens once per compiled graph
-    if key is not None and not isinstance(schemes, (str, bytes)) and not torch.compiler.is_compiling():
-        try:
-            st = tuple(schemes)
-            hash(st)
-        except TypeError:
-            st = None
-        # scheme ids: bool is an int that scheme_info must keep rejecting
-        if st is not None and all(isinstance(s, (str, int)) and not isinstance(s, bool) for s in st):
-            infos, sids, bits_t, ints = _resolve_cached(st, key)
-            return list(infos), list(sids), bits_t, list(ints)
+    # through it anyway); the resolution then happens once per compiled graph.
+    # Scheme names and ids only: bool is an int that scheme_info must keep rejecting.
+    if (key is not None and isinstance(schemes, tuple) and not torch.compiler.is_compiling()
+            and all(isinstance(s, (str, int)) and not isinstance(s, bool) for s in schemes)):
+        infos, sids, bits_t, ints = _resolve_cached(schemes, key)
+        return list(infos), list(sids), bits_t, list(ints)
     infos = [scheme_info(s) for s in schemes]
     bits_t, ints = _bits_tensor(bits, infos)
     return infos, [i.id for i in infos], bits_t, ints

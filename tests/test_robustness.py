@@ -493,6 +493,11 @@ def test_cached_resolution_keeps_validating():
     assert bt.tolist() == [3.0, 2.0] and not bt.requires_grad and bt.grad is None and ints == [3, 2]
     assert AF._resolve(["clip", "pot"], (3, 2))[2] is bt  # lists and tuples share the entry
     assert torch.equal(AF.quantize(x, "binary", 1), y1)
+    # generators are read once, cached or not; SchemeInfo objects take the uncached path
+    from autoqnn.schemes import scheme_info
+
+    assert AF._resolve((s for s in ("clip", "pot")), [3, 2])[1] == sids
+    assert AF._resolve((scheme_info(s) for s in ("clip", "pot")), [3, 2])[1] == sids
 
 
 # ----------------------------------------------------------------------------- backends
