@@ -441,3 +441,29 @@ def test_weight_batcher_leaves_eval_pruned_and_removed_alone():
         assert all(getattr(q, "_batched", None) is None for q in wqs)  # nothing left pending
     qm(x)
     assert b.calls == 1  # removed: no more batched calls
+
+
+@needs_cpp
+@pytest.mark.parametrize("per_channel", [False, True], ids=["tensor", "channel"])
+def test_batched_noncontiguous_and_zero_inputs(per_channel):
+    """Transposed / sliced tensors, an all-zero and a constant tensor: the same as one call per
+    tensor (outputs keep each input's shape; gradients reach the original tensors)."""
+    base = sample((12, 40), torch.float32, seed=8)
+    xs = [base.t(), base[:, ::3], torch.zeros(6, 5), torch.full((4, 9), 0.3), sample((5, 2, 3), torch.float32)[:, 1]]
+    assert not xs[0].is_contiguous() and not xs[1].is_contiguous()
+    W = torch.softmax(torch.randn(len(xs), 8, generator=torch.Generator().manual_seed(1)), 1)
+    gys = [torch.randn(x.shape, generator=torch.Generator().manual_seed(i)) for i, x in enumerate(xs)]
+
+    def batched(xs, W, B):
+        return AF.quantize_mixture_batched(xs, W, C8, 4, per_channel=per_channel)
+
+    def looped(xs, W, B):
+        return [AF.quantize_mixture(x, W[i], C8, 4, per_channel=per_channel) for i, x in enumerate(xs)]
+
+    got, exp = _run(batched, xs, W, None, gys), _run(looped, xs, W, None, gys)
+    for a, b, x in zip(got[0], exp[0], xs):
+        assert a.shape == x.shape and _equal(a, b)
+    for a, b in zip(got[1], exp[1]):
+        assert _equal(a, b)
+    assert not got[0][2].any()  # all-zero input quantizes to zeros
+    torch.testing.assert_close(got[2], exp[2], rtol=1e-5, atol=1e-6, equal_nan=True)
