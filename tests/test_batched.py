@@ -444,6 +444,23 @@ def test_weight_batcher_leaves_eval_pruned_and_removed_alone():
 
 
 @needs_cpp
+def test_weight_batcher_skips_a_vertex_shared_by_two_layers():
+    """One SchemeMixture serving two layers sees two weights per forward: it stays on the
+    per-layer path (its step counter advances once per call, as without the batcher)."""
+    from autoqnn.nn import QLinear, SchemeMixture, WeightBatcher
+
+    shared = SchemeMixture(kind="weight")
+    net = torch.nn.Sequential(QLinear(6, 6, weight_quant=shared), QLinear(6, 6, weight_quant=shared),
+                              QLinear(6, 6, weight_quant=SchemeMixture(kind="weight")),
+                              QLinear(6, 3, weight_quant=SchemeMixture(kind="weight")))
+    net.train()
+    with WeightBatcher(net) as b:
+        net(torch.randn(2, 6)).sum().backward()
+        assert b.calls == 1  # the two unshared vertices
+    assert int(shared.step) == 2 and int(net[2].weight_quant.step) == 1
+
+
+@needs_cpp
 @pytest.mark.parametrize("per_channel", [False, True], ids=["tensor", "channel"])
 def test_batched_noncontiguous_and_zero_inputs(per_channel):
     """Transposed / sliced tensors, an all-zero and a constant tensor: the same as one call per

@@ -76,7 +76,12 @@ class WeightBatcher:
                 continue
             key = (q.schemes, tuple(q._bits), q.per_channel, q.backend, w.dtype, w.device)
             groups.setdefault(key, []).append((q, w))
-        return groups
+        # a vertex shared by several layers sees several weights per forward: per-layer path
+        seen: Dict[int, int] = {}
+        for items in groups.values():
+            for q, _ in items:
+                seen[id(q)] = seen.get(id(q), 0) + 1
+        return {k: [(q, w) for q, w in items if seen[id(q)] == 1] for k, items in groups.items()}
 
     def _pre(self, module, args):
         self._drop()
