@@ -95,6 +95,11 @@ def format_env(info: dict) -> str:
         lines.append("  " + op.ljust(w) + "  " + "  ".join(per[d].ljust(10) for d in devs))
     if not info["cuda_available"]:
         lines.append("  (no GPU here: the cuda column says what a CUDA tensor would use)")
+    no_batched = [d for d in devs if any(per[d] == "reference" for op, per in info["kernels"].items()
+                                         if op.endswith("_batched") or op.endswith("_batched_backward"))]
+    if no_batched:
+        lines.append(f"  quantize_mixture_batched on {', '.join(no_batched)}: one call per tensor (no batched kernel "
+                     "built there; the batched ops' reference is only the test oracle)")
     kc = info.get("kernel_choice") or {}
     if kc.get("routed_ops"):
         if kc.get("error"):
