@@ -546,21 +546,40 @@ RowWeights batched_weights(const at::Tensor& w, int64_t R, int64_t K, const char
 // ---- tiles: each candidate is evaluated over a tile of elements with its scheme known at compile
 // time, so the loops vectorise (see scheme_math.h: no libm calls in the per-element math).
 
-template <int SID, typename T, bool ND>
+// Where a tile's values go (ACC): kStore q[j] = v; kScaled q[j] = v*w (the mixture's first
+// candidate); kAccumulate q[j] = q[j] + v*w (the others). The mixture forward accumulates in the
+// evaluation loop itself: the same products and sums in the same order as a separate
+// y = y + q*w pass, without storing q and reading it back (one L1 store and two loads per element
+// and candidate fewer).
+enum { kStore = 0, kScaled = 1, kAccumulate = 2 };
+
+template <int ACC, typename T>
+__attribute__((always_inline)) inline void put(T* __restrict q, int64_t j, T v, T w) {
+  if constexpr (ACC == kStore) {
+    (void)w;
+    q[j] = v;
+  } else if constexpr (ACC == kScaled) {
+    q[j] = v * w;
+  } else {
+    q[j] = q[j] + v * w;
+  }
+}
+
+template <int SID, typename T, bool ND, int ACC = kStore>
 AUTOQNN_TILE_FN void eval_tile(const T* __restrict x, int64_t n, const T* p, int b, T cb, T* __restrict q,
-                      T* __restrict ste, T* __restrict d) {
+                      T* __restrict ste, T* __restrict d, T w = T(1)) {
   if constexpr (SID == kResidual) {
-    T r[kTile], sp[kTile];
+    T r[kTile], sp[kTile], rq[kTile];
     for (int64_t j = 0; j < n; ++j) {
       r[j] = x[j];
-      q[j] = T(0);
+      rq[j] = T(0);
       sp[j] = T(0);
     }
     for (int i = 0; i < b; ++i) {
       const T a = p[i];
       for (int64_t j = 0; j < n; ++j) {
         const T s = r[j] > T(0) ? a : -a;
-        q[j] = q[j] + s;
+        rq[j] = rq[j] + s;
         r[j] = r[j] - s;
         sp[j] = s;
       }
@@ -568,7 +587,7 @@ AUTOQNN_TILE_FN void eval_tile(const T* __restrict x, int64_t n, const T* p, int
     const T an = p[b];
     for (int64_t j = 0; j < n; ++j) {
       const bool fin = (x[j] - x[j]) == T(0);
-      q[j] = x[j] != x[j] ? x[j] : q[j];
+      put<ACC>(q, j, x[j] != x[j] ? x[j] : rq[j], w);
       if constexpr (ND) d[j] = fin ? T(0.5) * (sp[j] + (r[j] > T(0) ? an : -an)) : T(0);
     }
   } else {
@@ -578,7 +597,7 @@ AUTOQNN_TILE_FN void eval_tile(const T* __restrict x, int64_t n, const T* p, int
     // Eval::ste: GCC vectorises this form and not the other (same value, NaN -> 0).
     for (int64_t j = 0; j < n; ++j) {
       const auto r = eval_sid<SID, T, ND>(x[j], p, b, cb);
-      q[j] = r.q;
+      put<ACC>(q, j, r.q, w);
       if constexpr (ND) d[j] = r.d;
     }
     if constexpr (SID == kClip) {
@@ -591,6 +610,28 @@ AUTOQNN_TILE_FN void eval_tile(const T* __restrict x, int64_t n, const T* p, int
       }
     }
   }
+}
+
+// y = w*q_sid(x) (first) or y += w*q_sid(x) over a tile (the mixture forward).
+template <typename T>
+inline void mix_tile_rt(int64_t sid, const T* x, int64_t n, const T* p, int b, T cb, T* y, T w, bool first) {
+#define AUTOQNN_MIX(S)                                                              \
+  if (first)                                                                        \
+    eval_tile<S, T, false, kScaled>(x, n, p, b, cb, y, nullptr, nullptr, w);        \
+  else                                                                              \
+    eval_tile<S, T, false, kAccumulate>(x, n, p, b, cb, y, nullptr, nullptr, w);    \
+  break;
+  switch (sid) {
+    case kBinary: AUTOQNN_MIX(kBinary)
+    case kTernary: AUTOQNN_MIX(kTernary)
+    case kQuaternary: AUTOQNN_MIX(kQuaternary)
+    case kFixed: AUTOQNN_MIX(kFixed)
+    case kResidual: AUTOQNN_MIX(kResidual)
+    case kZoom: AUTOQNN_MIX(kZoom)
+    case kClip: AUTOQNN_MIX(kClip)
+    default: AUTOQNN_MIX(kPot)
+  }
+#undef AUTOQNN_MIX
 }
 
 template <typename T, bool ND>
@@ -623,15 +664,6 @@ __attribute__((always_inline)) inline double tile_dot(const T* __restrict a, con
   for (int l = 0; l < kLanes; ++l) s += lane[l];
   for (; j < n; ++j) s += static_cast<T>(a[j] * b[j]);
   return s;
-}
-
-// y = q*w (first candidate) or y += q*w.
-template <typename T>
-AUTOQNN_TILE_FN void axpy_tile(T* __restrict y, const T* __restrict q, T w, int64_t n, bool first) {
-  if (first)
-    for (int64_t j = 0; j < n; ++j) y[j] = q[j] * w;
-  else
-    for (int64_t j = 0; j < n; ++j) y[j] = y[j] + q[j] * w;
 }
 
 // mk = st*w (first masked candidate) or mk += st*w.
@@ -685,7 +717,7 @@ at::Tensor forward_rows(const at::Tensor& x, const Layout& L, const at::Tensor& 
     std::vector<T> wt(w ? w->v.size() : 0);
     for (size_t i = 0; i < wt.size(); ++i) wt[i] = static_cast<T>(w->v[i]);
     for_each_chunk(L, [&](int64_t c, int64_t b, int64_t e, int64_t) {
-      alignas(64) T xt[kTile], yt[kTile], qt[kTile];
+      alignas(64) T xt[kTile], yt[kTile];
       const T* wr = w ? wt.data() + (w->per_row ? c * K : 0) : nullptr;
       for (int64_t t0 = b; t0 < e; t0 += kTile) {
         const int64_t n = std::min(kTile, e - t0);
@@ -694,14 +726,10 @@ at::Tensor forward_rows(const at::Tensor& x, const Layout& L, const at::Tensor& 
         const T* xv = xt;
         for (int64_t k = 0; k < K; ++k) {
           const T* p = pp + (k * L.C + c) * kNumParams;
-          eval_tile_rt<T, false>(cs.sid[k], xv, n, p, cs.b(c, k), T(cs.scale(c, k)), k == 0 ? yt : qt, nullptr,
-                                 nullptr);
-          if (wr) {
-            if (k == 0)
-              axpy_tile<T>(yt, yt, wr[k], n, true);
-            else
-              axpy_tile<T>(yt, qt, wr[k], n, false);
-          }
+          if (wr)
+            mix_tile_rt<T>(cs.sid[k], xv, n, p, cs.b(c, k), T(cs.scale(c, k)), yt, wr[k], k == 0);
+          else
+            eval_tile_rt<T, false>(cs.sid[k], xv, n, p, cs.b(c, k), T(cs.scale(c, k)), yt, nullptr, nullptr);
         }
         store_tile<scalar_t, T>(yp + L.begin(c) + t0, yt, n);
       }
