@@ -199,6 +199,12 @@ def _params_op(mode):
     return torch.ops.autoqnn.scheme_params_triton if mode == "triton" else torch.ops.autoqnn.scheme_params
 
 
+def _bits_grad(bits_t: torch.Tensor) -> bool:
+    """Whether this call's bits receive a gradient: only then does ResQ need α_{b+1} (one more
+    statistics pass over x; the scheme_params ops skip it otherwise)."""
+    return bool(bits_t.requires_grad and torch.is_grad_enabled())
+
+
 def quantize(
     x: torch.Tensor,
     scheme: str,
@@ -235,7 +241,7 @@ def quantize(
     if mode == "torch":
         return _torch_impl(x, None, bits_t, ints, [info.id], per_channel, params)
     if params is None:
-        params = _params_op(mode)(x.detach(), bits_t.detach(), [info.id], per_channel)
+        params = _params_op(mode)(x.detach(), bits_t.detach(), [info.id], per_channel, _bits_grad(bits_t))
     if mode == "triton":
         return torch.ops.autoqnn.quantize_triton(x, params, bits_t, info.id, per_channel)
     if mode == "cuda":
@@ -279,7 +285,7 @@ def quantize_mixture(
     if mode == "torch":
         return _torch_impl(x, weights, bits_t, ints, sids, per_channel, params)
     if params is None:
-        params = _params_op(mode)(x.detach(), bits_t.detach(), sids, per_channel)
+        params = _params_op(mode)(x.detach(), bits_t.detach(), sids, per_channel, _bits_grad(bits_t))
     if mode == "triton":
         return torch.ops.autoqnn.mixture_triton(x, params, weights, bits_t, sids, per_channel)
     if mode == "cuda":
@@ -456,7 +462,8 @@ def _mixture_batched_call(xs, wl, bl, schemes, sids, per_channel):
         w_rows = torch.cat([w_rows[i:i + 1].expand(C, -1) for i, C in enumerate(rows)])
         bits_rows = torch.cat([bits_rows[i:i + 1].expand(C, -1) for i, C in enumerate(rows)])
     flat = torch.cat([x.reshape(-1) for x in xs]) if S > 1 else xs[0].reshape(-1)
-    params = torch.ops.autoqnn.scheme_params_batched(flat.detach(), offsets, bits_rows.detach(), sids)
+    params = torch.ops.autoqnn.scheme_params_batched(flat.detach(), offsets, bits_rows.detach(), sids,
+                                                     _bits_grad(bits_rows))
     y = torch.ops.autoqnn.mixture_batched(flat, offsets, params, w_rows, bits_rows, sids)
     if S == 1:
         return [y.reshape(xs[0].shape)]
@@ -465,11 +472,13 @@ def _mixture_batched_call(xs, wl, bl, schemes, sids, per_channel):
 
 def scheme_params(
     x: torch.Tensor, schemes: Sequence[str], bits: BitsArg = None, *, per_channel: bool = False,
-    backend: Optional[str] = None,
+    backend: Optional[str] = None, need_bits_grad: bool = True,
 ) -> torch.Tensor:
     """Every candidate's scales ``[K, C, NUM_PARAMS]`` (see :mod:`autoqnn.ops.reference`).
     ``backend="triton"`` computes them with the Triton statistics passes; every other backend
-    uses the ``autoqnn::scheme_params`` op (C++ on CPU, Triton or the reference on GPUs)."""
+    uses the ``autoqnn::scheme_params`` op (C++ on CPU, Triton or the reference on GPUs).
+    ``need_bits_grad=False`` leaves ResQ's α_{b+1} (used only by the bitwidth gradient) at 0
+    and skips its statistics pass."""
     check_input(x)
     _check_per_channel(x, per_channel)
     if isinstance(schemes, (str, bytes)):
@@ -478,7 +487,7 @@ def scheme_params(
     mode = "triton" if backends.check_backend_name(backend) == "triton" else "ops"
     if mode == "triton":
         backends.resolve("triton", x.device, ["scheme_params"])
-    return _params_op(mode)(x.detach(), bits_t.detach(), sids, per_channel)
+    return _params_op(mode)(x.detach(), bits_t.detach(), sids, per_channel, bool(need_bits_grad))
 
 
 def tensor_stats(x: torch.Tensor, per_channel: bool = False) -> torch.Tensor:

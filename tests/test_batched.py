@@ -10,7 +10,7 @@ ops are also checked against their pure-PyTorch references (row-by-row loops), w
 import pytest
 import torch
 
-from kernel_inputs import sample
+from kernel_inputs import check_params_without_bits_grad, sample
 
 import autoqnn.functional as AF
 from autoqnn import _ext, backends
@@ -283,6 +283,24 @@ def test_batched_groups_give_the_same_results(group_numel):
 
 
 # ----------------------------------------------------------------------------- CUDA (GPU only)
+def _batched_without_bits_grad(device):
+    """need_bits_grad=False on the batched statistics: ResQ's α_{b+1} slot is 0 in every row,
+    including rows with fewer ResQ bits than the batch's most (whose α_{b+1} the chain computes
+    anyway for a longer row), and each row equals the per-tensor kernel's row."""
+    x, off, _, B = _ragged(torch.float32)
+    x = x.to(device)
+    _, nb = check_params_without_bits_grad(
+        lambda x_, g: OPS.scheme_params_batched(x_, off, B, SIDS, g), x, B, SIDS,
+        ref_fn=lambda g: ref.scheme_params_batched_ref(x, off, B, SIDS, g))
+    for r in range(len(off) - 1):
+        assert torch.equal(nb[:, r:r + 1], OPS.scheme_params(x[off[r]:off[r + 1]], B[r], SIDS, False, False))
+
+
+@needs_cpp
+def test_batched_params_without_bits_grad():
+    _batched_without_bits_grad("cpu")
+
+
 HAVE_CUDA = torch.cuda.is_available() and _ext.HAS_CUDA_KERNELS and has_kernel("mixture_batched", "CUDA")
 needs_cuda = pytest.mark.skipif(not HAVE_CUDA, reason="needs a CUDA GPU and autoqnn._C built with CUDA kernels")
 
@@ -344,6 +362,12 @@ def test_batched_cuda_api_equals_one_call_per_tensor(per_channel):
     # block sums reduced in another order than the per-tensor kernel's grid: close, not equal
     torch.testing.assert_close(got[2], exp[2], rtol=1e-4, atol=1e-4, equal_nan=True)
     torch.testing.assert_close(got[3], exp[3], rtol=1e-4, atol=1e-4)
+
+
+@needs_cuda
+@pytest.mark.cuda
+def test_batched_cuda_params_without_bits_grad():
+    _batched_without_bits_grad("cuda")
 
 
 @needs_cuda

@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from kernel_inputs import bits8 as _bits
-from kernel_inputs import sample
+from kernel_inputs import check_params_without_bits_grad, sample
 
 from autoqnn import _ext
 from autoqnn.ops import has_kernel
@@ -21,6 +21,21 @@ SIDS = list(range(8))
 DTYPES = [torch.float32, torch.float16, torch.bfloat16, torch.float64]
 # sizes straddle the kernels' tile (256) and chunk (16384) boundaries
 SHAPES = [(1,), (2,), (255,), (257,), (769,), (5125,), (16385,), (16, 3, 3, 3), (3, 7000), (0,), (4, 0)]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64], ids=str)
+@pytest.mark.parametrize("shape", [(1,), (769,), (16385,), (3, 7000), (0,)], ids=lambda s: "x".join(map(str, s)))
+@pytest.mark.parametrize("per_channel", [False, True], ids=["tensor", "channel"])
+def test_scheme_params_without_bits_grad(dtype, shape, per_channel):
+    """need_bits_grad=False: ResQ's α_{b+1} slot is 0 (its statistics pass is skipped), every
+    other slot bit-identical, for ResQ at 2, 3 and 8 bits and alone or with the other schemes."""
+    x = sample(shape, dtype)
+    for b in (2, 3, 8):
+        bits = _bits(b)
+        for sids, bb in ((SIDS, bits), ([4], bits[4:5]), ([4, 2], bits[[4, 2]])):
+            check_params_without_bits_grad(
+                lambda x_, g: OPS.scheme_params(x_, bb, sids, per_channel, g), x, bb, sids,
+                ref_fn=lambda g: ref.scheme_params_ref(x, bb, sids, per_channel, g))
 
 
 def _close_levels(a, b, frac=1e-3):

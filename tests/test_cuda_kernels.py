@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from kernel_inputs import bits8 as _bits
-from kernel_inputs import sample
+from kernel_inputs import check_params_without_bits_grad, sample
 
 from autoqnn import _ext
 from autoqnn.ops import has_kernel
@@ -97,3 +97,19 @@ def test_scheme_params_cuda_opcheck_and_errors():
         OPS.scheme_params(x, torch.full((8,), float("nan")), SIDS, False)
     with pytest.raises(ValueError, match="unknown scheme"):
         OPS.scheme_params(x, torch.tensor([3.0]), [11], False)
+
+
+@pytest.mark.parametrize("per_channel", [False, True], ids=["tensor", "channel"])
+@pytest.mark.parametrize("shape", [(769,), (3, 7000), (0,)], ids=lambda s: "x".join(map(str, s)))
+def test_scheme_params_cuda_without_bits_grad(shape, per_channel):
+    """need_bits_grad=False: ResQ's α_{b+1} slot is 0, every other slot bit-identical, and the
+    values match the CPU kernel's (same passes, fewer of them)."""
+    x = _x(shape, torch.float32)
+    for b in (2, 3, 8):
+        bits = _bits(b)
+        for sids, bb in ((SIDS, bits), ([4], bits[4:5])):
+            _, nb = check_params_without_bits_grad(
+                lambda x_, g: OPS.scheme_params(x_, bb, sids, per_channel, g), x, bb, sids,
+                ref_fn=lambda g: ref.scheme_params_ref(x, bb, sids, per_channel, g))
+            torch.testing.assert_close(nb.cpu(), OPS.scheme_params(x.cpu(), bb, sids, per_channel, False),
+                                       rtol=2e-5, atol=1e-7)

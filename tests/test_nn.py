@@ -142,10 +142,11 @@ def test_mixture_invalid_arguments_raise(kwargs):
 
 def _ema_reference(batches, scheme, bits, momentum=0.9):
     """The EMA of a scheme's batch scales, with FixedQ's step re-derived as a power of two
-    from the averaged max|x| (slot 1): e = floor(log2 max|x|) - (b - 2)."""
+    from the averaged max|x| (slot 1): e = floor(log2 max|x|) - (b - 2). A quantizer with fixed
+    bits does not compute ResQ's α_{b+1} (slot b: only a bits gradient uses it), so it is 0."""
     ema = None
     for x in batches:
-        p = AF.scheme_params(x, [scheme], [bits])
+        p = AF.scheme_params(x, [scheme], [bits], need_bits_grad=False)
         ema = p.clone() if ema is None else ema.mul(momentum).add(p, alpha=1.0 - momentum)
     out = ema.clone()
     if scheme == "fixed":

@@ -248,3 +248,38 @@ def test_reference_params_shape_and_dtype():
     s = AF.tensor_stats(x.float())
     assert s.shape == (1, 7)
     torch.testing.assert_close(s[0, 0], torch.tensor(35.0))
+
+
+def test_statistics_skip_alpha_b1_only_without_a_bits_gradient(monkeypatch):
+    """The functional API asks scheme_params for ResQ's α_{b+1} (one more statistics pass) only
+    when the bits receive a gradient; the bits gradient it then gives is the reference's."""
+    seen = []
+    orig = AF._params_op
+
+    def spy(mode):
+        op = orig(mode)
+
+        def call(*args):
+            seen.append(args[4])
+            return op(*args)
+
+        return call
+
+    monkeypatch.setattr(AF, "_params_op", spy)
+    x = torch.randn(3000, requires_grad=True)
+    w = torch.softmax(torch.randn(8), 0).requires_grad_()
+    AF.quantize_mixture(x, w, WEIGHT_CANDIDATES, 3)  # integer bits
+    AF.quantize(x, "residual", 3)
+    assert seen == [False, False]
+    bits = torch.tensor(3.0, requires_grad=True)
+    seen.clear()
+    y = AF.quantize(x, "residual", bits)
+    with torch.no_grad():
+        AF.quantize(x, "residual", bits)
+    assert seen == [True, False]
+    gy = torch.randn(3000)
+    (gb,) = torch.autograd.grad(y, [bits], gy)
+    y_ref = AF.quantize(x, "residual", bits, backend="torch")
+    (gb_ref,) = torch.autograd.grad(y_ref, [bits], gy)
+    torch.testing.assert_close(gb, gb_ref, rtol=1e-4, atol=1e-5)
+    assert float(gb) != 0.0

@@ -445,6 +445,22 @@ def test_statistics_match_reference(shape, per_channel, transposed, dtype):
                                ref.scheme_params_ref(x, bits, sub, per_channel), rtol=2e-5, atol=1e-7)
 
 
+@pytest.mark.parametrize("shape,per_channel", [((300,), False), ((3, 700), True)], ids=["300", "3x700-ch"])
+def test_statistics_without_bits_grad(shape, per_channel):
+    """need_bits_grad=False: ResQ's α_{b+1} slot is 0 (its pass is left out of the plan), every
+    other slot bit-identical, and the reference's values."""
+    x = _x(shape, torch.float32)
+    for b in (2, 8):
+        bits = _bits_for(SIDS, b).to(DEVICE)
+        full = OPS.scheme_params_triton(x, bits, SIDS, per_channel, True)
+        nb = OPS.scheme_params_triton(x, bits, SIDS, per_channel, False)
+        keep = torch.ones_like(full, dtype=torch.bool)
+        keep[4, :, b] = False
+        assert not nb[4, :, b].any() and full[4, :, b].all()
+        assert torch.equal(nb[keep], full[keep])
+        torch.testing.assert_close(nb, ref.scheme_params_ref(x, bits, SIDS, per_channel, False), rtol=2e-5, atol=1e-7)
+
+
 def test_statistics_edge_values_and_errors():
     for x in (torch.zeros(300), torch.full((300,), 2.5), torch.full((300,), float("nan")),
               torch.tensor([1e30, -1e30, 3.0] * 50)):

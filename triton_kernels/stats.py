@@ -281,6 +281,7 @@ def _params_kernel(
     sid_ptr, bits_ptr, lam_ptr,  # [K] int32, [K] int32, [K] float64 (ClipQ/PotQ step/sigma)
     out_ptr,  # [K, C, 12] compute dtype
     C,
+    RES_TOP,  # ResQ slots written: 0..b - 1 + RES_TOP (1: alpha_{b+1}, for the bitwidth gradient)
     K: tl.constexpr, IS64: tl.constexpr,  # K a constexpr: Triton 3.6's interpreter needs constant loop bounds
 ):
     CD: tl.constexpr = tl.float64 if IS64 else tl.float32
@@ -325,7 +326,7 @@ def _params_kernel(
         v1 = tl.where(sid == 3, ma, v1)
         v1 = tl.where(sid == 5, zoom_step, v1)
         vals = tl.where(slot == 0, v0, tl.where(slot == 1, v1, 0.0)).to(CD)
-        vals = tl.where((sid == 4) & (slot <= b), alphas.to(CD), vals)
+        vals = tl.where((sid == 4) & (slot < b + RES_TOP), alphas.to(CD), vals)
         tl.store(out_ptr + (k * C + r64) * 12 + slot, vals, mask=slot < 12)
 
 
@@ -344,13 +345,15 @@ def _small_tensor(values, dtype, device) -> torch.Tensor:
     return t
 
 
-def scheme_params_chain(x: torch.Tensor, per_channel: bool, sids, bits, lams, consts, plan) -> torch.Tensor:
+def scheme_params_chain(x: torch.Tensor, per_channel: bool, sids, bits, lams, consts, plan,
+                        res_top: int = 1) -> torch.Tensor:
     """Every candidate's scales ``[K, C, 12]`` in the compute dtype, computed on the device.
 
     ``sids``/``bits``: the candidates' scheme ids and integer bits; ``lams``: per candidate the
     ClipQ/PotQ step over σ at its bits (0 for the others); ``consts``: (Ternary Δ/mean|x|,
     Quaternary step/σ); ``plan``: the dependent passes as ``(q, var, ter, quat, res_steps)``
-    tuples, chained like the C++ kernel. Passing these in keeps the scheme tables in autoqnn."""
+    tuples, chained like the C++ kernel; ``res_top``: 1 to write ResQ's α_{b+1} (the plan then
+    computes it), 0 to leave that slot 0. Passing these in keeps the scheme tables in autoqnn."""
     x2, C, N = _rows(x, per_channel)
     cd = torch.float64 if x.dtype == torch.float64 else torch.float32
     K = len(sids)
@@ -384,6 +387,6 @@ def scheme_params_chain(x: torch.Tensor, per_channel: bool, sids, bits, lams, co
     out = torch.zeros((K, C, 12), dtype=cd, device=dev)
     meta = _small_tensor((tuple(map(int, sids)), tuple(map(int, bits))), torch.int32, dev)
     lam = _small_tensor(tuple(float(v) for v in lams), torch.float64, dev)
-    _wrap(_params_kernel)[(C,)](st, rp, sig, sums[0], sums[1], meta[0], meta[1], lam, out, C, K=K,
+    _wrap(_params_kernel)[(C,)](st, rp, sig, sums[0], sums[1], meta[0], meta[1], lam, out, C, int(res_top), K=K,
                                 IS64=is64, enable_fp_fusion=False)
     return out

@@ -88,7 +88,9 @@ class QuantizerBase(nn.Module):
         self.elements: Optional[int] = None
         K = len(self._sids)
         if kind == "activation":
-            # EMA of every candidate's scales (SPEC 1: batch statistics in training, EMA at eval)
+            # EMA of every candidate's scales (SPEC 1: batch statistics in training, EMA at eval).
+            # ResQ's last slot, α_{b+1}, is computed only when the bits are learned (only the
+            # bits gradient reads it; the eval output never does): 0 for fixed bits.
             self.register_buffer("ema_params", torch.zeros(K, 1, NUM_PARAMS))
             self.register_buffer("ema_bits", torch.zeros(K))
             self.register_buffer("ema_valid", torch.zeros((), dtype=torch.bool))
@@ -229,7 +231,8 @@ class Quantizer(QuantizerBase):
         if self.kind == "activation":
             b_int = [self.int_bits()]
             if self.training:
-                params = AF.scheme_params(xin.detach(), [self._scheme], b_int, backend=self.backend)
+                params = AF.scheme_params(xin.detach(), [self._scheme], b_int, backend=self.backend,
+                                          need_bits_grad=self.learn_bits and torch.is_grad_enabled())
                 params = _sync_params(params, self._sids, b_int)
                 self._update_ema(params, b_int)
             else:
@@ -420,7 +423,9 @@ class SchemeMixture(QuantizerBase):
         params = None
         if self.kind == "activation":
             if self.training:
-                params = AF.scheme_params(xin.detach(), self.schemes, self._bits, backend=self.backend)
+                # fixed integer bits (QSS): ResQ's α_{b+1}, used only by a bits gradient, is skipped
+                params = AF.scheme_params(xin.detach(), self.schemes, self._bits, backend=self.backend,
+                                          need_bits_grad=False)
                 params = _sync_params(params, self._sids, self._bits)
                 self._update_ema(params, self._bits)
             else:

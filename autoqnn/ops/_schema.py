@@ -14,9 +14,11 @@ Ops (bits is a float tensor ``[K]``, the forward uses ``clip(round(bits), b_min,
 
 ``tensor_stats(x, per_channel) -> [C, 7]``
     count of finite, Σ|x|, Σx, Σx², min, max, max|x| over finite elements (pass 1).
-``scheme_params(x, bits, schemes, per_channel) -> [K, C, NUM_PARAMS]``
+``scheme_params(x, bits, schemes, per_channel, need_bits_grad=True) -> [K, C, NUM_PARAMS]``
     every candidate's scales (pass 1 plus the dependent passes). Not differentiable
-    (statistics carry no gradient, SPEC 1).
+    (statistics carry no gradient, SPEC 1). ResQ's last slot, α_{b+1}, feeds only the bitwidth
+    gradient: with ``need_bits_grad=False`` it is 0 and its statistics pass (one read of x) is
+    skipped; every other slot is unchanged.
 ``quantize(x, params, bits, scheme, per_channel) -> y`` and ``quantize_backward``
     one scheme: y = q(x); backward gives (mask·grad_y, ⟨grad_y, ∂q/∂b⟩).
 ``mixture(x, params, weights, bits, schemes, per_channel) -> y`` and ``mixture_backward``
@@ -42,7 +44,9 @@ _lib = torch.library.Library(LIB_NAME, "FRAGMENT")
 
 SCHEMAS = {
     "tensor_stats": "(Tensor x, bool per_channel) -> Tensor",
-    "scheme_params": "(Tensor x, Tensor bits, int[] schemes, bool per_channel) -> Tensor",
+    "scheme_params": (
+        "(Tensor x, Tensor bits, int[] schemes, bool per_channel, bool need_bits_grad=True) -> Tensor"
+    ),
     "quantize": "(Tensor x, Tensor params, Tensor bits, int scheme, bool per_channel) -> Tensor",
     "quantize_backward": (
         "(Tensor grad_y, Tensor x, Tensor params, Tensor bits, int scheme, bool per_channel, "
@@ -56,7 +60,9 @@ SCHEMAS = {
         "(Tensor grad_y, Tensor x, Tensor params, Tensor weights, Tensor bits, int[] schemes, "
         "bool per_channel, bool need_weights_grad, bool need_bits_grad) -> (Tensor, Tensor, Tensor)"
     ),
-    "scheme_params_batched": "(Tensor x, int[] offsets, Tensor bits, int[] schemes) -> Tensor",
+    "scheme_params_batched": (
+        "(Tensor x, int[] offsets, Tensor bits, int[] schemes, bool need_bits_grad=True) -> Tensor"
+    ),
     "mixture_batched": (
         "(Tensor x, int[] offsets, Tensor params, Tensor weights, Tensor bits, int[] schemes) -> Tensor"
     ),
@@ -117,7 +123,7 @@ def _tensor_stats_fake(x, per_channel):
 
 
 @torch.library.register_fake(qualname("scheme_params"), lib=_lib)
-def _scheme_params_fake(x, bits, schemes, per_channel):
+def _scheme_params_fake(x, bits, schemes, per_channel, need_bits_grad=True):
     torch._check(bits.numel() == len(schemes), lambda: "bits must have one entry per scheme")
     return x.new_empty(
         (len(schemes), _channels(x, per_channel), NUM_PARAMS), dtype=ref.compute_dtype(x.dtype)
@@ -155,7 +161,7 @@ def _mixture_backward_fake(
 
 
 @torch.library.register_fake(qualname("scheme_params_batched"), lib=_lib)
-def _scheme_params_batched_fake(x, offsets, bits, schemes):
+def _scheme_params_batched_fake(x, offsets, bits, schemes, need_bits_grad=True):
     R = len(offsets) - 1
     torch._check(R >= 0, lambda: "offsets must have at least one entry")
     return x.new_empty((len(schemes), R, NUM_PARAMS), dtype=ref.compute_dtype(x.dtype))

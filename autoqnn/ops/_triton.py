@@ -92,7 +92,7 @@ def _tensor_stats_impl(x, per_channel):
     return stats_kernels.row_stats(x, per_channel).to(cd)
 
 
-def _scheme_params_impl(x, bits, schemes, per_channel):
+def _scheme_params_impl(x, bits, schemes, per_channel, need_bits_grad=True):
     """Every candidate's scales, on the device (``triton_kernels.stats.scheme_params_chain``):
     pass 1, then the dependent passes chained like the C++ kernel
     (``csrc/cpu/quantize.cpp::fill_params``): pass 2 = σ + Ternary + ResQ α_2, pass 3 =
@@ -106,10 +106,11 @@ def _scheme_params_impl(x, bits, schemes, per_channel):
     need_sigma = any(n in ("quaternary", "clip", "pot") for n in names)
     need_ter = "ternary" in names
     need_quat = "quaternary" in names
-    res_bits = max([b for n, b in zip(names, b_int) if n == "residual"], default=0)
+    # ResQ alphas to compute: alpha_1..alpha_{b+1} (alpha_{b+1} feeds only the bitwidth gradient)
+    res_alphas = max([b for n, b in zip(names, b_int) if n == "residual"], default=-1) + int(bool(need_bits_grad))
     plan = []
-    for q in range(2, max(3 if need_quat else 2, res_bits + 1) + 1):
-        res = res_bits + 1 >= q
+    for q in range(2, max(3 if need_quat else 2, res_alphas) + 1):
+        res = res_alphas >= q
         if q == 2 and not (need_sigma or need_ter or res):
             continue
         if q >= 3 and not res and not (q == 3 and need_quat):
@@ -118,7 +119,8 @@ def _scheme_params_impl(x, bits, schemes, per_channel):
     lams = [CLIPQ_LAMBDA[b] if n == "clip" else POTQ_LAMBDA[b] if n == "pot" else 0.0
             for n, b in zip(names, b_int)]
     return stats_kernels.scheme_params_chain(
-        x, per_channel, schemes, b_int, lams, (TERNARY_DELTA, QUATERNARY_LAMBDA), tuple(plan))
+        x, per_channel, schemes, b_int, lams, (TERNARY_DELTA, QUATERNARY_LAMBDA), tuple(plan),
+        res_top=int(bool(need_bits_grad)))
 
 
 def _quantize_impl(x, params, bits, scheme, per_channel):
@@ -222,7 +224,13 @@ def with_schema_signature(fn, schema: str):
     params = []
     for arg in m.group(1).split(","):
         typ, name = arg.strip().rsplit(" ", 1)
-        params.append(inspect.Parameter(name, inspect.Parameter.POSITIONAL_OR_KEYWORD, annotation=_SCHEMA_TYPES[typ]))
+        default = inspect.Parameter.empty
+        if "=" in name:  # a defaulted argument: "bool need_bits_grad=True"
+            name, text = name.split("=", 1)
+            defaults = {"True": True, "False": False, "None": None}
+            default = defaults[text] if text in defaults else int(text)
+        params.append(inspect.Parameter(name, inspect.Parameter.POSITIONAL_OR_KEYWORD, default=default,
+                                        annotation=_SCHEMA_TYPES[typ]))
     ret = m.group(2).strip()
     if ret.startswith("("):
         ret_t = tuple[tuple(_SCHEMA_TYPES[t.strip()] for t in ret[1:-1].split(","))]

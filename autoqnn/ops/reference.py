@@ -122,17 +122,20 @@ def _sgn(v: torch.Tensor) -> torch.Tensor:
 
 
 def scheme_params_ref(
-    x: torch.Tensor, bits: torch.Tensor, schemes: Sequence[int], per_channel: bool
+    x: torch.Tensor, bits: torch.Tensor, schemes: Sequence[int], per_channel: bool, need_bits_grad: bool = True
 ) -> torch.Tensor:
     """Per-candidate, per-channel scales: ``[K, C, NUM_PARAMS]`` in the compute dtype.
 
     Slots: binary α; ternary (Δ, α); quaternary (s, α); fixed (step 2^e, max|x|); residual α_1..α_{b+1};
-    zoom (min, step); clip α; pot α.
+    zoom (min, step); clip α; pot α. ResQ's α_{b+1} only feeds the bitwidth gradient: it is 0
+    when ``need_bits_grad`` is False (the kernels then skip its statistics pass).
     """
-    return params_rows(_rows(x, per_channel), int_bits(bits, schemes), schemes)
+    return params_rows(_rows(x, per_channel), int_bits(bits, schemes), schemes, need_bits_grad)
 
 
-def params_rows(x2: torch.Tensor, b_int: Sequence[int], schemes: Sequence[int]) -> torch.Tensor:
+def params_rows(
+    x2: torch.Tensor, b_int: Sequence[int], schemes: Sequence[int], need_bits_grad: bool = True
+) -> torch.Tensor:
     """:func:`scheme_params_ref` on an already-flattened ``[C, N]`` compute-dtype tensor with
     integer bits (traceable by ``torch.compile``: no host reads)."""
     cd = x2.dtype
@@ -165,7 +168,7 @@ def params_rows(x2: torch.Tensor, b_int: Sequence[int], schemes: Sequence[int]) 
             p[:, 1] = _safe_div((xf * v).sum(1), (v * v).sum(1))
         elif name == "residual":
             a = ax
-            for i in range(b + 1):
+            for i in range(b + 1 if need_bits_grad else b):
                 alpha = _safe_div(a.sum(1), n)
                 p[:, i] = alpha
                 a = torch.where(fin, (a - alpha[:, None]).abs(), 0)
@@ -437,7 +440,7 @@ def _check_batched(x, offsets, params, weights, bits, schemes, op: str) -> list[
 
 
 def scheme_params_batched_ref(
-    x: torch.Tensor, offsets: Sequence[int], bits: torch.Tensor, schemes: Sequence[int]
+    x: torch.Tensor, offsets: Sequence[int], bits: torch.Tensor, schemes: Sequence[int], need_bits_grad: bool = True
 ) -> torch.Tensor:
     """``[K, R, NUM_PARAMS]``: row r's scales, as :func:`scheme_params_ref` of that row alone."""
     off = check_offsets(x, offsets, "scheme_params_batched")
@@ -447,7 +450,7 @@ def scheme_params_batched_ref(
     cd = compute_dtype(x.dtype)
     if R == 0:
         return torch.zeros((K, 0, NUM_PARAMS), dtype=cd, device=x.device)
-    rows = [scheme_params_ref(xf[off[r]:off[r + 1]], bits[r], schemes, False) for r in range(R)]
+    rows = [scheme_params_ref(xf[off[r]:off[r + 1]], bits[r], schemes, False, need_bits_grad) for r in range(R)]
     return torch.cat(rows, 1)
 
 

@@ -354,14 +354,14 @@ RowBits batched_bits(const at::Tensor& bits, at::IntArrayRef schemes, int64_t R,
 }
 
 template <typename scalar_t>
-void fill_params(const scalar_t* x, const Layout& L, at::IntArrayRef schemes, const RowBits& bits,
+void fill_params(const scalar_t* x, const Layout& L, at::IntArrayRef schemes, const RowBits& bits, bool need_bits_grad,
                  at::opmath_type<scalar_t>* out, int64_t row0 = 0, int64_t out_C = -1) {
   // rows c of L are rows row0 + c of bits and of out ([K, out_C, kNumParams])
   if (out_C < 0) out_C = L.C;
   using T = at::opmath_type<scalar_t>;
   const int64_t K = schemes.size();
   bool need_ter = false, need_quat = false, need_sigma = false;
-  int res_bits = 0;  // residual alphas needed: b + 1 (the most any row needs)
+  int res_bits = -1;  // the most ResQ bits of any row (-1: no ResQ candidate)
   for (int64_t k = 0; k < K; ++k) {
     need_sigma |= schemes[k] == kQuaternary || schemes[k] == kClip || schemes[k] == kPot;
     need_ter |= schemes[k] == kTernary;
@@ -381,13 +381,14 @@ void fill_params(const scalar_t* x, const Layout& L, at::IntArrayRef schemes, co
   }
   // Dependent passes, fused: pass 2 = variance (two-pass, like torch.std) + ternary + ResQ
   // alpha_2; pass 3 = quaternary (needs sigma) + alpha_3; pass q >= 4 = alpha_q. ResQ needs
-  // alpha_1..alpha_{b+1} (the last one feeds the bitwidth gradient).
+  // alpha_1..alpha_b, and alpha_{b+1} for the bitwidth gradient only (slot b stays 0 without).
+  const int res_alphas = res_bits + (need_bits_grad ? 1 : 0);
   std::vector<std::vector<T>> ralpha(C);
   for (int64_t c = 0; c < C; ++c) ralpha[c].push_back(mean_abs[c]);
   std::vector<std::array<double, kDepAcc>> p2(C), p3(C);
-  const int last = std::max(need_quat ? 3 : 2, res_bits + 1);
+  const int last = std::max(need_quat ? 3 : 2, res_alphas);
   for (int q = 2; q <= last; ++q) {
-    const bool res = res_bits + 1 >= q;
+    const bool res = res_alphas >= q;
     if (q == 2 && !(need_sigma || need_ter || res)) continue;
     if (q >= 3 && !res && !(q == 3 && need_quat)) continue;
     auto r = row_reduce<kDepAcc, scalar_t>(
@@ -439,7 +440,7 @@ void fill_params(const scalar_t* x, const Layout& L, at::IntArrayRef schemes, co
           break;
         }
         case kResidual:
-          for (int i = 0; i <= b; ++i) p[i] = ralpha[c][i];
+          for (int i = 0; i < b + (need_bits_grad ? 1 : 0); ++i) p[i] = ralpha[c][i];
           break;
         case kZoom: {
           const T mn = static_cast<T>(st[c][kSMin]), mx = static_cast<T>(st[c][kSMax]);
@@ -455,13 +456,14 @@ void fill_params(const scalar_t* x, const Layout& L, at::IntArrayRef schemes, co
   }
 }
 
-at::Tensor scheme_params_rows(const at::Tensor& x, const Layout& L, const RowBits& b, at::IntArrayRef schemes) {
+at::Tensor scheme_params_rows(const at::Tensor& x, const Layout& L, const RowBits& b, at::IntArrayRef schemes,
+                              bool need_bits_grad) {
   const int64_t K = schemes.size();
   at::Tensor out = at::zeros({K, L.C, kNumParams}, x.options().dtype(compute_type(x.scalar_type())));
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "scheme_params", [&] {
     using T = at::opmath_type<scalar_t>;
     if (!L.ragged()) {
-      fill_params<scalar_t>(x.const_data_ptr<scalar_t>(), L, schemes, b, out.data_ptr<T>());
+      fill_params<scalar_t>(x.const_data_ptr<scalar_t>(), L, schemes, b, need_bits_grad, out.data_ptr<T>());
       return;
     }
     // Batched rows in groups of consecutive rows of at most kGroup elements (a bigger row is a
@@ -479,7 +481,8 @@ at::Tensor scheme_params_rows(const at::Tensor& x, const Layout& L, const RowBit
         G.off[c] = L.off[c0 + c] - L.off[c0];
         G.cfirst[c] = L.cfirst[c0 + c] - L.cfirst[c0];
       }
-      fill_params<scalar_t>(x.const_data_ptr<scalar_t>() + L.off[c0], G, schemes, b, out.data_ptr<T>(), c0, L.C);
+      fill_params<scalar_t>(x.const_data_ptr<scalar_t>() + L.off[c0], G, schemes, b, need_bits_grad, out.data_ptr<T>(),
+                            c0, L.C);
       c0 = c1;
     }
   });
@@ -487,11 +490,11 @@ at::Tensor scheme_params_rows(const at::Tensor& x, const Layout& L, const RowBit
 }
 
 at::Tensor scheme_params_impl(const at::Tensor& x_, const at::Tensor& bits, at::IntArrayRef schemes,
-                              bool per_channel) {
+                              bool per_channel, bool need_bits_grad) {
   check_float(x_, "x");
   const RowBits b = shared_bits(bits, schemes);
   const at::Tensor x = x_.contiguous();
-  return scheme_params_rows(x, layout_of(x, per_channel), b, schemes);
+  return scheme_params_rows(x, layout_of(x, per_channel), b, schemes, need_bits_grad);
 }
 
 // ----------------------------------------------------------------------------- output pass
@@ -848,8 +851,8 @@ at::Tensor to_like(const std::vector<double>& v, const at::Tensor& like) {
 
 // ----------------------------------------------------------------------------- op entry points
 at::Tensor scheme_params_cpu(const at::Tensor& x, const at::Tensor& bits, at::IntArrayRef schemes,
-                             bool per_channel) {
-  return scheme_params_impl(x, bits, schemes, per_channel);
+                             bool per_channel, bool need_bits_grad) {
+  return scheme_params_impl(x, bits, schemes, per_channel, need_bits_grad);
 }
 
 at::Tensor quantize_cpu(const at::Tensor& x, const at::Tensor& params, const at::Tensor& bits,
@@ -907,9 +910,9 @@ Batched batched_setup(const at::Tensor& x_, at::IntArrayRef offsets, const at::T
 }
 
 at::Tensor scheme_params_batched_cpu(const at::Tensor& x, at::IntArrayRef offsets, const at::Tensor& bits,
-                                     at::IntArrayRef schemes) {
+                                     at::IntArrayRef schemes, bool need_bits_grad) {
   const Batched b = batched_setup(x, offsets, bits, schemes, "scheme_params_batched");
-  return scheme_params_rows(b.x, b.L, b.cs.bits, schemes);
+  return scheme_params_rows(b.x, b.L, b.cs.bits, schemes, need_bits_grad);
 }
 
 at::Tensor mixture_batched_cpu(const at::Tensor& x, at::IntArrayRef offsets, const at::Tensor& params,

@@ -112,6 +112,7 @@ struct Cands {
   int32_t sid[kNumSchemes];
   int32_t bits[kNumSchemes];
   double lam[kNumSchemes];  // ClipQ / PotQ step over sigma at these bits (host constants)
+  int32_t res_top;  // ResQ slots written: 0..b - 1 + res_top (1: alpha_{b+1} for the bits gradient)
 };
 
 // Pass 1 finalize: block c merges row c's partials into acc1[c] (min/max 0 without finite
@@ -244,7 +245,7 @@ __global__ void params_write_kernel(const Acc* __restrict__ acc1, const T* __res
         break;
       }
       case kResidual:
-        for (int i = 0; i <= b; ++i) p[i] = r[4 + i];
+        for (int i = 0; i < b + cs.res_top; ++i) p[i] = r[4 + i];
         break;
       case kZoom: {
         const T mn = static_cast<T>(st.mn), mx = static_cast<T>(st.mx);
@@ -266,6 +267,7 @@ Cands params_cands(const at::Tensor& bits, at::IntArrayRef schemes) {
   const std::vector<int> ib = int_bits(bits, schemes);
   Cands cs{};
   cs.K = static_cast<int32_t>(schemes.size());
+  cs.res_top = 1;
   for (int k = 0; k < cs.K; ++k) {
     const int64_t s = schemes[k];
     cs.sid[k] = static_cast<int32_t>(s);
@@ -276,9 +278,10 @@ Cands params_cands(const at::Tensor& bits, at::IntArrayRef schemes) {
 }
 
 // The statistics chain over the rows of m (nb = all chunks). Batched ops: per-row bits and
-// lambdas row_bits / row_lam [C, K] on the device and res_bits = the most ResQ bits of any row.
+// lambdas row_bits / row_lam [C, K] on the device. res_alphas: the ResQ alphas to compute,
+// alpha_1..alpha_{res_alphas} (res_alphas(), from the most ResQ bits of any row).
 template <typename scalar_t, typename T>
-void launch_scheme_params(const at::Tensor& xc, const RowMap& m, int64_t nb_, const Cands& cs, int res_bits,
+void launch_scheme_params(const at::Tensor& xc, const RowMap& m, int64_t nb_, const Cands& cs, int res_alphas,
                           const int32_t* row_bits, const double* row_lam, at::Tensor& out, cudaStream_t stream) {
   bool need_sigma = false, need_ter = false, need_quat = false;
   for (int k = 0; k < cs.K; ++k) {
@@ -313,9 +316,9 @@ void launch_scheme_params(const at::Tensor& xc, const RowMap& m, int64_t nb_, co
   }
   params_pass1_finalize_kernel<T><<<nc, kThreads, 0, stream>>>(static_cast<Acc*>(part), m, acc1, rpp);
   C10_CUDA_KERNEL_LAUNCH_CHECK();
-  const int last = std::max(need_quat ? 3 : 2, res_bits + 1);
+  const int last = std::max(need_quat ? 3 : 2, res_alphas);
   for (int q = 2; q <= last; ++q) {
-    const bool res = res_bits + 1 >= q;
+    const bool res = res_alphas >= q;
     if (q == 2 && !(need_sigma || need_ter || res)) continue;
     if (q >= 3 && !res && !(q == 3 && need_quat)) continue;
     const int steps = res ? q - 1 : 0;
@@ -335,8 +338,12 @@ void launch_scheme_params(const at::Tensor& xc, const RowMap& m, int64_t nb_, co
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 
+// ResQ needs alpha_1..alpha_b, and alpha_{b+1} for the bitwidth gradient only (its slot stays 0
+// without); 0 without a ResQ candidate (max_bits < 0).
+int res_alphas(int max_bits, bool need_bits_grad) { return max_bits < 0 ? 0 : max_bits + (need_bits_grad ? 1 : 0); }
+
 int max_res_bits(const Cands& cs) {
-  int r = 0;
+  int r = -1;
   for (int k = 0; k < cs.K; ++k)
     if (cs.sid[k] == kResidual) r = std::max(r, static_cast<int>(cs.bits[k]));
   return r;
@@ -388,11 +395,11 @@ at::Tensor tensor_stats_cuda(const at::Tensor& x, bool per_channel) {
 
 
 at::Tensor scheme_params_cuda(const at::Tensor& x, const at::Tensor& bits, at::IntArrayRef schemes,
-                              bool per_channel) {
+                              bool per_channel, bool need_bits_grad) {
   check_float_input(x, "scheme_params", "x");
   TORCH_INTERNAL_ASSERT(x.is_cuda());
   const c10::cuda::CUDAGuard guard(x.device());
-  const Cands cs = params_cands(bits, schemes);
+  Cands cs = params_cands(bits, schemes);
   const int64_t C = num_channels(x, per_channel);
   const int64_t N = C > 0 ? x.numel() / C : 0;
   at::Tensor out = at::zeros({static_cast<int64_t>(schemes.size()), C, kNumParams},
@@ -404,12 +411,13 @@ at::Tensor scheme_params_cuda(const at::Tensor& x, const at::Tensor& bits, at::I
   m.R = C;
   m.N = N;
   m.chunks_per_row = (N + stats::kChunk - 1) / stats::kChunk;
-  const int res_bits = max_res_bits(cs);
+  cs.res_top = need_bits_grad ? 1 : 0;
+  const int na = res_alphas(max_res_bits(cs), need_bits_grad);
   AUTOQNN_DISPATCH_FLOATING(xc.scalar_type(), "scheme_params_cuda", [&] {
     if constexpr (std::is_same_v<scalar_t, double>) {
-      launch_scheme_params<scalar_t, double>(xc, m, C * m.chunks_per_row, cs, res_bits, nullptr, nullptr, out, stream);
+      launch_scheme_params<scalar_t, double>(xc, m, C * m.chunks_per_row, cs, na, nullptr, nullptr, out, stream);
     } else {
-      launch_scheme_params<scalar_t, float>(xc, m, C * m.chunks_per_row, cs, res_bits, nullptr, nullptr, out, stream);
+      launch_scheme_params<scalar_t, float>(xc, m, C * m.chunks_per_row, cs, na, nullptr, nullptr, out, stream);
     }
   });
   return out;
@@ -445,7 +453,7 @@ BatchedRows batched_rows(const at::Tensor& x, at::IntArrayRef offsets, const cha
 }
 
 at::Tensor scheme_params_batched_cuda(const at::Tensor& x, at::IntArrayRef offsets, const at::Tensor& bits,
-                                      at::IntArrayRef schemes) {
+                                      at::IntArrayRef schemes, bool need_bits_grad) {
   check_float_input(x, "scheme_params_batched", "x");
   TORCH_INTERNAL_ASSERT(x.is_cuda());
   const c10::cuda::CUDAGuard guard(x.device());
@@ -461,9 +469,10 @@ at::Tensor scheme_params_batched_cuda(const at::Tensor& x, at::IntArrayRef offse
   Cands cs{};  // ids only: bits and lambdas are per row
   cs.K = static_cast<int32_t>(K);
   for (int64_t k = 0; k < K; ++k) cs.sid[k] = static_cast<int32_t>(schemes[k]);
+  cs.res_top = need_bits_grad ? 1 : 0;
   at::Tensor hb = at::empty({R * K}, at::TensorOptions().dtype(at::kInt));
   at::Tensor hl = at::empty({R * K}, at::TensorOptions().dtype(at::kDouble));
-  int res_bits = 0;
+  int res_bits = -1;
   for (int64_t i = 0; i < R * K; ++i) {
     const int64_t s = schemes[i % K];
     const int b = ib[i];
@@ -478,7 +487,8 @@ at::Tensor scheme_params_batched_cuda(const at::Tensor& x, at::IntArrayRef offse
   const cudaStream_t stream = at::cuda::getCurrentCUDAStream();
   AUTOQNN_DISPATCH_FLOATING(xc.scalar_type(), "scheme_params_batched_cuda", [&] {
     using T = std::conditional_t<std::is_same_v<scalar_t, double>, double, float>;
-    launch_scheme_params<scalar_t, T>(xc, br.map, br.chunks, cs, res_bits, db.const_data_ptr<int32_t>(),
+    launch_scheme_params<scalar_t, T>(xc, br.map, br.chunks, cs, res_alphas(res_bits, need_bits_grad),
+                                      db.const_data_ptr<int32_t>(),
                                       dl.const_data_ptr<double>(), out, stream);
   });
   return out;
