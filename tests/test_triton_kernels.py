@@ -115,7 +115,7 @@ _COMPILE = textwrap.dedent(r"""
               {"Q": 2, "RES": 1, "IS64": is64, "RB": 256, "NIT": 3}, f"stats-findep-{t}")
         build(S._params_kernel, {"st_ptr": "*fp64", "rp_ptr": cd, "sig_ptr": cd, "p2_ptr": "*fp64",
               "p3_ptr": "*fp64", "sid_ptr": "*i32", "bits_ptr": "*i32", "lam_ptr": "*fp64", "out_ptr": cd,
-              "C": "i32"}, {"K": 8, "IS64": is64}, f"stats-params-{t}")
+              "C": "i32", "RES_TOP": "i32"}, {"K": 8, "IS64": is64}, f"stats-params-{t}")
     print(json.dumps({"ok": res}))
 """)
 
