@@ -308,8 +308,11 @@ def _batched_backend(backend, device) -> str:
     """``"ops"`` (the batched ops' native kernel) or ``"loop"`` (one quantize_mixture call per
     tensor) for :func:`quantize_mixture_batched`."""
     b = backends.check_backend_name(backend)
-    if b in ("torch", "triton"):  # no batched formulation / kernel: per tensor, same backend
+    if b == "torch":  # the reference has no batched formulation: per tensor
         return "loop"
+    if b == "triton":  # the Triton batched twins (raises where Triton cannot run)
+        backends.resolve("triton", device, list(_schema.BATCHED_OPS))
+        return "triton"
     dev = device.type
     have = _BATCHED_KERNELS.get(dev, False)
     if b == "auto":
@@ -350,8 +353,8 @@ def quantize_mixture_batched(
             always the K per-candidate ints). Learned float tensors receive their gradients.
         per_channel: statistics per slice of dim 0 of each tensor.
         backend: ``auto`` uses the batched C++ (CPU) / CUDA kernels where they are built and
-            one call per tensor elsewhere; ``cpp`` / ``cuda`` insist on the batched kernel;
-            ``torch`` and ``triton`` run one call per tensor with that backend.
+            one call per tensor elsewhere; ``cpp`` / ``cuda`` / ``triton`` insist on that
+            family's batched kernels; ``torch`` runs one call per tensor on the reference.
         group_numel: consecutive tensors are batched in groups of at most this many elements
             (a bigger tensor is a group of its own); ``0`` puts everything in one call. Default:
             2^20 on CPU (see ``_CPU_GROUP_NUMEL``), one call on GPUs.
@@ -420,7 +423,7 @@ def quantize_mixture_batched(
     out: list[torch.Tensor] = []
     for g in groups:
         out += _mixture_batched_call([xs[i] for i in g], [wl[i] for i in g], [bl[i] for i in g], schemes, sids,
-                                     per_channel)
+                                     per_channel, mode)
     return out
 
 
@@ -431,7 +434,7 @@ def quantize_mixture_batched(
 _CPU_GROUP_NUMEL = 1 << 20
 
 
-def _mixture_batched_call(xs, wl, bl, schemes, sids, per_channel):
+def _mixture_batched_call(xs, wl, bl, schemes, sids, per_channel, mode="ops"):
     S = len(xs)
     dev = xs[0].device
     infos = [scheme_info(i) for i in sids]
@@ -462,9 +465,11 @@ def _mixture_batched_call(xs, wl, bl, schemes, sids, per_channel):
         w_rows = torch.cat([w_rows[i:i + 1].expand(C, -1) for i, C in enumerate(rows)])
         bits_rows = torch.cat([bits_rows[i:i + 1].expand(C, -1) for i, C in enumerate(rows)])
     flat = torch.cat([x.reshape(-1) for x in xs]) if S > 1 else xs[0].reshape(-1)
-    params = torch.ops.autoqnn.scheme_params_batched(flat.detach(), offsets, bits_rows.detach(), sids,
-                                                     _bits_grad(bits_rows))
-    y = torch.ops.autoqnn.mixture_batched(flat, offsets, params, w_rows, bits_rows, sids)
+    ops = torch.ops.autoqnn
+    params_op, mix_op = ((ops.scheme_params_batched_triton, ops.mixture_batched_triton) if mode == "triton"
+                         else (ops.scheme_params_batched, ops.mixture_batched))
+    params = params_op(flat.detach(), offsets, bits_rows.detach(), sids, _bits_grad(bits_rows))
+    y = mix_op(flat, offsets, params, w_rows, bits_rows, sids)
     if S == 1:
         return [y.reshape(xs[0].shape)]
     return [part.reshape(x.shape) for part, x in zip(y.split([x.numel() for x in xs]), xs)]

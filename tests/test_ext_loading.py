@@ -176,6 +176,10 @@ def test_built_extension_is_loaded_and_registered():
     # scheme_params: the C++/CUDA kernel where built, else the Triton launcher
     assert has("autoqnn::scheme_params", "CUDA") == (_ext.HAS_CUDA_KERNELS or "scheme_params" in _triton.CUDA_REGISTERED)
     assert ("scheme_params" in _triton.CUDA_REGISTERED) == (not _ext.HAS_CUDA_KERNELS and _triton.AVAILABLE)
+    # the batched ops likewise
+    for op in ("scheme_params_batched", "mixture_batched", "mixture_batched_backward"):
+        assert has(f"autoqnn::{op}", "CUDA") == (_ext.HAS_CUDA_KERNELS or op in _triton.CUDA_REGISTERED)
+        assert (op in _triton.CUDA_REGISTERED) == (not _ext.HAS_CUDA_KERNELS and _triton.AVAILABLE)
     st = _ext.ext_status()
     assert st["HAS_EXT"] and st["version_checked"] and st["module_path"].endswith(".so")
 

@@ -100,22 +100,35 @@ _COMPILE = textwrap.dedent(r"""
             build(M._mixture_bwd_kernel, {"g_ptr": xs, "x_ptr": xs, "p_ptr": "*" + cd, "w_ptr": "*" + cd,
                   "gx_ptr": xs, "part_ptr": "*" + cd, "N": "i32", "C": "i32", "NBLK": "i32"}, kw,
                   f"bwd-{xdt}-{len(sids)}-{with_w}")
+        # the batched (ragged-row) kernels
+        tab = {"R": "i32", "K_W": "i32", "tab_ptr": "*i64", "ROFF": "i64"}
+        kw = M._constexprs(sids, bits, False)
+        kw.update(IS64=is64, BLOCK=1024)
+        build(M._mixture_batched_fwd_kernel, {"x_ptr": xs, "p_ptr": "*" + cd, "w_ptr": "*" + cd, "y_ptr": xs, **tab},
+              kw, f"batched-fwd-{xdt}-{len(sids)}")
+        kw = M._constexprs(sids, bits, True)
+        kw.update(K=len(sids), NEED_W=True, NEED_B=True, IS64=is64, BLOCK=1024)
+        build(M._mixture_batched_bwd_kernel, {"g_ptr": xs, "x_ptr": xs, "p_ptr": "*" + cd, "w_ptr": "*" + cd,
+              "gx_ptr": xs, "part_ptr": "*" + cd, **tab}, kw, f"batched-bwd-{xdt}-{len(sids)}")
     from autoqnn.triton_kernels import stats as S
-    for is64 in (False, True):
+    for is64, rag in ((False, False), (True, False), (False, True)):
         cd = "*fp64" if is64 else "*fp32"
-        t = "fp64" if is64 else "fp32"
-        build(S._stats_kernel, {"x_ptr": cd, "part_ptr": "*fp64", "N": "i32", "NBLK": "i32"},
-              {"IS64": is64, "BLOCK": 1024}, f"stats-pass1-{t}")
-        build(S._dep_kernel, {"x_ptr": cd, "rp_ptr": cd, "part_ptr": "*fp64", "N": "i32", "NBLK": "i32"},
-              {"VAR": True, "TER": True, "QUAT": True, "RES": 3, "IS64": is64, "BLOCK": 1024}, f"stats-dep-{t}")
+        t = ("fp64" if is64 else "fp32") + ("-ragged" if rag else "")
+        tab = {"tab_ptr": "*i64", "ROFF": "i64"}
+        build(S._stats_kernel, {"x_ptr": cd, "part_ptr": "*fp64", "N": "i32", "NBLK": "i32", **tab},
+              {"RAGGED": rag, "IS64": is64, "BLOCK": 1024}, f"stats-pass1-{t}")
+        build(S._dep_kernel, {"x_ptr": cd, "rp_ptr": cd, "part_ptr": "*fp64", "N": "i32", "NBLK": "i32", **tab},
+              {"VAR": True, "TER": True, "QUAT": True, "RES": 3, "RAGGED": rag, "IS64": is64, "BLOCK": 1024},
+              f"stats-dep-{t}")
         build(S._p1_finalize_kernel, {"part_ptr": "*fp64", "st_ptr": "*fp64", "rp_ptr": cd,
-              "consts_ptr": "*fp64", "NBLK": "i32"}, {"IS64": is64, "RB": 256, "NIT": 3}, f"stats-fin1-{t}")
+              "consts_ptr": "*fp64", "NBLK": "i32", **tab}, {"IS64": is64, "RB": 256, "NIT": 3, "RAGGED": rag},
+              f"stats-fin1-{t}")
         build(S._dep_finalize_kernel, {"part_ptr": "*fp64", "st_ptr": "*fp64", "rp_ptr": cd, "sig_ptr": cd,
-              "sums_ptr": "*fp64", "consts_ptr": "*fp64", "NBLK": "i32"},
-              {"Q": 2, "RES": 1, "IS64": is64, "RB": 256, "NIT": 3}, f"stats-findep-{t}")
+              "sums_ptr": "*fp64", "consts_ptr": "*fp64", "NBLK": "i32", **tab},
+              {"Q": 2, "RES": 1, "IS64": is64, "RB": 256, "NIT": 3, "RAGGED": rag}, f"stats-findep-{t}")
         build(S._params_kernel, {"st_ptr": "*fp64", "rp_ptr": cd, "sig_ptr": cd, "p2_ptr": "*fp64",
               "p3_ptr": "*fp64", "sid_ptr": "*i32", "bits_ptr": "*i32", "lam_ptr": "*fp64", "out_ptr": cd,
-              "C": "i32", "RES_TOP": "i32"}, {"K": 8, "IS64": is64}, f"stats-params-{t}")
+              "C": "i32", "BSTRIDE": "i32", "RES_TOP": "i32"}, {"K": 8, "IS64": is64}, f"stats-params-{t}")
     print(json.dumps({"ok": res}))
 """)
 

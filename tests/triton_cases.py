@@ -505,3 +505,103 @@ def test_functional_triton_backend_uses_triton_statistics(monkeypatch):
     # statistics agree to rounding (ulps), which moves levels by ulps: values close, not equal
     torch.testing.assert_close(y, y_auto, rtol=1e-5, atol=1e-6)
     assert real is _triton._IMPLS["scheme_params"]
+
+
+# ----------------------------------------------------------------------------- batched variant
+def _ragged(dtype, seed=0):
+    """Ragged rows (an empty one, one longer than the interpreter's 4096-element block, a single
+    element), each with its own weights and bits (ResQ/FixedQ/ZoomQ/ClipQ bits differ per row)."""
+    lens = [300, 0, 17, 5000, 1, 700]
+    x = _x((sum(lens),), dtype, seed=seed)
+    off = [0]
+    for n in lens:
+        off.append(off[-1] + n)
+    g = torch.Generator().manual_seed(seed + 7)
+    W = torch.softmax(torch.randn(len(lens), 8, generator=g), 1).to(DEVICE)
+    B = torch.tensor([[1.0, 2, 2, b, b, b, b, min(b, 4)] for b in (3, 2, 8, 3, 5, 3)])
+    return x, off, W, B
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64], ids=str)
+def test_batched_ops_match_reference(dtype):
+    """scheme_params_batched / mixture_batched (+backward) on Triton against the row-by-row
+    reference: per-row statistics (with and without ResQ's α_{b+1}), levels, grad_x, and the
+    per-row weights and bits gradients; deterministic."""
+    x, off, W, B = _ragged(dtype)
+    for nb in (True, False):
+        p = OPS.scheme_params_batched_triton(x, off, B, SIDS, nb)
+        pr = ref.scheme_params_batched_ref(x, off, B, SIDS, nb)
+        assert p.shape == pr.shape and p.dtype == pr.dtype and p.device == x.device
+        torch.testing.assert_close(p, pr, rtol=2e-5, atol=1e-7)
+    gy = _x(x.shape, dtype, special=False, seed=9)
+    y = OPS.mixture_batched_triton(x, off, pr, W, B, SIDS)
+    yr = ref.mixture_batched_ref(x, off, pr, W, B, SIDS)
+    assert y.dtype == dtype and y.shape == x.shape
+    _assert_levels(y, yr, f"batched y {dtype}")
+    gx, gw, gb = OPS.mixture_batched_backward_triton(gy, x, off, pr, W, B, SIDS, True, True)
+    gxr, gwr, gbr = ref.mixture_batched_backward_ref(gy, x, off, pr, W, B, SIDS, True, True)
+    _assert_levels(gx, gxr, f"batched grad_x {dtype}")
+    assert gw.shape == W.shape and gb.shape == B.shape
+    torch.testing.assert_close(gw, gwr, rtol=1e-3, atol=1e-3, equal_nan=True)
+    torch.testing.assert_close(gb.cpu(), gbr.cpu(), rtol=1e-3, atol=1e-3)
+    assert not gw[1].any() and not gb[1].any()  # the empty row
+    again = OPS.mixture_batched_backward_triton(gy, x, off, pr, W, B, SIDS, True, True)
+    assert all(torch.equal(a.nan_to_num(), b.nan_to_num()) for a, b in zip(again, (gx, gw, gb)))
+    _, gw0, gb0 = OPS.mixture_batched_backward_triton(gy, x, off, pr, W, B, SIDS, False, False)
+    assert not gw0.any() and not gb0.any()
+
+
+@pytest.mark.parametrize("per_channel", [False, True], ids=["tensor", "channel"])
+def test_batched_api_equals_one_call_per_tensor(per_channel, monkeypatch):
+    """quantize_mixture_batched(backend="triton") gives one call per tensor's values and
+    gradients (x, mixture weights, learned bits) through the batched twins."""
+    shapes = [(16, 3, 3, 3), (10,), (0,), (40, 50)]
+    xs = [_x(s, torch.float32, special=False, seed=i).requires_grad_() for i, s in enumerate(shapes)]
+    theta = torch.randn(4, 8, generator=torch.Generator().manual_seed(3)).to(DEVICE).requires_grad_()
+    bits = torch.tensor([[1.0, 2, 2, 3, 3, 3, 3, 3], [1.0, 2, 2, 4, 4, 4, 4, 4]] * 2, device=DEVICE,
+                        requires_grad=True)
+    probe = [torch.randn(s, generator=torch.Generator().manual_seed(11)).to(DEVICE) for s in shapes]
+
+    def run(batched):
+        w = torch.softmax(theta, 1)
+        if batched:
+            ys = AF.quantize_mixture_batched(xs, w, WEIGHT_CANDIDATES, bits, per_channel=per_channel,
+                                             backend="triton")
+        else:
+            ys = [AF.quantize_mixture(x, w[i], WEIGHT_CANDIDATES, bits[i], per_channel=per_channel, backend="triton")
+                  for i, x in enumerate(xs)]
+        loss = sum((y * p).sum() for y, p in zip(ys, probe))
+        return ys, torch.autograd.grad(loss, xs + [theta, bits])
+
+    calls = []
+    for name in ("mixture_batched_fwd", "mixture_batched_bwd"):  # count the batched launchers' calls
+        fn = getattr(_triton.kernels, name)
+        monkeypatch.setattr(_triton.kernels, name,
+                            lambda *a, _fn=fn, _n=name, **k: (calls.append(_n), _fn(*a, **k))[1])
+    ys, gs = run(True)
+    assert calls == ["mixture_batched_fwd", "mixture_batched_bwd"]  # one batched call each way
+    ys1, gs1 = run(False)
+    for a, b in zip(ys, ys1):
+        assert torch.equal(a, b)
+    for a, b in zip(gs, gs1):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+    assert gs[-1].abs().sum() > 0 and gs[-2].abs().sum() > 0
+
+
+def test_batched_ops_opcheck_and_errors():
+    x, off, W, B = _ragged(torch.float32)
+    xs = x.nan_to_num(0.0, 0.0, 0.0)  # opcheck compares outputs without equal_nan
+    pr = ref.scheme_params_batched_ref(xs, off, B, SIDS)
+    gy = _x(x.shape, torch.float32, special=False, seed=2)
+    torch.library.opcheck(OPS.scheme_params_batched_triton.default, (xs, off, B, SIDS, False))
+    torch.library.opcheck(OPS.mixture_batched_triton.default, (xs.clone().requires_grad_(), off, pr,
+                                                               W.clone().requires_grad_(), B, SIDS))
+    torch.library.opcheck(OPS.mixture_batched_backward_triton.default, (gy, xs, off, pr, W, B, SIDS, True, True))
+    with pytest.raises(ValueError, match="offsets"):
+        OPS.scheme_params_batched_triton(x, off[:-1], B[:-1], SIDS)
+    with pytest.raises(ValueError, match="bits must have shape"):
+        OPS.scheme_params_batched_triton(x, off, B[:, :3], SIDS)
+    with pytest.raises(ValueError, match="weights must have shape"):
+        OPS.mixture_batched_triton(x, off, pr, W[:3], B, SIDS)
+    with pytest.raises((ValueError, RuntimeError)):  # learned bits must be finite
+        OPS.mixture_batched_triton(x, off, pr, W, torch.full_like(B, float("nan")), SIDS)

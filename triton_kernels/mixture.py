@@ -53,6 +53,9 @@ __all__ = [
     "mixture_bwd",
     "quantize_fwd",
     "quantize_bwd",
+    "mixture_batched_fwd",
+    "mixture_batched_bwd",
+    "program_table",
 ]
 
 NUM_PARAMS = 12  # autoqnn.schemes.NUM_PARAMS (literal: this module does not import autoqnn)
@@ -214,6 +217,27 @@ def _eval(x, fin, pp, SID: tl.constexpr, B: tl.constexpr, CB: tl.constexpr,
 
 # ----------------------------------------------------------------------------- kernels
 @triton.jit
+def _block_of(pid, N, NBLK, tab_ptr, ROFF, RAGGED: tl.constexpr, BLOCK: tl.constexpr):
+    """(row, absolute element offsets, in-bounds mask) of program ``pid``. Uniform rows: row
+    ``pid // NBLK`` of ``[C, N]``, block ``pid % NBLK``. Ragged rows (the batched ops): the int64
+    table ``tab`` holds (row, first element) per program at ``2·pid`` and (end element, first
+    program, programs) per row at ``ROFF + 3·row`` (``stats.program_table``)."""
+    if RAGGED:
+        row = tl.load(tab_ptr + 2 * pid)
+        start = tl.load(tab_ptr + 2 * pid + 1)
+        end = tl.load(tab_ptr + ROFF + 3 * row)
+        offs = start + tl.arange(0, BLOCK).to(tl.int64)
+        inb = offs < end
+    else:
+        row = pid // NBLK
+        blk = pid - row * NBLK
+        rel = blk * BLOCK + tl.arange(0, BLOCK)
+        inb = rel < N
+        offs = row.to(tl.int64) * N + rel
+    return row, offs, inb
+
+
+@triton.jit
 def _fwd_term(x, fin, p_ptr, w_ptr, K_IDX: tl.constexpr, C, row, SID: tl.constexpr,
               B: tl.constexpr, HAS_W: tl.constexpr, IS64: tl.constexpr):
     pp = p_ptr + (K_IDX * C + row).to(tl.int64) * 12  # params[K_IDX, row, :]
@@ -238,14 +262,49 @@ def _mixture_fwd_kernel(
 ):
     CD: tl.constexpr = tl.float64 if IS64 else tl.float32
     pid = tl.program_id(0)
-    row = pid // NBLK
-    blk = pid - row * NBLK
-    offs = blk * BLOCK + tl.arange(0, BLOCK)
-    inb = offs < N
-    base = row.to(tl.int64) * N
-    x = tl.load(x_ptr + base + offs, mask=inb, other=0.0).to(CD)
+    row, offs, inb = _block_of(pid, N, NBLK, x_ptr, 0, False, BLOCK)
+    x = tl.load(x_ptr + offs, mask=inb, other=0.0).to(CD)
     fin = tl.abs(x) < float("inf")
-    # the reference's accumulation order: y = q_0·w_0, then y = y + q_k·w_k
+    y = _fwd_chain(x, fin, p_ptr, w_ptr, C, row, S0, S1, S2, S3, S4, S5, S6, S7,
+                   B0, B1, B2, B3, B4, B5, B6, B7, HAS_W, IS64)
+    tl.store(y_ptr + offs, y.to(y_ptr.dtype.element_ty), mask=inb)
+
+
+@triton.jit
+def _mixture_batched_fwd_kernel(
+    x_ptr,  # [numel] contiguous, x's dtype (the rows one after another)
+    p_ptr,  # [K, R, NUM_PARAMS] compute dtype
+    w_ptr,  # [R, K] compute dtype
+    y_ptr,  # [numel], x's dtype
+    R, K_W,  # rows; weights row stride (K)
+    tab_ptr, ROFF,  # ragged program table (_block_of)
+    S0: tl.constexpr, S1: tl.constexpr, S2: tl.constexpr, S3: tl.constexpr,
+    S4: tl.constexpr, S5: tl.constexpr, S6: tl.constexpr, S7: tl.constexpr,
+    B0: tl.constexpr, B1: tl.constexpr, B2: tl.constexpr, B3: tl.constexpr,
+    B4: tl.constexpr, B5: tl.constexpr, B6: tl.constexpr, B7: tl.constexpr,
+    IS64: tl.constexpr, BLOCK: tl.constexpr,
+):
+    """The batched forward: ragged rows (``_block_of``), each with its own params and weights
+    (row ``row`` of ``[R, K]``); the rows of one launch share their integer bits."""
+    CD: tl.constexpr = tl.float64 if IS64 else tl.float32
+    pid = tl.program_id(0)
+    row, offs, inb = _block_of(pid, 0, 1, tab_ptr, ROFF, True, BLOCK)
+    x = tl.load(x_ptr + offs, mask=inb, other=0.0).to(CD)
+    fin = tl.abs(x) < float("inf")
+    y = _fwd_chain(x, fin, p_ptr, w_ptr + row * K_W, R, row, S0, S1, S2, S3, S4, S5, S6, S7,
+                   B0, B1, B2, B3, B4, B5, B6, B7, True, IS64)
+    tl.store(y_ptr + offs, y.to(y_ptr.dtype.element_ty), mask=inb)
+
+
+@triton.jit
+def _fwd_chain(x, fin, p_ptr, w_ptr, C, row,
+               S0: tl.constexpr, S1: tl.constexpr, S2: tl.constexpr, S3: tl.constexpr,
+               S4: tl.constexpr, S5: tl.constexpr, S6: tl.constexpr, S7: tl.constexpr,
+               B0: tl.constexpr, B1: tl.constexpr, B2: tl.constexpr, B3: tl.constexpr,
+               B4: tl.constexpr, B5: tl.constexpr, B6: tl.constexpr, B7: tl.constexpr,
+               HAS_W: tl.constexpr, IS64: tl.constexpr):
+    """Σ_k w_k·q_k(x) over the present candidates (S_k ≥ 0), in the reference's accumulation
+    order: y = q_0·w_0, then y = y + q_k·w_k."""
     y = _fwd_term(x, fin, p_ptr, w_ptr, 0, C, row, S0, B0, HAS_W, IS64)
     if S1 >= 0:
         y = y + _fwd_term(x, fin, p_ptr, w_ptr, 1, C, row, S1, B1, HAS_W, IS64)
@@ -261,7 +320,7 @@ def _mixture_fwd_kernel(
         y = y + _fwd_term(x, fin, p_ptr, w_ptr, 6, C, row, S6, B6, HAS_W, IS64)
     if S7 >= 0:
         y = y + _fwd_term(x, fin, p_ptr, w_ptr, 7, C, row, S7, B7, HAS_W, IS64)
-    tl.store(y_ptr + base + offs, y.to(y_ptr.dtype.element_ty), mask=inb)
+    return y
 
 
 @triton.jit
@@ -305,15 +364,54 @@ def _mixture_bwd_kernel(
     K: tl.constexpr, HAS_W: tl.constexpr, NEED_W: tl.constexpr, NEED_B: tl.constexpr,
     IS64: tl.constexpr, BLOCK: tl.constexpr,
 ):
-    CD: tl.constexpr = tl.float64 if IS64 else tl.float32
     pid = tl.program_id(0)
-    row = pid // NBLK
-    blk = pid - row * NBLK
-    offs = blk * BLOCK + tl.arange(0, BLOCK)
-    inb = offs < N
-    base = row.to(tl.int64) * N
-    x = tl.load(x_ptr + base + offs, mask=inb, other=0.0).to(CD)
-    g = tl.load(g_ptr + base + offs, mask=inb, other=0.0).to(CD)
+    row, offs, inb = _block_of(pid, N, NBLK, x_ptr, 0, False, BLOCK)
+    _bwd_block(g_ptr, x_ptr, p_ptr, w_ptr, gx_ptr, part_ptr, pid, row, offs, inb, C,
+               S0, S1, S2, S3, S4, S5, S6, S7, B0, B1, B2, B3, B4, B5, B6, B7,
+               CB0, CB1, CB2, CB3, CB4, CB5, CB6, CB7, K, HAS_W, NEED_W, NEED_B, IS64)
+
+
+@triton.jit
+def _mixture_batched_bwd_kernel(
+    g_ptr,  # [numel] contiguous, grad_y's dtype
+    x_ptr,  # [numel] contiguous, x's dtype
+    p_ptr,  # [K, R, NUM_PARAMS] compute dtype
+    w_ptr,  # [R, K] compute dtype
+    gx_ptr,  # [numel], x's dtype
+    part_ptr,  # [programs, 2K] compute dtype (as _mixture_bwd_kernel's; reduced per row on the host)
+    R, K_W,
+    tab_ptr, ROFF,  # ragged program table (_block_of)
+    S0: tl.constexpr, S1: tl.constexpr, S2: tl.constexpr, S3: tl.constexpr,
+    S4: tl.constexpr, S5: tl.constexpr, S6: tl.constexpr, S7: tl.constexpr,
+    B0: tl.constexpr, B1: tl.constexpr, B2: tl.constexpr, B3: tl.constexpr,
+    B4: tl.constexpr, B5: tl.constexpr, B6: tl.constexpr, B7: tl.constexpr,
+    CB0: tl.constexpr, CB1: tl.constexpr, CB2: tl.constexpr, CB3: tl.constexpr,
+    CB4: tl.constexpr, CB5: tl.constexpr, CB6: tl.constexpr, CB7: tl.constexpr,
+    K: tl.constexpr, NEED_W: tl.constexpr, NEED_B: tl.constexpr,
+    IS64: tl.constexpr, BLOCK: tl.constexpr,
+):
+    """The batched backward: ragged rows with their own params and weights (see the forward)."""
+    pid = tl.program_id(0)
+    row, offs, inb = _block_of(pid, 0, 1, tab_ptr, ROFF, True, BLOCK)
+    _bwd_block(g_ptr, x_ptr, p_ptr, w_ptr + row * K_W, gx_ptr, part_ptr, pid, row, offs, inb, R,
+               S0, S1, S2, S3, S4, S5, S6, S7, B0, B1, B2, B3, B4, B5, B6, B7,
+               CB0, CB1, CB2, CB3, CB4, CB5, CB6, CB7, K, True, NEED_W, NEED_B, IS64)
+
+
+@triton.jit
+def _bwd_block(g_ptr, x_ptr, p_ptr, w_ptr, gx_ptr, part_ptr, pid, row, offs, inb, C,
+               S0: tl.constexpr, S1: tl.constexpr, S2: tl.constexpr, S3: tl.constexpr,
+               S4: tl.constexpr, S5: tl.constexpr, S6: tl.constexpr, S7: tl.constexpr,
+               B0: tl.constexpr, B1: tl.constexpr, B2: tl.constexpr, B3: tl.constexpr,
+               B4: tl.constexpr, B5: tl.constexpr, B6: tl.constexpr, B7: tl.constexpr,
+               CB0: tl.constexpr, CB1: tl.constexpr, CB2: tl.constexpr, CB3: tl.constexpr,
+               CB4: tl.constexpr, CB5: tl.constexpr, CB6: tl.constexpr, CB7: tl.constexpr,
+               K: tl.constexpr, HAS_W: tl.constexpr, NEED_W: tl.constexpr, NEED_B: tl.constexpr,
+               IS64: tl.constexpr):
+    """One block of the backward: grad_x stored, the program's partial sums written."""
+    CD: tl.constexpr = tl.float64 if IS64 else tl.float32
+    x = tl.load(x_ptr + offs, mask=inb, other=0.0).to(CD)
+    g = tl.load(g_ptr + offs, mask=inb, other=0.0).to(CD)
     fin = tl.abs(x) < float("inf")
     pp = part_ptr + pid.to(tl.int64) * (2 * K)
     gmask = tl.zeros_like(x)
@@ -343,7 +441,7 @@ def _mixture_bwd_kernel(
                                 CB7, K, HAS_W, NEED_W, NEED_B, IS64)
     factor = gmask + wsum.to(CD)  # the reference's `gmask + wsum_identity`
     gx = tl.where(fin, g * factor, 0.0)
-    tl.store(gx_ptr + base + offs, gx.to(gx_ptr.dtype.element_ty), mask=inb)
+    tl.store(gx_ptr + offs, gx.to(gx_ptr.dtype.element_ty), mask=inb)
 
 
 # ----------------------------------------------------------------------------- host launchers
@@ -483,6 +581,119 @@ def mixture_bwd(
         gb = part[:, K:].sum(0)
         if weights is not None:
             gb = gb * w
+    return gx, gw, gb
+
+
+def program_table(offsets, block: int, device, rows=None) -> tuple:
+    """The ragged-row program table of :func:`_block_of` for rows ``offsets[r]..offsets[r+1]``
+    cut into blocks of ``block`` elements: ``(tab int64 tensor, programs, ROFF, most programs of
+    one row)``; ``rows``: only these rows get programs (the rest get none). Built on the host
+    from the Python ints (one small host-to-device copy)."""
+    off = [int(o) for o in offsets]
+    R = len(off) - 1
+    chosen = set(range(R)) if rows is None else {int(r) for r in rows}
+    progs, per_row = [], []
+    for r in range(R):
+        n = triton.cdiv(off[r + 1] - off[r], block) if r in chosen else 0
+        per_row += [off[r + 1], len(progs) // 2, n]
+        for j in range(n):
+            progs += [r, off[r] + j * block]
+    P = len(progs) // 2
+    most = max(per_row[2::3], default=0)
+    tab = torch.tensor(progs + per_row, dtype=torch.int64).to(device)
+    return tab, P, 2 * P, most
+
+
+def _check_batched(x, offsets, params, weights, bits_rows, schemes):
+    if not isinstance(x, torch.Tensor) or not x.is_floating_point():
+        raise TypeError(f"x must be a floating-point tensor, got {getattr(x, 'dtype', type(x))}")
+    K, R = len(schemes), len(offsets) - 1
+    if not 1 <= K <= MAX_CANDIDATES:
+        raise ValueError(f"the Triton kernels take 1..{MAX_CANDIDATES} candidates, got {K}")
+    if tuple(params.shape) != (K, R, NUM_PARAMS):
+        raise ValueError(f"params must have shape [{K}, {R}, {NUM_PARAMS}], got {list(params.shape)}")
+    if tuple(weights.shape) != (R, K):
+        raise ValueError(f"weights must have shape [{R}, {K}], got {list(weights.shape)}")
+    if len(bits_rows) != R:
+        raise ValueError(f"bits_rows has {len(bits_rows)} rows for {R}")
+    for row in bits_rows:
+        _check_args(x.new_empty(0), params[:, :1], schemes, row, False)  # ids and bit ranges
+    return K, R
+
+
+def _bits_groups(bits_rows, offsets):
+    """Rows grouped by their integer bits (kernels are specialised on them), non-empty rows only,
+    groups in order of first appearance."""
+    groups: dict = {}
+    for r, row in enumerate(bits_rows):
+        if int(offsets[r + 1]) > int(offsets[r]):
+            groups.setdefault(tuple(int(b) for b in row), []).append(r)
+    return groups
+
+
+def mixture_batched_fwd(x, offsets, params, weights, bits_rows, schemes) -> torch.Tensor:
+    """The batched forward: ``x`` flat, row r = ``x[offsets[r]:offsets[r+1]]`` with params
+    ``[:, r]``, weights ``[r]`` and integer bits ``bits_rows[r]``. One launch per distinct bits
+    row (one in a QSS search, where every tensor has the same bits)."""
+    K, R = _check_batched(x, offsets, params, weights, bits_rows, schemes)
+    y = torch.empty(x.shape, dtype=x.dtype, device=x.device)
+    if x.numel() == 0 or R == 0:
+        return y
+    cd = _compute_dtype(x.dtype)
+    x1 = x.detach().contiguous().reshape(-1)
+    p = params.detach().to(device=x.device, dtype=cd).contiguous()
+    w = weights.detach().to(device=x.device, dtype=cd).contiguous()
+    longest = max(int(offsets[r + 1]) - int(offsets[r]) for r in range(R))
+    block, _, warps = _launch_geometry(longest)
+    for bits, rows in _bits_groups(bits_rows, offsets).items():
+        tab, nprog, roff, _ = program_table(offsets, block, x.device, rows)
+        _wrap(_mixture_batched_fwd_kernel)[(nprog,)](
+            x1, p, w, y, R, K, tab, roff, **_constexprs(schemes, bits, with_cb=False),
+            IS64=cd == torch.float64, BLOCK=block, num_warps=warps, enable_fp_fusion=False,
+        )
+    return y
+
+
+def mixture_batched_bwd(grad_y, x, offsets, params, weights, bits_rows, schemes,
+                        need_weights_grad: bool = True, need_bits_grad: bool = True):
+    """``(grad_x, grad_w [R, K], grad_bits [R, K])`` of :func:`mixture_batched_fwd`; the row sums
+    in the compute dtype (``None`` when not requested), reduced over each row's programs in a
+    fixed order (deterministic)."""
+    K, R = _check_batched(x, offsets, params, weights, bits_rows, schemes)
+    if tuple(grad_y.shape) != tuple(x.shape):
+        raise ValueError(f"grad_y has shape {list(grad_y.shape)}, x has {list(x.shape)}")
+    need_w, need_b = bool(need_weights_grad), bool(need_bits_grad)
+    cd = _compute_dtype(x.dtype)
+    gx = torch.empty(x.shape, dtype=x.dtype, device=x.device)
+    sums = torch.zeros((R, 2 * K), dtype=cd, device=x.device)
+    if x.numel() > 0 and R > 0:
+        x1 = x.detach().contiguous().reshape(-1)
+        g1 = grad_y.detach().to(x.device).contiguous().reshape(-1)
+        p = params.detach().to(device=x.device, dtype=cd).contiguous()
+        w = weights.detach().to(device=x.device, dtype=cd).contiguous()
+        longest = max(int(offsets[r + 1]) - int(offsets[r]) for r in range(R))
+        block, _, warps = _launch_geometry(longest)
+        for bits, rows in _bits_groups(bits_rows, offsets).items():
+            tab, nprog, roff, most = program_table(offsets, block, x.device, rows)
+            part = torch.zeros((nprog + 1, 2 * K), dtype=cd, device=x.device)  # last row: padding
+            _wrap(_mixture_batched_bwd_kernel)[(nprog,)](
+                g1, x1, p, w, gx, part, R, K, tab, roff, **_constexprs(schemes, bits, with_cb=True),
+                K=K, NEED_W=need_w, NEED_B=need_b, IS64=cd == torch.float64, BLOCK=block,
+                num_warps=warps, enable_fp_fusion=False,
+            )
+            # each row's programs are consecutive: gather them into [rows, most] (padding -> the
+            # zero row) and sum in program order
+            idx, first = [], 0
+            for r in rows:
+                n = triton.cdiv(int(offsets[r + 1]) - int(offsets[r]), block)
+                idx.append(list(range(first, first + n)) + [nprog] * (most - n))
+                first += n
+            gi = torch.tensor(idx, dtype=torch.int64).to(x.device)
+            sums[torch.tensor(rows, dtype=torch.int64).to(x.device)] = part[gi].sum(1)
+    gw = sums[:, :K] if need_w else None
+    gb = None
+    if need_b:
+        gb = sums[:, K:] * weights.detach().to(device=x.device, dtype=cd)
     return gx, gw, gb
 
 

@@ -27,9 +27,9 @@ import torch
 import triton
 import triton.language as tl
 
-from .mixture import _launch_geometry, _round_clamped, _safe_div, _wrap
+from .mixture import _block_of, _launch_geometry, _round_clamped, _safe_div, _wrap, program_table
 
-__all__ = ["row_stats", "dependent_sums", "scheme_params_chain", "ROW_SLOTS", "NUM_STATS", "NUM_DEP"]
+__all__ = ["row_stats", "dependent_sums", "scheme_params_chain", "scheme_params_chain_batched", "program_table", "ROW_SLOTS", "NUM_STATS", "NUM_DEP"]
 
 NUM_STATS = 7  # n, Σ|x|, Σx, Σx², min, max, max|x|
 NUM_DEP = 6  # Σ(x−mean)², ternary Σ|x|, ternary count, quaternary Σx·v, Σv², residual Σ|r_q|
@@ -38,15 +38,12 @@ MAX_RES_STEPS = 8  # ResQ b <= 8: alpha_{b+1} needs b chain steps
 
 
 @triton.jit
-def _load_block(x_ptr, N, NBLK, IS64: tl.constexpr, BLOCK: tl.constexpr):
+def _load_block(x_ptr, N, NBLK, tab_ptr, ROFF, RAGGED: tl.constexpr, IS64: tl.constexpr, BLOCK: tl.constexpr):
     """This program's (pid, row, x, finite mask, x with non-finite -> 0, |that|)."""
     CD: tl.constexpr = tl.float64 if IS64 else tl.float32
     pid = tl.program_id(0)
-    row = pid // NBLK
-    blk = pid - row * NBLK
-    offs = blk * BLOCK + tl.arange(0, BLOCK)
-    inb = offs < N
-    x = tl.load(x_ptr + row.to(tl.int64) * N + offs, mask=inb, other=0.0).to(CD)
+    row, offs, inb = _block_of(pid, N, NBLK, tab_ptr, ROFF, RAGGED, BLOCK)
+    x = tl.load(x_ptr + offs, mask=inb, other=0.0).to(CD)
     fin = inb & (tl.abs(x) < float("inf"))
     xf = tl.where(fin, x, 0.0)
     return pid, row, x, fin, xf, tl.abs(xf)
@@ -57,9 +54,10 @@ def _stats_kernel(
     x_ptr,  # [C, N] contiguous, x's dtype
     part_ptr,  # [C * NBLK, 7] float64
     N, NBLK,
-    IS64: tl.constexpr, BLOCK: tl.constexpr,
+    tab_ptr, ROFF,  # ragged rows only (see _block_of)
+    RAGGED: tl.constexpr, IS64: tl.constexpr, BLOCK: tl.constexpr,
 ):
-    pid, row, x, fin, xf, ax = _load_block(x_ptr, N, NBLK, IS64, BLOCK)
+    pid, row, x, fin, xf, ax = _load_block(x_ptr, N, NBLK, tab_ptr, ROFF, RAGGED, IS64, BLOCK)
     xd = xf.to(tl.float64)
     out = part_ptr + pid.to(tl.int64) * 7
     tl.store(out + 0, tl.sum(fin.to(tl.float64), axis=0))
@@ -77,10 +75,11 @@ def _dep_kernel(
     rp_ptr,  # [C, 16] compute dtype: mean, delta, s_quat, alpha_1..alpha_9
     part_ptr,  # [C * NBLK, 6] float64
     N, NBLK,
+    tab_ptr, ROFF,  # ragged rows only (see _block_of)
     VAR: tl.constexpr, TER: tl.constexpr, QUAT: tl.constexpr, RES: tl.constexpr,
-    IS64: tl.constexpr, BLOCK: tl.constexpr,
+    RAGGED: tl.constexpr, IS64: tl.constexpr, BLOCK: tl.constexpr,
 ):
-    pid, row, x, fin, xf, ax = _load_block(x_ptr, N, NBLK, IS64, BLOCK)
+    pid, row, x, fin, xf, ax = _load_block(x_ptr, N, NBLK, tab_ptr, ROFF, RAGGED, IS64, BLOCK)
     rp = rp_ptr + row.to(tl.int64) * 16
     out = part_ptr + pid.to(tl.int64) * 6
     if VAR:
@@ -121,7 +120,7 @@ def row_stats(x: torch.Tensor, per_channel: bool) -> torch.Tensor:
     block, nblk, warps = _launch_geometry(N)
     part = torch.empty((C * nblk, NUM_STATS), dtype=torch.float64, device=x.device)
     _wrap(_stats_kernel)[(C * nblk,)](
-        x2, part, N, nblk, IS64=x.dtype == torch.float64, BLOCK=block, num_warps=warps,
+        x2, part, N, nblk, part, 0, RAGGED=False, IS64=x.dtype == torch.float64, BLOCK=block, num_warps=warps,
         enable_fp_fusion=False,
     )
     p = part.view(C, nblk, NUM_STATS)
@@ -149,8 +148,8 @@ def dependent_sums(
     block, nblk, warps = _launch_geometry(N)
     part = torch.zeros((C * nblk, NUM_DEP), dtype=torch.float64, device=x.device)
     _wrap(_dep_kernel)[(C * nblk,)](
-        x2, rp, part, N, nblk, VAR=bool(var), TER=bool(ter), QUAT=bool(quat), RES=int(res_steps),
-        IS64=cd == torch.float64, BLOCK=block, num_warps=warps, enable_fp_fusion=False,
+        x2, rp, part, N, nblk, part, 0, VAR=bool(var), TER=bool(ter), QUAT=bool(quat), RES=int(res_steps),
+        RAGGED=False, IS64=cd == torch.float64, BLOCK=block, num_warps=warps, enable_fp_fusion=False,
     )
     return part.view(C, nblk, NUM_DEP).sum(1)
 
@@ -166,12 +165,18 @@ _CONSTS = 2  # float64 constants: Ternary's Δ/mean|x|, Quaternary's step/σ
 
 
 @triton.jit
-def _merge_rows(part_ptr, row, NBLK, S: tl.constexpr, col: tl.constexpr, OP: tl.constexpr, RB: tl.constexpr,
-                NIT: tl.constexpr):
+def _merge_rows(part_ptr, row, NBLK, tab_ptr, ROFF, S: tl.constexpr, col: tl.constexpr, OP: tl.constexpr,
+                RB: tl.constexpr, NIT: tl.constexpr, RAGGED: tl.constexpr):
     """Column ``col`` of this row's NBLK partials merged in a fixed order (OP 0 sum, 1 min, 2 max);
     NIT = cdiv(NBLK, RB) iterations (a constexpr: Triton 3.6's interpreter cannot take a
     run-time loop bound)."""
-    base = part_ptr + row.to(tl.int64) * NBLK * S
+    if RAGGED:  # this row's programs: cnt of them from the first (see _block_of)
+        first = tl.load(tab_ptr + ROFF + 3 * row + 1)
+        cnt = tl.load(tab_ptr + ROFF + 3 * row + 2)
+    else:
+        first = row.to(tl.int64) * NBLK
+        cnt = NBLK
+    base = part_ptr + first * S
     if OP == 0:
         acc = tl.zeros([RB], dtype=tl.float64)
     elif OP == 1:
@@ -180,7 +185,7 @@ def _merge_rows(part_ptr, row, NBLK, S: tl.constexpr, col: tl.constexpr, OP: tl.
         acc = tl.full([RB], -float("inf"), tl.float64)
     for it in range(NIT):
         offs = it * RB + tl.arange(0, RB)
-        m = offs < NBLK
+        m = offs < cnt
         if OP == 0:
             acc += tl.load(base + offs * S + col, mask=m, other=0.0)
         elif OP == 1:
@@ -202,17 +207,18 @@ def _p1_finalize_kernel(
     rp_ptr,  # [C, 16] compute dtype out: 0 mean, 1 delta, 3 alpha_1 = mean|x|
     consts_ptr,  # [2] float64
     NBLK,
-    IS64: tl.constexpr, RB: tl.constexpr, NIT: tl.constexpr,
+    tab_ptr, ROFF,  # ragged rows only (see _block_of)
+    IS64: tl.constexpr, RB: tl.constexpr, NIT: tl.constexpr, RAGGED: tl.constexpr,
 ):
     CD: tl.constexpr = tl.float64 if IS64 else tl.float32
     row = tl.program_id(0)
-    n = _merge_rows(part_ptr, row, NBLK, 7, 0, 0, RB, NIT)
-    s1 = _merge_rows(part_ptr, row, NBLK, 7, 1, 0, RB, NIT)
-    sx = _merge_rows(part_ptr, row, NBLK, 7, 2, 0, RB, NIT)
-    s2 = _merge_rows(part_ptr, row, NBLK, 7, 3, 0, RB, NIT)
-    mn = _merge_rows(part_ptr, row, NBLK, 7, 4, 1, RB, NIT)
-    mx = _merge_rows(part_ptr, row, NBLK, 7, 5, 2, RB, NIT)
-    ma = _merge_rows(part_ptr, row, NBLK, 7, 6, 2, RB, NIT)
+    n = _merge_rows(part_ptr, row, NBLK, tab_ptr, ROFF, 7, 0, 0, RB, NIT, RAGGED)
+    s1 = _merge_rows(part_ptr, row, NBLK, tab_ptr, ROFF, 7, 1, 0, RB, NIT, RAGGED)
+    sx = _merge_rows(part_ptr, row, NBLK, tab_ptr, ROFF, 7, 2, 0, RB, NIT, RAGGED)
+    s2 = _merge_rows(part_ptr, row, NBLK, tab_ptr, ROFF, 7, 3, 0, RB, NIT, RAGGED)
+    mn = _merge_rows(part_ptr, row, NBLK, tab_ptr, ROFF, 7, 4, 1, RB, NIT, RAGGED)
+    mx = _merge_rows(part_ptr, row, NBLK, tab_ptr, ROFF, 7, 5, 2, RB, NIT, RAGGED)
+    ma = _merge_rows(part_ptr, row, NBLK, tab_ptr, ROFF, 7, 6, 2, RB, NIT, RAGGED)
     has = n > 0
     st = st_ptr + row.to(tl.int64) * 8
     tl.store(st + 0, n)
@@ -240,18 +246,20 @@ def _dep_finalize_kernel(
     sums_ptr,  # [C, 6] float64 out (this pass's sums)
     consts_ptr,  # [2] float64
     NBLK,
+    tab_ptr, ROFF,  # ragged rows only (see _block_of)
     Q: tl.constexpr, RES: tl.constexpr, IS64: tl.constexpr, RB: tl.constexpr, NIT: tl.constexpr,
+    RAGGED: tl.constexpr,
 ):
     CD: tl.constexpr = tl.float64 if IS64 else tl.float32
     row = tl.program_id(0)
     out = sums_ptr + row.to(tl.int64) * 6
-    s0 = _merge_rows(part_ptr, row, NBLK, 6, 0, 0, RB, NIT)
+    s0 = _merge_rows(part_ptr, row, NBLK, tab_ptr, ROFF, 6, 0, 0, RB, NIT, RAGGED)
     tl.store(out + 0, s0)
-    tl.store(out + 1, _merge_rows(part_ptr, row, NBLK, 6, 1, 0, RB, NIT))
-    tl.store(out + 2, _merge_rows(part_ptr, row, NBLK, 6, 2, 0, RB, NIT))
-    tl.store(out + 3, _merge_rows(part_ptr, row, NBLK, 6, 3, 0, RB, NIT))
-    tl.store(out + 4, _merge_rows(part_ptr, row, NBLK, 6, 4, 0, RB, NIT))
-    s5 = _merge_rows(part_ptr, row, NBLK, 6, 5, 0, RB, NIT)
+    tl.store(out + 1, _merge_rows(part_ptr, row, NBLK, tab_ptr, ROFF, 6, 1, 0, RB, NIT, RAGGED))
+    tl.store(out + 2, _merge_rows(part_ptr, row, NBLK, tab_ptr, ROFF, 6, 2, 0, RB, NIT, RAGGED))
+    tl.store(out + 3, _merge_rows(part_ptr, row, NBLK, tab_ptr, ROFF, 6, 3, 0, RB, NIT, RAGGED))
+    tl.store(out + 4, _merge_rows(part_ptr, row, NBLK, tab_ptr, ROFF, 6, 4, 0, RB, NIT, RAGGED))
+    s5 = _merge_rows(part_ptr, row, NBLK, tab_ptr, ROFF, 6, 5, 0, RB, NIT, RAGGED)
     tl.store(out + 5, s5)
     n = tl.load(st_ptr + row.to(tl.int64) * 8)
     rp = rp_ptr + row.to(tl.int64) * 16
@@ -278,9 +286,10 @@ def _pow2(k):
 @triton.jit
 def _params_kernel(
     st_ptr, rp_ptr, sig_ptr, p2_ptr, p3_ptr,  # per-row results of the passes
-    sid_ptr, bits_ptr, lam_ptr,  # [K] int32, [K] int32, [K] float64 (ClipQ/PotQ step/sigma)
+    sid_ptr, bits_ptr, lam_ptr,  # [K] int32; bits int32 and lams float64 (ClipQ/PotQ step/sigma): [K] or [C, K]
     out_ptr,  # [K, C, 12] compute dtype
     C,
+    BSTRIDE,  # 0: one bits/lams row for every row; K: per-row bits and lams [C, K] (batched ops)
     RES_TOP,  # ResQ slots written: 0..b - 1 + RES_TOP (1: alpha_{b+1}, for the bitwidth gradient)
     K: tl.constexpr, IS64: tl.constexpr,  # K a constexpr: Triton 3.6's interpreter needs constant loop bounds
 ):
@@ -310,8 +319,8 @@ def _params_kernel(
     e = ((m2.to(tl.int64, bitcast=True) >> 52) & 0x7FF).to(tl.int32) - 1022 - tl.where(sub, 64, 0)
     for k in range(K):
         sid = tl.load(sid_ptr + k)
-        b = tl.load(bits_ptr + k)
-        lam = tl.load(lam_ptr + k).to(CD)
+        b = tl.load(bits_ptr + r64 * BSTRIDE + k)
+        lam = tl.load(lam_ptr + r64 * BSTRIDE + k).to(CD)
         fixed_step = tl.where(ma > 0, _pow2(e + 1 - b).to(CD), 0.0)
         zoom_step = (mx - mn) * _pow2(-b).to(CD)  # exact: / 2^b (a float32 `/` is approximate on GPUs)
         v0 = tl.where(sid == 0, mean_abs, 0.0)
@@ -345,6 +354,44 @@ def _small_tensor(values, dtype, device) -> torch.Tensor:
     return t
 
 
+def _chain(x2, C, N, nblk, block, warps, tab, roff, ragged, nit_blocks, sids, meta_bits, lam, bstride,
+           consts, plan, res_top, nprog) -> torch.Tensor:
+    """The statistics chain of :func:`scheme_params_chain` over uniform (``ragged`` False: ``x2``
+    ``[C, N]``, ``nblk`` programs per row) or ragged rows (``tab``/``roff`` of
+    :func:`program_table`, ``nit_blocks`` = most programs of one row)."""
+    cd = torch.float64 if x2.dtype == torch.float64 else torch.float32
+    K = len(sids)
+    dev = x2.device
+    is64 = x2.dtype == torch.float64
+    rb = min(1024, triton.next_power_of_2(max(nit_blocks, 16)))
+    nit = max(1, triton.cdiv(nit_blocks, rb))
+    f64 = dict(dtype=torch.float64, device=dev)
+    c64 = _small_tensor(tuple(float(c) for c in consts), torch.float64, dev)
+    part = torch.empty((max(nprog, 1), NUM_STATS), **f64)
+    st = torch.empty((C, NUM_ST), **f64)
+    rp = torch.zeros((C, ROW_SLOTS), dtype=cd, device=dev)
+    sig = torch.zeros((C,), dtype=cd, device=dev)
+    sums = torch.zeros((3, C, NUM_DEP), **f64)  # pass 2, pass 3, later passes
+    geo = dict(RAGGED=ragged, IS64=is64, enable_fp_fusion=False)
+    if nprog > 0:
+        _wrap(_stats_kernel)[(nprog,)](x2, part, N, nblk, tab, roff, BLOCK=block, num_warps=warps, **geo)
+    _wrap(_p1_finalize_kernel)[(C,)](part, st, rp, c64, nblk, tab, roff, RB=rb, NIT=nit, **geo)
+    dpart = torch.empty((max(nprog, 1), NUM_DEP), **f64)
+    for q, var, ter, quat, res in plan:
+        if nprog > 0:
+            _wrap(_dep_kernel)[(nprog,)](
+                x2, rp, dpart, N, nblk, tab, roff, VAR=bool(var), TER=bool(ter), QUAT=bool(quat), RES=int(res),
+                BLOCK=block, num_warps=warps, **geo,
+            )
+        _wrap(_dep_finalize_kernel)[(C,)](dpart, st, rp, sig, sums[min(q, 4) - 2], c64, nblk, tab, roff, Q=int(q),
+                                          RES=int(res), RB=rb, NIT=nit, **geo)
+    out = torch.zeros((K, C, 12), dtype=cd, device=dev)
+    sid_t = _small_tensor(tuple(map(int, sids)), torch.int32, dev)
+    _wrap(_params_kernel)[(C,)](st, rp, sig, sums[0], sums[1], sid_t, meta_bits, lam, out, C, int(bstride),
+                                int(res_top), K=K, IS64=is64, enable_fp_fusion=False)
+    return out
+
+
 def scheme_params_chain(x: torch.Tensor, per_channel: bool, sids, bits, lams, consts, plan,
                         res_top: int = 1) -> torch.Tensor:
     """Every candidate's scales ``[K, C, 12]`` in the compute dtype, computed on the device.
@@ -360,33 +407,29 @@ def scheme_params_chain(x: torch.Tensor, per_channel: bool, sids, bits, lams, co
     dev = x.device
     if C == 0 or N == 0 or K == 0:
         return torch.zeros((K, C, 12), dtype=cd, device=dev)
-    is64 = x.dtype == torch.float64
     block, nblk, warps = _launch_geometry(N)
-    rb = min(1024, triton.next_power_of_2(max(nblk, 16)))
-    nit = triton.cdiv(nblk, rb)
-    f64 = dict(dtype=torch.float64, device=dev)
-    c64 = _small_tensor(tuple(float(c) for c in consts), torch.float64, dev)
-    part = torch.empty((C * nblk, NUM_STATS), **f64)
-    st = torch.empty((C, NUM_ST), **f64)
-    rp = torch.zeros((C, ROW_SLOTS), dtype=cd, device=dev)
-    sig = torch.zeros((C,), dtype=cd, device=dev)
-    sums = torch.zeros((3, C, NUM_DEP), **f64)  # pass 2, pass 3, later passes
-    _wrap(_stats_kernel)[(C * nblk,)](x2, part, N, nblk, IS64=is64, BLOCK=block, num_warps=warps,
-                                       enable_fp_fusion=False)
-    _wrap(_p1_finalize_kernel)[(C,)](part, st, rp, c64, nblk, IS64=is64, RB=rb, NIT=nit,
-                                     enable_fp_fusion=False)
-    dpart = torch.empty((C * nblk, NUM_DEP), **f64)
-    for q, var, ter, quat, res in plan:
-        _wrap(_dep_kernel)[(C * nblk,)](
-            x2, rp, dpart, N, nblk, VAR=bool(var), TER=bool(ter), QUAT=bool(quat), RES=int(res),
-            IS64=is64, BLOCK=block, num_warps=warps, enable_fp_fusion=False,
-        )
-        _wrap(_dep_finalize_kernel)[(C,)](dpart, st, rp, sig, sums[min(q, 4) - 2], c64, nblk, Q=int(q),
-                                          RES=int(res), IS64=is64, RB=rb, NIT=nit,
-                                          enable_fp_fusion=False)
-    out = torch.zeros((K, C, 12), dtype=cd, device=dev)
-    meta = _small_tensor((tuple(map(int, sids)), tuple(map(int, bits))), torch.int32, dev)
+    meta_bits = _small_tensor(tuple(map(int, bits)), torch.int32, dev)
     lam = _small_tensor(tuple(float(v) for v in lams), torch.float64, dev)
-    _wrap(_params_kernel)[(C,)](st, rp, sig, sums[0], sums[1], meta[0], meta[1], lam, out, C, int(res_top), K=K,
-                                IS64=is64, enable_fp_fusion=False)
-    return out
+    return _chain(x2, C, N, nblk, block, warps, x2, 0, False, nblk, sids, meta_bits, lam, 0, consts, plan,
+                  res_top, C * nblk)
+
+
+def scheme_params_chain_batched(x: torch.Tensor, offsets, sids, bits_rows, lams_rows, consts, plan,
+                                res_top: int = 1) -> torch.Tensor:
+    """:func:`scheme_params_chain` for the batched op: ``x`` flat, row r = ``x[offsets[r] :
+    offsets[r+1]]`` with its own integer bits and lams (``bits_rows``/``lams_rows``: R lists of
+    K); ``plan`` covers the most any row needs. Returns ``[K, R, 12]``; each row's values are
+    those of :func:`scheme_params_chain` on that row alone with the same block size."""
+    cd = torch.float64 if x.dtype == torch.float64 else torch.float32
+    K, R = len(sids), len(offsets) - 1
+    dev = x.device
+    if R == 0 or K == 0:
+        return torch.zeros((K, max(R, 0), 12), dtype=cd, device=dev)
+    x1 = x.detach().contiguous().reshape(-1)
+    longest = max(int(offsets[r + 1]) - int(offsets[r]) for r in range(R))
+    block, _, warps = _launch_geometry(longest)
+    tab, nprog, roff, most = program_table(offsets, block, dev)
+    meta_bits = torch.tensor([int(b) for row in bits_rows for b in row], dtype=torch.int32).to(dev)
+    lam = torch.tensor([float(v) for row in lams_rows for v in row], dtype=torch.float64).to(dev)
+    return _chain(x1, R, 0, 1, block, warps, tab, roff, True, most, sids, meta_bits, lam, K, consts, plan,
+                  res_top, nprog)

@@ -259,11 +259,11 @@ def _mixture_batched_setup(ctx, inputs, output):
     ctx.schemes = schemes
 
 
-def _mixture_batched_bwd(ctx, grad_y):
+def _mixture_batched_bwd(ctx, grad_y, bwd_op=None):
     x, params, weights, bits = ctx.saved_tensors
     need_w = bool(ctx.needs_input_grad[3])
     need_b = bool(ctx.needs_input_grad[4])
-    gx, gw, gb = _op("mixture_batched_backward")(
+    gx, gw, gb = (bwd_op or _op("mixture_batched_backward"))(
         grad_y, x, ctx.offsets, params, weights, bits, ctx.schemes, need_w, need_b
     )
     return (

@@ -21,7 +21,10 @@
 
 ``tensor_stats`` and ``scheme_params`` have Triton twins too (``triton_kernels/stats.py``: one
 pass of all pass-1 reductions, then the dependent passes), without autograd (statistics carry no
-gradient). ``scheme_params`` has no C++/CUDA kernel, so its Triton launcher is its CUDA kernel.
+gradient); where the extension brought no CUDA kernel for them, their Triton launcher is their
+CUDA kernel. The batched variant's three ops have twins as well (``..._batched_triton``: ragged
+rows through a program table, one output launch per distinct bits row), used by
+``quantize_mixture_batched(..., backend="triton")``.
 
 Nothing here may break ``import autoqnn``: every failure only sets ``TRITON_ERROR``.
 """
@@ -40,10 +43,15 @@ from . import reference as ref
 __all__ = ["TWIN_OPS", "AVAILABLE", "IMPORT_ERROR", "twin_name"]
 
 #: ops with a Triton twin ``autoqnn::<op>_triton``
-TWIN_OPS = ("tensor_stats", "scheme_params", "quantize", "quantize_backward", "mixture", "mixture_backward")
+TWIN_OPS = ("tensor_stats", "scheme_params", "quantize", "quantize_backward", "mixture", "mixture_backward",
+            "scheme_params_batched", "mixture_batched", "mixture_batched_backward")
 #: the statistics ops (no autograd): their Triton launcher is the main op's CUDA kernel where the
-#: extension brought none (scheme_params has no C++/CUDA kernel)
+#: extension brought none
 STATS_OPS = ("tensor_stats", "scheme_params")
+#: ops whose Triton launcher becomes the main op's CUDA kernel where the extension brought none:
+#: the statistics and the batched variant (whose autograd formula, in _schema, calls the main
+#: backward op, so it then runs the Triton backward too)
+CUDA_FALLBACK_OPS = STATS_OPS + _schema.BATCHED_OPS
 #: why the Triton kernels could not be loaded or registered (None when they were)
 IMPORT_ERROR: str | None = None
 #: the twin ops are registered
@@ -92,22 +100,19 @@ def _tensor_stats_impl(x, per_channel):
     return stats_kernels.row_stats(x, per_channel).to(cd)
 
 
-def _scheme_params_impl(x, bits, schemes, per_channel, need_bits_grad=True):
-    """Every candidate's scales, on the device (``triton_kernels.stats.scheme_params_chain``):
-    pass 1, then the dependent passes chained like the C++ kernel
-    (``csrc/cpu/quantize.cpp::fill_params``): pass 2 = σ + Ternary + ResQ α_2, pass 3 =
-    Quaternary + α_3, pass q ≥ 4 = α_q; per-row values rounded to the compute dtype where the
-    reference rounds them. The scheme tables (which passes, λ's) are decided here."""
-    _check_device(x)
-    _check_float(x)
-    schemes = [int(s) for s in schemes]
-    b_int = ref.int_bits(bits, schemes)
+def _stats_plan(schemes, b_rows, need_bits_grad):
+    """The dependent passes ``(q, var, ter, quat, res_steps)`` the candidates need, chained like
+    the C++ kernel (``csrc/cpu/quantize.cpp::fill_params``): pass 2 = σ + Ternary + ResQ α_2,
+    pass 3 = Quaternary + α_3, pass q ≥ 4 = α_q; and per row the ClipQ/PotQ λ at its bits.
+    ``b_rows``: integer bits per row (one row for the per-tensor op). The scheme tables are
+    decided here, not in ``triton_kernels``."""
     names = [scheme_info(s).name for s in schemes]
     need_sigma = any(n in ("quaternary", "clip", "pot") for n in names)
     need_ter = "ternary" in names
     need_quat = "quaternary" in names
     # ResQ alphas to compute: alpha_1..alpha_{b+1} (alpha_{b+1} feeds only the bitwidth gradient)
-    res_alphas = max([b for n, b in zip(names, b_int) if n == "residual"], default=-1) + int(bool(need_bits_grad))
+    res_bits = max([b for row in b_rows for n, b in zip(names, row) if n == "residual"], default=-1)
+    res_alphas = res_bits + int(bool(need_bits_grad))
     plan = []
     for q in range(2, max(3 if need_quat else 2, res_alphas) + 1):
         res = res_alphas >= q
@@ -116,11 +121,66 @@ def _scheme_params_impl(x, bits, schemes, per_channel, need_bits_grad=True):
         if q >= 3 and not res and not (q == 3 and need_quat):
             continue
         plan.append((q, q == 2, q == 2 and need_ter, q == 3 and need_quat, q - 1 if res else 0))
-    lams = [CLIPQ_LAMBDA[b] if n == "clip" else POTQ_LAMBDA[b] if n == "pot" else 0.0
-            for n, b in zip(names, b_int)]
+    lams = [[CLIPQ_LAMBDA[b] if n == "clip" else POTQ_LAMBDA[b] if n == "pot" else 0.0
+             for n, b in zip(names, row)] for row in b_rows]
+    return tuple(plan), lams
+
+
+def _scheme_params_impl(x, bits, schemes, per_channel, need_bits_grad=True):
+    """Every candidate's scales, on the device (``triton_kernels.stats.scheme_params_chain``):
+    pass 1, then the dependent passes of :func:`_stats_plan`; per-row values rounded to the
+    compute dtype where the reference rounds them."""
+    _check_device(x)
+    _check_float(x)
+    schemes = [int(s) for s in schemes]
+    b_int = ref.int_bits(bits, schemes)
+    plan, (lams,) = _stats_plan(schemes, [b_int], need_bits_grad)
     return stats_kernels.scheme_params_chain(
-        x, per_channel, schemes, b_int, lams, (TERNARY_DELTA, QUATERNARY_LAMBDA), tuple(plan),
+        x, per_channel, schemes, b_int, lams, (TERNARY_DELTA, QUATERNARY_LAMBDA), plan,
         res_top=int(bool(need_bits_grad)))
+
+
+def _batched_bits(x, offsets, bits, schemes, op):
+    """(offsets, integer bits per row) of a batched op's arguments, checked (one host read)."""
+    off = ref.check_offsets(x, offsets, op)
+    R = len(off) - 1
+    ref._check_rows(bits, R, len(schemes), "bits", op)
+    host = bits.detach().to("cpu", torch.float64)
+    return off, [ref.int_bits(host[r], schemes) for r in range(R)]
+
+
+def _scheme_params_batched_impl(x, offsets, bits, schemes, need_bits_grad=True):
+    """``[K, R, P]``: each ragged row's scales (``stats.scheme_params_chain_batched``): one
+    statistics chain over every row, with per-row bits."""
+    _check_device(x)
+    _check_float(x)
+    schemes = [int(s) for s in schemes]
+    off, b_rows = _batched_bits(x, offsets, bits, schemes, "scheme_params_batched")
+    plan, lams = _stats_plan(schemes, b_rows, need_bits_grad)
+    return stats_kernels.scheme_params_chain_batched(
+        x, off, schemes, b_rows, lams, (TERNARY_DELTA, QUATERNARY_LAMBDA), plan,
+        res_top=int(bool(need_bits_grad)))
+
+
+def _mixture_batched_impl(x, offsets, params, weights, bits, schemes):
+    _check_device(x)
+    schemes = [int(s) for s in schemes]
+    ref._check_batched(x, offsets, params, weights, bits, schemes, "mixture_batched")
+    off, b_rows = _batched_bits(x, offsets, bits, schemes, "mixture_batched")
+    return kernels.mixture_batched_fwd(x, off, params, weights, b_rows, schemes)
+
+
+def _mixture_batched_backward_impl(grad_y, x, offsets, params, weights, bits, schemes, need_weights_grad,
+                                   need_bits_grad):
+    _check_device(x)
+    schemes = [int(s) for s in schemes]
+    ref._check_batched(x, offsets, params, weights, bits, schemes, "mixture_batched_backward")
+    off, b_rows = _batched_bits(x, offsets, bits, schemes, "mixture_batched_backward")
+    gx, gw, gb = kernels.mixture_batched_bwd(grad_y, x, off, params, weights, b_rows, schemes,
+                                             need_weights_grad, need_bits_grad)
+    gw = torch.zeros_like(weights) if gw is None else gw.to(weights.device, weights.dtype)
+    gb = torch.zeros_like(bits) if gb is None else gb.to(bits.device, bits.dtype)
+    return gx, gw.contiguous(), gb.contiguous()
 
 
 def _quantize_impl(x, params, bits, scheme, per_channel):
@@ -174,6 +234,9 @@ _IMPLS = {
     "quantize_backward": _quantize_backward_impl,
     "mixture": _mixture_impl,
     "mixture_backward": _mixture_backward_impl,
+    "scheme_params_batched": _scheme_params_batched_impl,
+    "mixture_batched": _mixture_batched_impl,
+    "mixture_batched_backward": _mixture_batched_backward_impl,
 }
 _FAKES = {
     "tensor_stats": _schema._tensor_stats_fake,
@@ -182,6 +245,9 @@ _FAKES = {
     "quantize_backward": _schema._quantize_backward_fake,
     "mixture": _schema._mixture_fake,
     "mixture_backward": _schema._mixture_backward_fake,
+    "scheme_params_batched": _schema._scheme_params_batched_fake,
+    "mixture_batched": _schema._mixture_batched_fake,
+    "mixture_batched_backward": _schema._mixture_batched_backward_fake,
 }
 
 
@@ -195,9 +261,14 @@ def _mixture_triton_bwd(ctx, grad_y):
     return _schema._mixture_bwd(ctx, grad_y, bwd_op=torch.ops.autoqnn.mixture_backward_triton)
 
 
+def _mixture_batched_triton_bwd(ctx, grad_y):
+    return _schema._mixture_batched_bwd(ctx, grad_y, bwd_op=torch.ops.autoqnn.mixture_batched_backward_triton)
+
+
 _AUTOGRAD = {
     "quantize": (_quantize_triton_bwd, _schema._quantize_setup),
     "mixture": (_mixture_triton_bwd, _schema._mixture_setup),
+    "mixture_batched": (_mixture_batched_triton_bwd, _schema._mixture_batched_setup),
 }
 
 
@@ -308,9 +379,9 @@ def _register() -> None:
     # autoqnn); the statistics ops get the Triton launcher where the extension has no CUDA kernel
     global _lib
     _lib = torch.library.Library(_schema.LIB_NAME, "FRAGMENT")
-    for op in STATS_OPS:
+    for op in CUDA_FALLBACK_OPS:
         if _schema.has_kernel(op, "CUDA"):
-            continue  # a compiled CUDA kernel (tensor_stats) is never overridden
+            continue  # a compiled CUDA kernel is never overridden
         try:
             torch.library.register_kernel(_schema.qualname(op), "cuda", _eager(_IMPLS[op]), lib=_lib)
             CUDA_REGISTERED.append(op)
