@@ -90,26 +90,18 @@ _COMPILE = textwrap.dedent(r"""
     for sids, bits, xdt, is64 in cases:
         cd = "fp64" if is64 else "fp32"
         xs = "*" + xdt
-        for with_w in (True, False) if len(sids) == 1 else (True,):
+        geo = {"N": "i32", "C": "i32", "NBLK": "i32", "K_W": "i32", "tab_ptr": "*i64", "ROFF": "i64"}
+        # per tensor (with and without weights), and the batched op's ragged rows
+        for with_w, rag in ((True, False), (False, False), (True, True)) if len(sids) == 1 else ((True, False), (True, True)):
+            tag = f"{xdt}-{len(sids)}-{with_w}" + ("-ragged" if rag else "")
             kw = M._constexprs(sids, bits, False)
-            kw.update(HAS_W=with_w, IS64=is64, BLOCK=1024)
+            kw.update(HAS_W=with_w, RAGGED=rag, IS64=is64, BLOCK=1024)
             build(M._mixture_fwd_kernel, {"x_ptr": xs, "p_ptr": "*" + cd, "w_ptr": "*" + cd,
-                  "y_ptr": xs, "N": "i32", "C": "i32", "NBLK": "i32"}, kw, f"fwd-{xdt}-{len(sids)}-{with_w}")
+                  "y_ptr": xs, **geo}, kw, f"fwd-{tag}")
             kw = M._constexprs(sids, bits, True)
-            kw.update(K=len(sids), HAS_W=with_w, NEED_W=with_w, NEED_B=True, IS64=is64, BLOCK=1024)
+            kw.update(K=len(sids), HAS_W=with_w, NEED_W=with_w, NEED_B=True, RAGGED=rag, IS64=is64, BLOCK=1024)
             build(M._mixture_bwd_kernel, {"g_ptr": xs, "x_ptr": xs, "p_ptr": "*" + cd, "w_ptr": "*" + cd,
-                  "gx_ptr": xs, "part_ptr": "*" + cd, "N": "i32", "C": "i32", "NBLK": "i32"}, kw,
-                  f"bwd-{xdt}-{len(sids)}-{with_w}")
-        # the batched (ragged-row) kernels
-        tab = {"R": "i32", "K_W": "i32", "tab_ptr": "*i64", "ROFF": "i64"}
-        kw = M._constexprs(sids, bits, False)
-        kw.update(IS64=is64, BLOCK=1024)
-        build(M._mixture_batched_fwd_kernel, {"x_ptr": xs, "p_ptr": "*" + cd, "w_ptr": "*" + cd, "y_ptr": xs, **tab},
-              kw, f"batched-fwd-{xdt}-{len(sids)}")
-        kw = M._constexprs(sids, bits, True)
-        kw.update(K=len(sids), NEED_W=True, NEED_B=True, IS64=is64, BLOCK=1024)
-        build(M._mixture_batched_bwd_kernel, {"g_ptr": xs, "x_ptr": xs, "p_ptr": "*" + cd, "w_ptr": "*" + cd,
-              "gx_ptr": xs, "part_ptr": "*" + cd, **tab}, kw, f"batched-bwd-{xdt}-{len(sids)}")
+                  "gx_ptr": xs, "part_ptr": "*" + cd, **geo}, kw, f"bwd-{tag}")
     from autoqnn.triton_kernels import stats as S
     for is64, rag in ((False, False), (True, False), (False, True)):
         cd = "*fp64" if is64 else "*fp32"

@@ -249,50 +249,27 @@ def _fwd_term(x, fin, p_ptr, w_ptr, K_IDX: tl.constexpr, C, row, SID: tl.constex
 
 @triton.jit
 def _mixture_fwd_kernel(
-    x_ptr,  # [C, N] contiguous, x's dtype
+    x_ptr,  # [C, N] contiguous, x's dtype (ragged: [numel], the rows one after another)
     p_ptr,  # [K, C, NUM_PARAMS] compute dtype
-    w_ptr,  # [K] compute dtype (not read without HAS_W)
-    y_ptr,  # [C, N] contiguous, x's dtype
-    N, C, NBLK,
+    w_ptr,  # [K] compute dtype (not read without HAS_W); ragged: [C, K], row stride K_W
+    y_ptr,  # like x
+    N, C, NBLK, K_W,
+    tab_ptr, ROFF,  # ragged rows only (_block_of)
     S0: tl.constexpr, S1: tl.constexpr, S2: tl.constexpr, S3: tl.constexpr,
     S4: tl.constexpr, S5: tl.constexpr, S6: tl.constexpr, S7: tl.constexpr,
     B0: tl.constexpr, B1: tl.constexpr, B2: tl.constexpr, B3: tl.constexpr,
     B4: tl.constexpr, B5: tl.constexpr, B6: tl.constexpr, B7: tl.constexpr,
-    HAS_W: tl.constexpr, IS64: tl.constexpr, BLOCK: tl.constexpr,
+    HAS_W: tl.constexpr, RAGGED: tl.constexpr, IS64: tl.constexpr, BLOCK: tl.constexpr,
 ):
+    """y = Σ_k w_k·q_k(x). RAGGED (the batched op): rows of their own lengths, params and
+    weights (row ``row`` of ``[C, K]``); the rows of one launch share their integer bits."""
     CD: tl.constexpr = tl.float64 if IS64 else tl.float32
     pid = tl.program_id(0)
-    row, offs, inb = _block_of(pid, N, NBLK, x_ptr, 0, False, BLOCK)
+    row, offs, inb = _block_of(pid, N, NBLK, tab_ptr, ROFF, RAGGED, BLOCK)
     x = tl.load(x_ptr + offs, mask=inb, other=0.0).to(CD)
     fin = tl.abs(x) < float("inf")
-    y = _fwd_chain(x, fin, p_ptr, w_ptr, C, row, S0, S1, S2, S3, S4, S5, S6, S7,
+    y = _fwd_chain(x, fin, p_ptr, w_ptr + row * K_W, C, row, S0, S1, S2, S3, S4, S5, S6, S7,
                    B0, B1, B2, B3, B4, B5, B6, B7, HAS_W, IS64)
-    tl.store(y_ptr + offs, y.to(y_ptr.dtype.element_ty), mask=inb)
-
-
-@triton.jit
-def _mixture_batched_fwd_kernel(
-    x_ptr,  # [numel] contiguous, x's dtype (the rows one after another)
-    p_ptr,  # [K, R, NUM_PARAMS] compute dtype
-    w_ptr,  # [R, K] compute dtype
-    y_ptr,  # [numel], x's dtype
-    R, K_W,  # rows; weights row stride (K)
-    tab_ptr, ROFF,  # ragged program table (_block_of)
-    S0: tl.constexpr, S1: tl.constexpr, S2: tl.constexpr, S3: tl.constexpr,
-    S4: tl.constexpr, S5: tl.constexpr, S6: tl.constexpr, S7: tl.constexpr,
-    B0: tl.constexpr, B1: tl.constexpr, B2: tl.constexpr, B3: tl.constexpr,
-    B4: tl.constexpr, B5: tl.constexpr, B6: tl.constexpr, B7: tl.constexpr,
-    IS64: tl.constexpr, BLOCK: tl.constexpr,
-):
-    """The batched forward: ragged rows (``_block_of``), each with its own params and weights
-    (row ``row`` of ``[R, K]``); the rows of one launch share their integer bits."""
-    CD: tl.constexpr = tl.float64 if IS64 else tl.float32
-    pid = tl.program_id(0)
-    row, offs, inb = _block_of(pid, 0, 1, tab_ptr, ROFF, True, BLOCK)
-    x = tl.load(x_ptr + offs, mask=inb, other=0.0).to(CD)
-    fin = tl.abs(x) < float("inf")
-    y = _fwd_chain(x, fin, p_ptr, w_ptr + row * K_W, R, row, S0, S1, S2, S3, S4, S5, S6, S7,
-                   B0, B1, B2, B3, B4, B5, B6, B7, True, IS64)
     tl.store(y_ptr + offs, y.to(y_ptr.dtype.element_ty), mask=inb)
 
 
@@ -348,13 +325,14 @@ def _bwd_term(gmask, wsum, x, fin, g, inb, p_ptr, w_ptr, part_ptr, K_IDX: tl.con
 
 @triton.jit
 def _mixture_bwd_kernel(
-    g_ptr,  # [C, N] contiguous, grad_y's dtype
-    x_ptr,  # [C, N] contiguous, x's dtype
+    g_ptr,  # [C, N] contiguous, grad_y's dtype (ragged: [numel])
+    x_ptr,  # like g
     p_ptr,  # [K, C, NUM_PARAMS] compute dtype
-    w_ptr,  # [K] compute dtype (not read without HAS_W)
-    gx_ptr,  # [C, N] contiguous, x's dtype
-    part_ptr,  # [C·NBLK, 2K] compute dtype: per program ⟨g, q_k⟩ (col k), ⟨g, d_k⟩ (col K + k)
-    N, C, NBLK,
+    w_ptr,  # [K] compute dtype (not read without HAS_W); ragged: [C, K], row stride K_W
+    gx_ptr,  # like x
+    part_ptr,  # [programs, 2K] compute dtype: per program ⟨g, q_k⟩ (col k), ⟨g, d_k⟩ (col K + k)
+    N, C, NBLK, K_W,
+    tab_ptr, ROFF,  # ragged rows only (_block_of)
     S0: tl.constexpr, S1: tl.constexpr, S2: tl.constexpr, S3: tl.constexpr,
     S4: tl.constexpr, S5: tl.constexpr, S6: tl.constexpr, S7: tl.constexpr,
     B0: tl.constexpr, B1: tl.constexpr, B2: tl.constexpr, B3: tl.constexpr,
@@ -362,54 +340,12 @@ def _mixture_bwd_kernel(
     CB0: tl.constexpr, CB1: tl.constexpr, CB2: tl.constexpr, CB3: tl.constexpr,
     CB4: tl.constexpr, CB5: tl.constexpr, CB6: tl.constexpr, CB7: tl.constexpr,
     K: tl.constexpr, HAS_W: tl.constexpr, NEED_W: tl.constexpr, NEED_B: tl.constexpr,
-    IS64: tl.constexpr, BLOCK: tl.constexpr,
+    RAGGED: tl.constexpr, IS64: tl.constexpr, BLOCK: tl.constexpr,
 ):
-    pid = tl.program_id(0)
-    row, offs, inb = _block_of(pid, N, NBLK, x_ptr, 0, False, BLOCK)
-    _bwd_block(g_ptr, x_ptr, p_ptr, w_ptr, gx_ptr, part_ptr, pid, row, offs, inb, C,
-               S0, S1, S2, S3, S4, S5, S6, S7, B0, B1, B2, B3, B4, B5, B6, B7,
-               CB0, CB1, CB2, CB3, CB4, CB5, CB6, CB7, K, HAS_W, NEED_W, NEED_B, IS64)
-
-
-@triton.jit
-def _mixture_batched_bwd_kernel(
-    g_ptr,  # [numel] contiguous, grad_y's dtype
-    x_ptr,  # [numel] contiguous, x's dtype
-    p_ptr,  # [K, R, NUM_PARAMS] compute dtype
-    w_ptr,  # [R, K] compute dtype
-    gx_ptr,  # [numel], x's dtype
-    part_ptr,  # [programs, 2K] compute dtype (as _mixture_bwd_kernel's; reduced per row on the host)
-    R, K_W,
-    tab_ptr, ROFF,  # ragged program table (_block_of)
-    S0: tl.constexpr, S1: tl.constexpr, S2: tl.constexpr, S3: tl.constexpr,
-    S4: tl.constexpr, S5: tl.constexpr, S6: tl.constexpr, S7: tl.constexpr,
-    B0: tl.constexpr, B1: tl.constexpr, B2: tl.constexpr, B3: tl.constexpr,
-    B4: tl.constexpr, B5: tl.constexpr, B6: tl.constexpr, B7: tl.constexpr,
-    CB0: tl.constexpr, CB1: tl.constexpr, CB2: tl.constexpr, CB3: tl.constexpr,
-    CB4: tl.constexpr, CB5: tl.constexpr, CB6: tl.constexpr, CB7: tl.constexpr,
-    K: tl.constexpr, NEED_W: tl.constexpr, NEED_B: tl.constexpr,
-    IS64: tl.constexpr, BLOCK: tl.constexpr,
-):
-    """The batched backward: ragged rows with their own params and weights (see the forward)."""
-    pid = tl.program_id(0)
-    row, offs, inb = _block_of(pid, 0, 1, tab_ptr, ROFF, True, BLOCK)
-    _bwd_block(g_ptr, x_ptr, p_ptr, w_ptr + row * K_W, gx_ptr, part_ptr, pid, row, offs, inb, R,
-               S0, S1, S2, S3, S4, S5, S6, S7, B0, B1, B2, B3, B4, B5, B6, B7,
-               CB0, CB1, CB2, CB3, CB4, CB5, CB6, CB7, K, True, NEED_W, NEED_B, IS64)
-
-
-@triton.jit
-def _bwd_block(g_ptr, x_ptr, p_ptr, w_ptr, gx_ptr, part_ptr, pid, row, offs, inb, C,
-               S0: tl.constexpr, S1: tl.constexpr, S2: tl.constexpr, S3: tl.constexpr,
-               S4: tl.constexpr, S5: tl.constexpr, S6: tl.constexpr, S7: tl.constexpr,
-               B0: tl.constexpr, B1: tl.constexpr, B2: tl.constexpr, B3: tl.constexpr,
-               B4: tl.constexpr, B5: tl.constexpr, B6: tl.constexpr, B7: tl.constexpr,
-               CB0: tl.constexpr, CB1: tl.constexpr, CB2: tl.constexpr, CB3: tl.constexpr,
-               CB4: tl.constexpr, CB5: tl.constexpr, CB6: tl.constexpr, CB7: tl.constexpr,
-               K: tl.constexpr, HAS_W: tl.constexpr, NEED_W: tl.constexpr, NEED_B: tl.constexpr,
-               IS64: tl.constexpr):
-    """One block of the backward: grad_x stored, the program's partial sums written."""
     CD: tl.constexpr = tl.float64 if IS64 else tl.float32
+    pid = tl.program_id(0)
+    row, offs, inb = _block_of(pid, N, NBLK, tab_ptr, ROFF, RAGGED, BLOCK)
+    w_ptr = w_ptr + row * K_W
     x = tl.load(x_ptr + offs, mask=inb, other=0.0).to(CD)
     g = tl.load(g_ptr + offs, mask=inb, other=0.0).to(CD)
     fin = tl.abs(x) < float("inf")
@@ -523,9 +459,9 @@ def mixture_fwd(
     w = p if weights is None else weights.detach().to(device=x.device, dtype=cd).reshape(-1).contiguous()
     block, nblk, warps = _launch_geometry(N)
     _wrap(_mixture_fwd_kernel)[(C * nblk,)](
-        x2, p, w, y, N, C, nblk,
+        x2, p, w, y, N, C, nblk, 0, x2, 0,
         **_constexprs(schemes, bits_int, with_cb=False),
-        HAS_W=weights is not None, IS64=cd == torch.float64, BLOCK=block,
+        HAS_W=weights is not None, RAGGED=False, IS64=cd == torch.float64, BLOCK=block,
         num_warps=warps, enable_fp_fusion=False,
     )
     return y
@@ -569,9 +505,9 @@ def mixture_bwd(
     nprog = C * nblk
     part = torch.empty((nprog if (need_w or need_b) else 1, 2 * K), dtype=cd, device=x.device)
     _wrap(_mixture_bwd_kernel)[(nprog,)](
-        g2, x2, p, w, gx, part, N, C, nblk,
+        g2, x2, p, w, gx, part, N, C, nblk, 0, x2, 0,
         **_constexprs(schemes, bits_int, with_cb=True),
-        K=K, HAS_W=weights is not None, NEED_W=need_w, NEED_B=need_b,
+        K=K, HAS_W=weights is not None, NEED_W=need_w, NEED_B=need_b, RAGGED=False,
         IS64=cd == torch.float64, BLOCK=block, num_warps=warps, enable_fp_fusion=False,
     )
     # deterministic reduction over the programs (fixed shape and order, no atomics)
@@ -631,6 +567,17 @@ def _bits_groups(bits_rows, offsets):
     return groups
 
 
+def _batched_launch_inputs(x, offsets, params, weights, R):
+    """(compute dtype, flat x, params and weights in the compute dtype, BLOCK, warps): one BLOCK
+    for every row, from the longest."""
+    cd = _compute_dtype(x.dtype)
+    x1 = x.detach().contiguous().reshape(-1)
+    p = params.detach().to(device=x.device, dtype=cd).contiguous()
+    w = weights.detach().to(device=x.device, dtype=cd).contiguous()
+    block, _, warps = _launch_geometry(max(int(offsets[r + 1]) - int(offsets[r]) for r in range(R)))
+    return cd, x1, p, w, block, warps
+
+
 def mixture_batched_fwd(x, offsets, params, weights, bits_rows, schemes) -> torch.Tensor:
     """The batched forward: ``x`` flat, row r = ``x[offsets[r]:offsets[r+1]]`` with params
     ``[:, r]``, weights ``[r]`` and integer bits ``bits_rows[r]``. One launch per distinct bits
@@ -639,17 +586,12 @@ def mixture_batched_fwd(x, offsets, params, weights, bits_rows, schemes) -> torc
     y = torch.empty(x.shape, dtype=x.dtype, device=x.device)
     if x.numel() == 0 or R == 0:
         return y
-    cd = _compute_dtype(x.dtype)
-    x1 = x.detach().contiguous().reshape(-1)
-    p = params.detach().to(device=x.device, dtype=cd).contiguous()
-    w = weights.detach().to(device=x.device, dtype=cd).contiguous()
-    longest = max(int(offsets[r + 1]) - int(offsets[r]) for r in range(R))
-    block, _, warps = _launch_geometry(longest)
+    cd, x1, p, w, block, warps = _batched_launch_inputs(x, offsets, params, weights, R)
     for bits, rows in _bits_groups(bits_rows, offsets).items():
         tab, nprog, roff, _ = program_table(offsets, block, x.device, rows)
-        _wrap(_mixture_batched_fwd_kernel)[(nprog,)](
-            x1, p, w, y, R, K, tab, roff, **_constexprs(schemes, bits, with_cb=False),
-            IS64=cd == torch.float64, BLOCK=block, num_warps=warps, enable_fp_fusion=False,
+        _wrap(_mixture_fwd_kernel)[(nprog,)](
+            x1, p, w, y, 0, R, 1, K, tab, roff, **_constexprs(schemes, bits, with_cb=False),
+            HAS_W=True, RAGGED=True, IS64=cd == torch.float64, BLOCK=block, num_warps=warps, enable_fp_fusion=False,
         )
     return y
 
@@ -667,19 +609,15 @@ def mixture_batched_bwd(grad_y, x, offsets, params, weights, bits_rows, schemes,
     gx = torch.empty(x.shape, dtype=x.dtype, device=x.device)
     sums = torch.zeros((R, 2 * K), dtype=cd, device=x.device)
     if x.numel() > 0 and R > 0:
-        x1 = x.detach().contiguous().reshape(-1)
+        cd, x1, p, w, block, warps = _batched_launch_inputs(x, offsets, params, weights, R)
         g1 = grad_y.detach().to(x.device).contiguous().reshape(-1)
-        p = params.detach().to(device=x.device, dtype=cd).contiguous()
-        w = weights.detach().to(device=x.device, dtype=cd).contiguous()
-        longest = max(int(offsets[r + 1]) - int(offsets[r]) for r in range(R))
-        block, _, warps = _launch_geometry(longest)
         for bits, rows in _bits_groups(bits_rows, offsets).items():
             tab, nprog, roff, most = program_table(offsets, block, x.device, rows)
             part = torch.zeros((nprog + 1, 2 * K), dtype=cd, device=x.device)  # last row: padding
-            _wrap(_mixture_batched_bwd_kernel)[(nprog,)](
-                g1, x1, p, w, gx, part, R, K, tab, roff, **_constexprs(schemes, bits, with_cb=True),
-                K=K, NEED_W=need_w, NEED_B=need_b, IS64=cd == torch.float64, BLOCK=block,
-                num_warps=warps, enable_fp_fusion=False,
+            _wrap(_mixture_bwd_kernel)[(nprog,)](
+                g1, x1, p, w, gx, part, 0, R, 1, K, tab, roff, **_constexprs(schemes, bits, with_cb=True),
+                K=K, HAS_W=True, NEED_W=need_w, NEED_B=need_b, RAGGED=True, IS64=cd == torch.float64,
+                BLOCK=block, num_warps=warps, enable_fp_fusion=False,
             )
             # each row's programs are consecutive: gather them into [rows, most] (padding -> the
             # zero row) and sum in program order
