@@ -37,6 +37,7 @@ deterministic). Nothing of size K×N is materialised.
 """
 from __future__ import annotations
 
+import functools
 import math
 import os
 from typing import Optional, Sequence
@@ -567,6 +568,21 @@ def _bits_groups(bits_rows, offsets):
     return groups
 
 
+@functools.lru_cache(maxsize=256)
+def _group_plan(offsets: tuple, block: int, rows: tuple, device: str):
+    """A bits group's program table, and for its row sums the ``[rows, most]`` program indices
+    (padding -> the extra zero row ``programs``) and the rows as a tensor. Cached: a model's
+    weights keep their offsets every step, so the host loop and the copies run once."""
+    tab, nprog, roff, most = program_table(offsets, block, device, rows)
+    idx, first = [], 0
+    for r in rows:
+        n = triton.cdiv(offsets[r + 1] - offsets[r], block)
+        idx.append(list(range(first, first + n)) + [nprog] * (most - n))
+        first += n
+    gi = torch.tensor(idx, dtype=torch.int64).to(device)
+    return tab, nprog, roff, gi, torch.tensor(rows, dtype=torch.int64).to(device)
+
+
 def _batched_launch_inputs(x, offsets, params, weights, R):
     """(compute dtype, flat x, params and weights in the compute dtype, BLOCK, warps): one BLOCK
     for every row, from the longest."""
@@ -588,7 +604,7 @@ def mixture_batched_fwd(x, offsets, params, weights, bits_rows, schemes) -> torc
         return y
     cd, x1, p, w, block, warps = _batched_launch_inputs(x, offsets, params, weights, R)
     for bits, rows in _bits_groups(bits_rows, offsets).items():
-        tab, nprog, roff, _ = program_table(offsets, block, x.device, rows)
+        tab, nprog, roff, _, _ = _group_plan(tuple(int(o) for o in offsets), block, tuple(rows), str(x.device))
         _wrap(_mixture_fwd_kernel)[(nprog,)](
             x1, p, w, y, 0, R, 1, K, tab, roff, **_constexprs(schemes, bits, with_cb=False),
             HAS_W=True, RAGGED=True, IS64=cd == torch.float64, BLOCK=block, num_warps=warps, enable_fp_fusion=False,
@@ -612,22 +628,17 @@ def mixture_batched_bwd(grad_y, x, offsets, params, weights, bits_rows, schemes,
         cd, x1, p, w, block, warps = _batched_launch_inputs(x, offsets, params, weights, R)
         g1 = grad_y.detach().to(x.device).contiguous().reshape(-1)
         for bits, rows in _bits_groups(bits_rows, offsets).items():
-            tab, nprog, roff, most = program_table(offsets, block, x.device, rows)
+            tab, nprog, roff, gi, rows_t = _group_plan(tuple(int(o) for o in offsets), block, tuple(rows),
+                                                       str(x.device))
             part = torch.zeros((nprog + 1, 2 * K), dtype=cd, device=x.device)  # last row: padding
             _wrap(_mixture_bwd_kernel)[(nprog,)](
                 g1, x1, p, w, gx, part, 0, R, 1, K, tab, roff, **_constexprs(schemes, bits, with_cb=True),
                 K=K, HAS_W=True, NEED_W=need_w, NEED_B=need_b, RAGGED=True, IS64=cd == torch.float64,
                 BLOCK=block, num_warps=warps, enable_fp_fusion=False,
             )
-            # each row's programs are consecutive: gather them into [rows, most] (padding -> the
-            # zero row) and sum in program order
-            idx, first = [], 0
-            for r in rows:
-                n = triton.cdiv(int(offsets[r + 1]) - int(offsets[r]), block)
-                idx.append(list(range(first, first + n)) + [nprog] * (most - n))
-                first += n
-            gi = torch.tensor(idx, dtype=torch.int64).to(x.device)
-            sums[torch.tensor(rows, dtype=torch.int64).to(x.device)] = part[gi].sum(1)
+            # each row's programs are consecutive: gathered into [rows, most] (padding -> the zero
+            # row) and summed in program order
+            sums[rows_t] = part[gi].sum(1)
     gw = sums[:, :K] if need_w else None
     gb = None
     if need_b:

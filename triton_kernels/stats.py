@@ -23,6 +23,8 @@ logic that chains the passes lives in ``autoqnn/ops/_triton.py``.
 """
 from __future__ import annotations
 
+import functools
+
 import torch
 import triton
 import triton.language as tl
@@ -414,6 +416,12 @@ def scheme_params_chain(x: torch.Tensor, per_channel: bool, sids, bits, lams, co
                   res_top, C * nblk)
 
 
+@functools.lru_cache(maxsize=256)
+def _table(offsets: tuple, block: int, device: str):
+    """:func:`program_table`, cached (a model's weights keep their offsets every step)."""
+    return program_table(offsets, block, device)
+
+
 def scheme_params_chain_batched(x: torch.Tensor, offsets, sids, bits_rows, lams_rows, consts, plan,
                                 res_top: int = 1) -> torch.Tensor:
     """:func:`scheme_params_chain` for the batched op: ``x`` flat, row r = ``x[offsets[r] :
@@ -428,8 +436,8 @@ def scheme_params_chain_batched(x: torch.Tensor, offsets, sids, bits_rows, lams_
     x1 = x.detach().contiguous().reshape(-1)
     longest = max(int(offsets[r + 1]) - int(offsets[r]) for r in range(R))
     block, _, warps = _launch_geometry(longest)
-    tab, nprog, roff, most = program_table(offsets, block, dev)
-    meta_bits = torch.tensor([int(b) for row in bits_rows for b in row], dtype=torch.int32).to(dev)
-    lam = torch.tensor([float(v) for row in lams_rows for v in row], dtype=torch.float64).to(dev)
+    tab, nprog, roff, most = _table(tuple(int(o) for o in offsets), block, str(dev))
+    meta_bits = _small_tensor(tuple(int(b) for row in bits_rows for b in row), torch.int32, dev)
+    lam = _small_tensor(tuple(float(v) for row in lams_rows for v in row), torch.float64, dev)
     return _chain(x1, R, 0, 1, block, warps, tab, roff, True, most, sids, meta_bits, lam, K, consts, plan,
                   res_top, nprog)
