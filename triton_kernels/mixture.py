@@ -553,8 +553,9 @@ def _check_batched(x, offsets, params, weights, bits_rows, schemes):
         raise ValueError(f"weights must have shape [{R}, {K}], got {list(weights.shape)}")
     if len(bits_rows) != R:
         raise ValueError(f"bits_rows has {len(bits_rows)} rows for {R}")
-    for row in bits_rows:
-        _check_args(x.new_empty(0), params[:, :1], schemes, row, False)  # ids and bit ranges
+    probe = x.new_empty(0)
+    for row in {tuple(int(b) for b in r) for r in bits_rows}:  # ids and bit ranges, once per distinct row
+        _check_args(probe, params[:, :1], schemes, row, False)
     return K, R
 
 

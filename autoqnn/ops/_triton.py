@@ -140,13 +140,10 @@ def _scheme_params_impl(x, bits, schemes, per_channel, need_bits_grad=True):
         res_top=int(bool(need_bits_grad)))
 
 
-def _batched_bits(x, offsets, bits, schemes, op):
-    """(offsets, integer bits per row) of a batched op's arguments, checked (one host read)."""
-    off = ref.check_offsets(x, offsets, op)
-    R = len(off) - 1
-    ref._check_rows(bits, R, len(schemes), "bits", op)
+def _rows_int_bits(bits, schemes):
+    """Integer bits per row of a checked ``[R, K]`` bits tensor (one host read)."""
     host = bits.detach().to("cpu", torch.float64)
-    return off, [ref.int_bits(host[r], schemes) for r in range(R)]
+    return [ref.int_bits(host[r], schemes) for r in range(host.shape[0])]
 
 
 def _scheme_params_batched_impl(x, offsets, bits, schemes, need_bits_grad=True):
@@ -155,7 +152,9 @@ def _scheme_params_batched_impl(x, offsets, bits, schemes, need_bits_grad=True):
     _check_device(x)
     _check_float(x)
     schemes = [int(s) for s in schemes]
-    off, b_rows = _batched_bits(x, offsets, bits, schemes, "scheme_params_batched")
+    off = ref.check_offsets(x, offsets, "scheme_params_batched")
+    ref._check_rows(bits, len(off) - 1, len(schemes), "bits", "scheme_params_batched")
+    b_rows = _rows_int_bits(bits, schemes)
     plan, lams = _stats_plan(schemes, b_rows, need_bits_grad)
     return stats_kernels.scheme_params_chain_batched(
         x, off, schemes, b_rows, lams, (TERNARY_DELTA, QUATERNARY_LAMBDA), plan,
@@ -165,8 +164,8 @@ def _scheme_params_batched_impl(x, offsets, bits, schemes, need_bits_grad=True):
 def _mixture_batched_impl(x, offsets, params, weights, bits, schemes):
     _check_device(x)
     schemes = [int(s) for s in schemes]
-    ref._check_batched(x, offsets, params, weights, bits, schemes, "mixture_batched")
-    off, b_rows = _batched_bits(x, offsets, bits, schemes, "mixture_batched")
+    off = ref._check_batched(x, offsets, params, weights, bits, schemes, "mixture_batched")
+    b_rows = _rows_int_bits(bits, schemes)
     return kernels.mixture_batched_fwd(x, off, params, weights, b_rows, schemes)
 
 
@@ -174,8 +173,8 @@ def _mixture_batched_backward_impl(grad_y, x, offsets, params, weights, bits, sc
                                    need_bits_grad):
     _check_device(x)
     schemes = [int(s) for s in schemes]
-    ref._check_batched(x, offsets, params, weights, bits, schemes, "mixture_batched_backward")
-    off, b_rows = _batched_bits(x, offsets, bits, schemes, "mixture_batched_backward")
+    off = ref._check_batched(x, offsets, params, weights, bits, schemes, "mixture_batched_backward")
+    b_rows = _rows_int_bits(bits, schemes)
     gx, gw, gb = kernels.mixture_batched_bwd(grad_y, x, off, params, weights, b_rows, schemes,
                                              need_weights_grad, need_bits_grad)
     gw = torch.zeros_like(weights) if gw is None else gw.to(weights.device, weights.dtype)
