@@ -6,7 +6,7 @@
 // autoqnn/ops/reference.py::eval_scheme). The backward writes grad_x and, per block, the K sums
 // <grad_y, q_k> and K sums <grad_y, dq_k/db> into a [blocks, 2K] buffer that is reduced on the
 // host side in a fixed order (float64): no atomics, nothing of size K x N, deterministic for a
-// given shape. scheme_params stays on the pure-PyTorch reference on CUDA for now.
+// given shape. scheme_params' CUDA kernels are in tensor_stats.cu.
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
 #include <ATen/OpMathType.h>
@@ -61,96 +61,184 @@ int64_t grid_for(int64_t total) {
   return std::max<int64_t>(1, std::min<int64_t>((total + kThreads - 1) / kThreads, kMaxBlocks));
 }
 
-// part[blockIdx.x, 0..K) = the block's sums of acc_q (zeros without need_w), [K..2K) of acc_d:
-// one value at a time, fixed tree (deterministic). Every thread of the block must call it.
-template <typename T>
-__device__ __forceinline__ void block_sums(const T* acc_q, const T* acc_d, int K, bool need_w, T* __restrict__ part) {
-  __shared__ T sh[kThreads];
-  for (int j = 0; j < 2 * K; ++j) {
-    T val = j < K ? acc_q[j] : acc_d[j - K];
-    if (j < K && !need_w) val = T(0);
-    sh[threadIdx.x] = val;
-    __syncthreads();
-    for (int s = kThreads / 2; s > 0; s >>= 1) {
-      if (threadIdx.x < s) sh[threadIdx.x] += sh[threadIdx.x + s];
-      __syncthreads();
-    }
-    if (threadIdx.x == 0) part[blockIdx.x * 2 * K + j] = sh[0];
-    __syncthreads();
-  }
-}
+// The output kernels take kElems elements per thread and step, and evaluate one candidate at all
+// of them before the next: the scheme switch, the candidate's bits and weight, and (per tensor)
+// its params are read once per kElems elements instead of once per element, and the kElems
+// evaluations are independent (instruction-level parallelism). Each element's sum over k keeps the
+// candidate order, so the values are those of one element at a time.
+constexpr int kElems = 4;
 
-// One element of the mixture backward: adds g*q_k (and g*dq_k/db) to the accumulators and returns
-// grad_x = g * sum_k w_k mask_k (0 at non-finite x). p = candidate 0's params of the element's row,
-// pstride the distance to the next candidate's; w == nullptr: every weight is exactly 1.
-template <typename T, bool ND>
-__device__ __forceinline__ T bwd_element(T v, T g, const T* p, int64_t pstride, const Cands<T>& cs,
-                                         const int32_t* bits, const T* cb, const T* w, T w_identity, T* acc_q,
-                                         T* acc_d) {
-  T masked = T(0);
-  bool any_masked = false;
+template <int S, typename T, bool ND, typename F>
+__device__ __forceinline__ void eval_each(const T* v, const T* const* pe, int64_t koff, int b, T cb, F& f) {
 #pragma unroll
-  for (int k = 0; k < kMaxK; ++k) {
-    if (k >= cs.K) break;
-    const Eval<T> r = eval_scheme<T, ND>(cs.sid[k], v, p + k * pstride, bits[k], cb[k]);
-    if (cs.sid[k] == kClip) {
-      const T term = r.ste ? (w ? w[k] : T(1)) : T(0);
-      masked = any_masked ? masked + term : term;
-      any_masked = true;
-    }
-    acc_q[k] += g * r.q;
-    if (ND) acc_d[k] += g * r.d;
-  }
-  const T factor = any_masked ? masked + w_identity : w_identity;
-  const bool fin = (v - v) == T(0);
-  return fin ? g * factor : T(0);
+  for (int e = 0; e < kElems; ++e) f(e, eval_sid<S, T, ND>(v[e], pe[e] + koff, b, cb));
 }
 
-// y[i] = sum_k w_k q_k(x[i]); w == nullptr: single scheme, weight exactly 1.
-template <typename scalar_t, typename T>
+// f(e, eval of scheme sid at v[e] with params pe[e] + koff) for e = 0 .. kElems - 1.
+template <typename T, bool ND, typename F>
+__device__ __forceinline__ void eval_candidate(int32_t sid, const T* v, const T* const* pe, int64_t koff, int b, T cb,
+                                               F&& f) {
+  switch (sid) {
+    case kBinary: eval_each<kBinary, T, ND>(v, pe, koff, b, cb, f); break;
+    case kTernary: eval_each<kTernary, T, ND>(v, pe, koff, b, cb, f); break;
+    case kQuaternary: eval_each<kQuaternary, T, ND>(v, pe, koff, b, cb, f); break;
+    case kFixed: eval_each<kFixed, T, ND>(v, pe, koff, b, cb, f); break;
+    case kResidual: eval_each<kResidual, T, ND>(v, pe, koff, b, cb, f); break;
+    case kZoom: eval_each<kZoom, T, ND>(v, pe, koff, b, cb, f); break;
+    case kClip: eval_each<kClip, T, ND>(v, pe, koff, b, cb, f); break;
+    default: eval_each<kPot, T, ND>(v, pe, koff, b, cb, f); break;
+  }
+}
+
+// y[i] = sum_k w_k q_k(x[i]); w == nullptr: single scheme, weight exactly 1. UNIFORM: one row
+// (C == 1), so every element reads the same params (loaded once per candidate and step).
+template <typename scalar_t, typename T, bool UNIFORM>
 __global__ void __launch_bounds__(kThreads)
     mixture_fwd_kernel(const scalar_t* __restrict__ x /* [C, N] */, scalar_t* __restrict__ y /* [C, N] */,
                        const T* __restrict__ params /* [K, C, kNumParams] */,
                        const T* __restrict__ w /* [K] or nullptr */, Cands<T> cs, int64_t C, int64_t N) {
   const int64_t total = C * N;
-  for (int64_t i = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x; i < total;
-       i += static_cast<int64_t>(gridDim.x) * blockDim.x) {
-    const int64_t c = C == 1 ? 0 : i / N;  // skips a 64-bit division per element per tensor
-    const T v = static_cast<T>(x[i]);
-    T acc = T(0);
-    for (int k = 0; k < cs.K; ++k) {
-      const T* p = params + (k * C + c) * kNumParams;
-      const Eval<T> r = eval_scheme<T, false>(cs.sid[k], v, p, cs.bits[k], cs.cb[k]);
-      const T term = w ? r.q * w[k] : r.q;
-      acc = k == 0 ? term : acc + term;
+  const int64_t G = static_cast<int64_t>(gridDim.x) * blockDim.x;
+  const int64_t kstride = C * kNumParams;
+  for (int64_t i0 = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x; i0 < total; i0 += kElems * G) {
+    T v[kElems], acc[kElems];
+    const T* pe[kElems];
+#pragma unroll
+    for (int e = 0; e < kElems; ++e) {
+      const int64_t i = i0 + e * G;
+      const bool in = i < total;
+      v[e] = in ? static_cast<T>(x[i]) : T(0);
+      pe[e] = UNIFORM ? params : params + (in ? i / N : 0) * kNumParams;
+      acc[e] = T(0);
     }
-    y[i] = static_cast<scalar_t>(acc);
+#pragma unroll 1
+    for (int k = 0; k < cs.K; ++k) {
+      const T wk = w ? w[k] : T(1);
+      eval_candidate<T, false>(cs.sid[k], v, pe, k * kstride, cs.bits[k], cs.cb[k], [&](int e, const Eval<T>& r) {
+        const T term = w ? r.q * wk : r.q;
+        acc[e] = k == 0 ? term : acc[e] + term;
+      });
+    }
+#pragma unroll
+    for (int e = 0; e < kElems; ++e) {
+      const int64_t i = i0 + e * G;
+      if (i < total) y[i] = static_cast<scalar_t>(acc[e]);
+    }
   }
 }
 
+// The backward's per-thread sums live in dynamic shared memory, acc[j * kThreads + t] for thread t
+// and sum j (j < K: <g, q_j>, K <= j < 2K: <g, dq_{j-K}/db>), so that the candidate loop need not
+// be unrolled to keep them in registers. Bytes needed per block:
+template <typename T>
+size_t bwd_smem_bytes(int64_t K) {
+  return static_cast<size_t>(2 * K * kThreads) * sizeof(T);
+}
+
+template <typename T>
+__device__ __forceinline__ T* bwd_sums() {
+  extern __shared__ __align__(16) unsigned char bwd_smem[];
+  return reinterpret_cast<T*>(bwd_smem);
+}
+
+// One candidate's parameters in one row: integer bits, bits scale factor, mixture weight, and the
+// offset of its params from candidate 0's.
+template <typename T>
+struct CandArgs {
+  int b;
+  T cb, w;
+  int64_t koff;
+};
+
+// One backward step at kElems elements (v, g; in: inside the tensor): adds g*q_k (and g*dq_k/db)
+// to this thread's sums, element by element in order, and returns in gxf[e] the grad_x factor
+// sum_k w_k mask_k. arg(k) gives candidate k's CandArgs; w_identity = sum of the non-ClipQ weights.
+template <typename T, bool ND, typename ArgF>
+__device__ __forceinline__ void bwd_step(const Cands<T>& cs, const T* v, const T* g, const bool* in,
+                                         const T* const* pe, T w_identity, ArgF arg, T* acc, T* gxf) {
+  const int t = threadIdx.x;
+  const int K = cs.K;
+  T masked[kElems];
+#pragma unroll
+  for (int e = 0; e < kElems; ++e) masked[e] = T(0);
+  bool any_masked = false;
+#pragma unroll 1
+  for (int k = 0; k < K; ++k) {
+    const CandArgs<T> ca = arg(k);
+    const bool clip = cs.sid[k] == kClip;
+    T aq = acc[k * kThreads + t];
+    T ad = ND ? acc[(K + k) * kThreads + t] : T(0);
+    eval_candidate<T, ND>(cs.sid[k], v, pe, ca.koff, ca.b, ca.cb, [&](int e, const Eval<T>& r) {
+      if (clip) {
+        const T term = r.ste ? ca.w : T(0);
+        masked[e] = any_masked ? masked[e] + term : term;
+      }
+      if (in[e]) {
+        aq += g[e] * r.q;
+        if (ND) ad += g[e] * r.d;
+      }
+    });
+    any_masked = any_masked || clip;
+    acc[k * kThreads + t] = aq;
+    if (ND) acc[(K + k) * kThreads + t] = ad;
+  }
+#pragma unroll
+  for (int e = 0; e < kElems; ++e) {
+    const T factor = any_masked ? masked[e] + w_identity : w_identity;
+    const bool fin = (v[e] - v[e]) == T(0);
+    gxf[e] = fin ? g[e] * factor : T(0);
+  }
+}
+
+// part[blockIdx.x, j] = the block's sum j over its threads (zeros for j < K without need_w): the
+// same fixed tree for every j (deterministic). Every thread of the block must call it.
+template <typename T>
+__device__ __forceinline__ void bwd_block_sums(T* acc, int K, bool need_w, T* __restrict__ part) {
+  const int t = threadIdx.x;
+  __syncthreads();
+  for (int s = kThreads / 2; s > 0; s >>= 1) {
+    if (t < s)
+      for (int j = 0; j < 2 * K; ++j) acc[j * kThreads + t] += acc[j * kThreads + t + s];
+    __syncthreads();
+  }
+  if (t < 2 * K) part[blockIdx.x * 2 * K + t] = (t < K && !need_w) ? T(0) : acc[t * kThreads];
+}
+
 // grad_x and per-block partial sums part[block, 0..K) = <g, q_k>, part[block, K..2K) = <g, d_k>.
-template <typename scalar_t, typename T, bool ND>
+// Launched with bwd_smem_bytes<T>(K) of dynamic shared memory; UNIFORM as in mixture_fwd_kernel.
+template <typename scalar_t, typename T, bool ND, bool UNIFORM>
 __global__ void __launch_bounds__(kThreads)
     mixture_bwd_kernel(const scalar_t* __restrict__ gy /* [C, N] */, const scalar_t* __restrict__ x /* [C, N] */,
                        scalar_t* __restrict__ gx /* [C, N] */, const T* __restrict__ params /* [K, C, P] */,
                        const T* __restrict__ w /* [K] or nullptr */, Cands<T> cs, int64_t C, int64_t N,
                        bool need_w, T* __restrict__ part /* [gridDim.x, 2K] */) {
-  T acc_q[kMaxK], acc_d[kMaxK];
-#pragma unroll
-  for (int k = 0; k < kMaxK; ++k) acc_q[k] = acc_d[k] = T(0);
+  T* acc = bwd_sums<T>();
+  for (int j = 0; j < 2 * cs.K; ++j) acc[j * kThreads + threadIdx.x] = T(0);
   T w_identity = T(0);
   for (int k = 0; k < cs.K; ++k)
     if (cs.sid[k] != kClip) w_identity = w_identity + (w ? w[k] : T(1));
   const int64_t total = C * N;
-  for (int64_t i = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x; i < total;
-       i += static_cast<int64_t>(gridDim.x) * blockDim.x) {
-    const int64_t c = C == 1 ? 0 : i / N;  // skips a 64-bit division per element per tensor
-    const T v = static_cast<T>(x[i]);
-    const T g = static_cast<T>(gy[i]);
-    gx[i] = static_cast<scalar_t>(
-        bwd_element<T, ND>(v, g, params + c * kNumParams, C * kNumParams, cs, cs.bits, cs.cb, w, w_identity, acc_q, acc_d));
+  const int64_t G = static_cast<int64_t>(gridDim.x) * blockDim.x;
+  const int64_t kstride = C * kNumParams;
+  auto arg = [&](int k) { return CandArgs<T>{cs.bits[k], cs.cb[k], w ? w[k] : T(1), k * kstride}; };
+  for (int64_t i0 = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x; i0 < total; i0 += kElems * G) {
+    T v[kElems], g[kElems], gxf[kElems];
+    bool in[kElems];
+    const T* pe[kElems];
+#pragma unroll
+    for (int e = 0; e < kElems; ++e) {
+      const int64_t i = i0 + e * G;
+      in[e] = i < total;
+      v[e] = in[e] ? static_cast<T>(x[i]) : T(0);
+      g[e] = in[e] ? static_cast<T>(gy[i]) : T(0);
+      pe[e] = UNIFORM ? params : params + (in[e] ? i / N : 0) * kNumParams;
+    }
+    bwd_step<T, ND>(cs, v, g, in, pe, w_identity, arg, acc, gxf);
+#pragma unroll
+    for (int e = 0; e < kElems; ++e)
+      if (in[e]) gx[i0 + e * G] = static_cast<scalar_t>(gxf[e]);
   }
-  block_sums<T>(acc_q, acc_d, cs.K, need_w, part);
+  bwd_block_sums<T>(acc, cs.K, need_w, part);
 }
 
 struct Layout {
@@ -190,9 +278,15 @@ at::Tensor forward_cuda(const at::Tensor& x_, const at::Tensor& params_, const a
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "autoqnn_cuda_forward", [&] {
     using T = at::opmath_type<scalar_t>;
     const Cands<T> cs = make_cands<T>(bits, schemes);
-    mixture_fwd_kernel<scalar_t, T><<<grid_for(x.numel()), kThreads, 0, stream>>>(
-        x.const_data_ptr<scalar_t>(), y.data_ptr<scalar_t>(), params.const_data_ptr<T>(),
-        weights ? w.const_data_ptr<T>() : nullptr, cs, L.C, L.N);
+    const int64_t grid = grid_for((x.numel() + kElems - 1) / kElems);
+    const T* wp = weights ? w.const_data_ptr<T>() : nullptr;
+    if (L.C == 1) {
+      mixture_fwd_kernel<scalar_t, T, true><<<grid, kThreads, 0, stream>>>(
+          x.const_data_ptr<scalar_t>(), y.data_ptr<scalar_t>(), params.const_data_ptr<T>(), wp, cs, L.C, L.N);
+    } else {
+      mixture_fwd_kernel<scalar_t, T, false><<<grid, kThreads, 0, stream>>>(
+          x.const_data_ptr<scalar_t>(), y.data_ptr<scalar_t>(), params.const_data_ptr<T>(), wp, cs, L.C, L.N);
+    }
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   });
   return y;
@@ -220,21 +314,25 @@ std::tuple<at::Tensor, at::Tensor> backward_cuda(const at::Tensor& gy_, const at
     w = weights->detach().to(x.device(), stats_dtype(x.scalar_type())).contiguous();
   }
   if (x.numel() == 0) return {gx, at::zeros({2 * K}, x.options().dtype(at::kDouble))};
-  const int64_t blocks = grid_for(x.numel());
+  const int64_t blocks = grid_for((x.numel() + kElems - 1) / kElems);
   at::Tensor part = at::empty({blocks, 2 * K}, x.options().dtype(stats_dtype(x.scalar_type())));
   const auto stream = c10::cuda::getCurrentCUDAStream();
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "autoqnn_cuda_backward", [&] {
     using T = at::opmath_type<scalar_t>;
     const Cands<T> cs = make_cands<T>(bits, schemes);
     const T* wp = weights ? w.const_data_ptr<T>() : nullptr;
+    const size_t smem = bwd_smem_bytes<T>(K);
+    auto launch = [&](auto kernel) {
+      kernel<<<blocks, kThreads, smem, stream>>>(gy.const_data_ptr<scalar_t>(), x.const_data_ptr<scalar_t>(),
+                                                 gx.data_ptr<scalar_t>(), params.const_data_ptr<T>(), wp, cs, L.C,
+                                                 L.N, need_w, part.data_ptr<T>());
+    };
     if (need_b) {
-      mixture_bwd_kernel<scalar_t, T, true><<<blocks, kThreads, 0, stream>>>(
-          gy.const_data_ptr<scalar_t>(), x.const_data_ptr<scalar_t>(), gx.data_ptr<scalar_t>(),
-          params.const_data_ptr<T>(), wp, cs, L.C, L.N, need_w, part.data_ptr<T>());
+      if (L.C == 1) launch(mixture_bwd_kernel<scalar_t, T, true, true>);
+      else launch(mixture_bwd_kernel<scalar_t, T, true, false>);
     } else {
-      mixture_bwd_kernel<scalar_t, T, false><<<blocks, kThreads, 0, stream>>>(
-          gy.const_data_ptr<scalar_t>(), x.const_data_ptr<scalar_t>(), gx.data_ptr<scalar_t>(),
-          params.const_data_ptr<T>(), wp, cs, L.C, L.N, need_w, part.data_ptr<T>());
+      if (L.C == 1) launch(mixture_bwd_kernel<scalar_t, T, false, true>);
+      else launch(mixture_bwd_kernel<scalar_t, T, false, false>);
     }
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   });
@@ -285,25 +383,6 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> mixture_backward_cuda(
 // each block knows its row: per-row weights w [R, K], integer bits rb [R, K] and bits scale
 // factors rcb [R, K]. The per-element math and the forward's summation order are those of the
 // kernels above (the forward is bit-identical to one call per tensor).
-template <typename T>
-struct RowCands {  // candidate k of one row, in registers
-  int32_t bits[kMaxK];
-  T cb[kMaxK], w[kMaxK];
-};
-
-template <typename T>
-__device__ inline RowCands<T> row_cands(int K, int64_t c, const int32_t* rb, const T* rcb, const T* w) {
-  RowCands<T> r;
-#pragma unroll
-  for (int k = 0; k < kMaxK; ++k) {
-    const bool on = k < K;
-    r.bits[k] = on ? rb[c * K + k] : 0;
-    r.cb[k] = on ? rcb[c * K + k] : T(0);
-    r.w[k] = on ? w[c * K + k] : T(0);
-  }
-  return r;
-}
-
 template <typename scalar_t, typename T>
 __global__ void __launch_bounds__(kThreads)
     mixture_batched_fwd_kernel(const scalar_t* __restrict__ x, scalar_t* __restrict__ y,
@@ -311,23 +390,39 @@ __global__ void __launch_bounds__(kThreads)
                                const int32_t* __restrict__ rb, const T* __restrict__ rcb, Cands<T> cs, RowMap m) {
   const ChunkSpan ch = m.chunk(blockIdx.x);
   const int64_t c = ch.row;
-  const RowCands<T> rc = row_cands<T>(cs.K, c, rb, rcb, w);
-  for (int64_t i = threadIdx.x; i < ch.len; i += kThreads) {
-    const T v = static_cast<T>(x[ch.start + i]);
-    T acc = T(0);
+  const T* prow = params + c * kNumParams;  // a chunk lies in one row: the same params for all
+  const scalar_t* xs = x + ch.start;
+  scalar_t* ys = y + ch.start;
+  for (int64_t i0 = threadIdx.x; i0 < ch.len; i0 += kElems * kThreads) {
+    T v[kElems], acc[kElems];
+    const T* pe[kElems];
 #pragma unroll
-    for (int k = 0; k < kMaxK; ++k) {
-      if (k >= cs.K) break;
-      const T* p = params + (k * m.R + c) * kNumParams;
-      const Eval<T> r = eval_scheme<T, false>(cs.sid[k], v, p, rc.bits[k], rc.cb[k]);
-      const T term = r.q * rc.w[k];
-      acc = k == 0 ? term : acc + term;
+    for (int e = 0; e < kElems; ++e) {
+      const int64_t i = i0 + e * kThreads;
+      v[e] = i < ch.len ? static_cast<T>(xs[i]) : T(0);
+      pe[e] = prow;
+      acc[e] = T(0);
     }
-    y[ch.start + i] = static_cast<scalar_t>(acc);
+#pragma unroll 1
+    for (int k = 0; k < cs.K; ++k) {
+      const int64_t ck = c * cs.K + k;
+      const T wk = w[ck];
+      eval_candidate<T, false>(cs.sid[k], v, pe, k * m.R * kNumParams, rb[ck], rcb[ck],
+                               [&](int e, const Eval<T>& r) {
+                                 const T term = r.q * wk;
+                                 acc[e] = k == 0 ? term : acc[e] + term;
+                               });
+    }
+#pragma unroll
+    for (int e = 0; e < kElems; ++e) {
+      const int64_t i = i0 + e * kThreads;
+      if (i < ch.len) ys[i] = static_cast<scalar_t>(acc[e]);
+    }
   }
 }
 
 // grad_x and, per block (chunk), part[block, 0..K) = <g, q_k>, part[block, K..2K) = <g, d_k>.
+// Launched with bwd_smem_bytes<T>(K) of dynamic shared memory.
 template <typename scalar_t, typename T, bool ND>
 __global__ void __launch_bounds__(kThreads)
     mixture_batched_bwd_kernel(const scalar_t* __restrict__ gy, const scalar_t* __restrict__ x,
@@ -336,20 +431,38 @@ __global__ void __launch_bounds__(kThreads)
                                bool need_w, T* __restrict__ part /* [chunks, 2K] */) {
   const ChunkSpan ch = m.chunk(blockIdx.x);
   const int64_t c = ch.row;
-  const RowCands<T> rc = row_cands<T>(cs.K, c, rb, rcb, w);
-  T acc_q[kMaxK], acc_d[kMaxK];
-#pragma unroll
-  for (int k = 0; k < kMaxK; ++k) acc_q[k] = acc_d[k] = T(0);
+  T* acc = bwd_sums<T>();
+  for (int j = 0; j < 2 * cs.K; ++j) acc[j * kThreads + threadIdx.x] = T(0);
   T w_identity = T(0);
   for (int k = 0; k < cs.K; ++k)
-    if (cs.sid[k] != kClip) w_identity = w_identity + rc.w[k];
-  for (int64_t i = threadIdx.x; i < ch.len; i += kThreads) {
-    const T v = static_cast<T>(x[ch.start + i]);
-    const T g = static_cast<T>(gy[ch.start + i]);
-    gx[ch.start + i] = static_cast<scalar_t>(bwd_element<T, ND>(
-        v, g, params + c * kNumParams, m.R * kNumParams, cs, rc.bits, rc.cb, rc.w, w_identity, acc_q, acc_d));
+    if (cs.sid[k] != kClip) w_identity = w_identity + w[c * cs.K + k];
+  const T* prow = params + c * kNumParams;  // a chunk lies in one row
+  const int64_t kstride = m.R * kNumParams;
+  auto arg = [&](int k) {
+    const int64_t ck = c * cs.K + k;
+    return CandArgs<T>{rb[ck], rcb[ck], w[ck], k * kstride};
+  };
+  const scalar_t* xs = x + ch.start;
+  const scalar_t* gs = gy + ch.start;
+  scalar_t* gxs = gx + ch.start;
+  for (int64_t i0 = threadIdx.x; i0 < ch.len; i0 += kElems * kThreads) {
+    T v[kElems], g[kElems], gxf[kElems];
+    bool in[kElems];
+    const T* pe[kElems];
+#pragma unroll
+    for (int e = 0; e < kElems; ++e) {
+      const int64_t i = i0 + e * kThreads;
+      in[e] = i < ch.len;
+      v[e] = in[e] ? static_cast<T>(xs[i]) : T(0);
+      g[e] = in[e] ? static_cast<T>(gs[i]) : T(0);
+      pe[e] = prow;
+    }
+    bwd_step<T, ND>(cs, v, g, in, pe, w_identity, arg, acc, gxf);
+#pragma unroll
+    for (int e = 0; e < kElems; ++e)
+      if (in[e]) gxs[i0 + e * kThreads] = static_cast<scalar_t>(gxf[e]);
   }
-  block_sums<T>(acc_q, acc_d, cs.K, need_w, part);
+  bwd_block_sums<T>(acc, cs.K, need_w, part);
 }
 
 // Per row, the chunk partials in chunk order (float64): gw[r, k] = <g, q_k>,
@@ -455,13 +568,14 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> mixture_batched_backward_cuda(
       using T = at::opmath_type<scalar_t>;
       at::Tensor part = at::empty({a.rows.chunks, 2 * K}, a.x.options().dtype(stats_dtype(a.x.scalar_type())));
       const Cands<T> cs = ids_only<T>(schemes);
+      const size_t smem = bwd_smem_bytes<T>(K);
       if (need_bits_grad) {
-        mixture_batched_bwd_kernel<scalar_t, T, true><<<nb, kThreads, 0, stream>>>(
+        mixture_batched_bwd_kernel<scalar_t, T, true><<<nb, kThreads, smem, stream>>>(
             gy.const_data_ptr<scalar_t>(), a.x.const_data_ptr<scalar_t>(), gx.data_ptr<scalar_t>(),
             a.params.const_data_ptr<T>(), a.w.const_data_ptr<T>(), a.rb.const_data_ptr<int32_t>(),
             a.rcb.const_data_ptr<T>(), cs, a.rows.map, need_weights_grad, part.data_ptr<T>());
       } else {
-        mixture_batched_bwd_kernel<scalar_t, T, false><<<nb, kThreads, 0, stream>>>(
+        mixture_batched_bwd_kernel<scalar_t, T, false><<<nb, kThreads, smem, stream>>>(
             gy.const_data_ptr<scalar_t>(), a.x.const_data_ptr<scalar_t>(), gx.data_ptr<scalar_t>(),
             a.params.const_data_ptr<T>(), a.w.const_data_ptr<T>(), a.rb.const_data_ptr<int32_t>(),
             a.rcb.const_data_ptr<T>(), cs, a.rows.map, need_weights_grad, part.data_ptr<T>());

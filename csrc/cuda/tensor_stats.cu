@@ -58,6 +58,26 @@ __device__ A block_reduce(A acc) {
   return sh[0];
 }
 
+// Calls f(row[i]) for i = threadIdx.x, threadIdx.x + kThreads, ... < len, in that order (so a
+// thread's accumulation order, hence the result, is that of the plain strided loop), issuing
+// kUnroll independent loads before using any: a chunk gives each thread only
+// stats::kChunk / kThreads elements, and one load in flight per thread leaves the memory system
+// idle (latency-bound: ~0.8 TB/s per pass at 16M on an H200, against ~3.75 TB/s for a copy).
+constexpr int kUnroll = 8;
+
+template <typename scalar_t, typename F>
+__device__ __forceinline__ void for_each_strided(const scalar_t* __restrict__ row, int64_t len, F&& f) {
+  int64_t i = threadIdx.x;
+  for (; i + (kUnroll - 1) * kThreads < len; i += kUnroll * kThreads) {
+    scalar_t v[kUnroll];
+#pragma unroll
+    for (int u = 0; u < kUnroll; ++u) v[u] = row[i + u * kThreads];
+#pragma unroll
+    for (int u = 0; u < kUnroll; ++u) f(v[u]);
+  }
+  for (; i < len; i += kThreads) f(row[i]);
+}
+
 // Stage 1: block b reduces its chunk (uniform rows: chunk b % chunks_per_row of row
 // b / chunks_per_row).
 template <typename scalar_t>
@@ -69,7 +89,7 @@ __global__ void __launch_bounds__(kThreads)
   const int64_t len = ch.len;
   const scalar_t* row = x + ch.start;
   Acc acc = Acc::identity();
-  for (int64_t i = threadIdx.x; i < len; i += kThreads) acc.add(stats::to_double(row[i]));
+  for_each_strided(row, len, [&](scalar_t v) { acc.add(stats::to_double(v)); });
   acc = block_reduce(acc);
   if (threadIdx.x == 0) part[b] = acc;
 }
@@ -151,8 +171,8 @@ __global__ void __launch_bounds__(kThreads)
   const T* r = rp + c * kRowSlots;
   const T mean = r[0], delta = r[1], s = r[2];
   Dep d = Dep::zero();
-  for (int64_t i = threadIdx.x; i < len; i += kThreads) {
-    const T v = static_cast<T>(row[i]);
+  for_each_strided(row, len, [&](scalar_t xv) {
+    const T v = static_cast<T>(xv);
     const bool fin = (v - v) == T(0);
     const T a = fin ? (v < T(0) ? -v : v) : T(0);
     if (var) {
@@ -178,7 +198,7 @@ __global__ void __launch_bounds__(kThreads)
       }
       d.v[5] += fin ? static_cast<double>(aa) : 0.0;
     }
-  }
+  });
   d = block_reduce(d);
   if (threadIdx.x == 0) part[b] = d;
 }
