@@ -68,6 +68,39 @@ def test_activation_ema_averages_and_restarts_when_the_bits_change():
     torch.testing.assert_close(q(x1), AF.quantize(x1, "clip", 5, params=q.ema_params))
 
 
+def test_activation_ema_host_fast_path_sees_outside_writes_of_ema_bits():
+    """The EMA skips the device-side bits comparison while the module itself wrote ema_bits last;
+    a write from outside (copy_/fill_, load_state_dict, a move) must send it back to the
+    comparison, so a change of bits still restarts the average."""
+    x1, x2, x3 = torch.randn(300), torch.randn(300) * 2, torch.randn(300) * 5
+    p = lambda x: AF.scheme_params(x, ["zoom"], [4], need_bits_grad=False)  # noqa: E731
+    q = Quantizer("zoom", 4, kind="activation", ema_momentum=0.5)
+    q(x1)
+    q(x2)  # fast path: averages
+    torch.testing.assert_close(q.ema_params, p(x1) * 0.5 + p(x2) * 0.5, rtol=0, atol=1e-6)
+    with torch.no_grad():
+        q.ema_bits.fill_(7.0)  # as if the statistics had been collected at 7 bits
+    q(x3)  # the bits differ: restart
+    torch.testing.assert_close(q.ema_params, p(x3), rtol=0, atol=0)
+    assert q.ema_bits.tolist() == [4.0]
+    q(x1)  # fast path again
+    # a state dict (same scheme and bits) whose statistics were collected at other bits
+    other = Quantizer("zoom", 4, kind="activation")
+    other(x1)
+    with torch.no_grad():
+        other.ema_bits.fill_(6.0)
+    q.load_state_dict(other.state_dict())
+    q(x2)
+    torch.testing.assert_close(q.ema_params, p(x2), rtol=0, atol=0)
+    # and the mixture's activation EMA takes the same path
+    m = SchemeMixture(kind="activation", ema_momentum=0.5)
+    m(x1)
+    first = m.ema_params.clone()
+    m(x2)
+    expect = first * 0.5 + AF.scheme_params(x2, m.schemes, m._bits, need_bits_grad=False) * 0.5
+    torch.testing.assert_close(m.ema_params, expect, rtol=0, atol=1e-6)
+
+
 def test_fixed_ema_step_stays_power_of_two():
     q = Quantizer("fixed", 4, kind="activation")
     for s in (1.0, 3.0, 7.0):

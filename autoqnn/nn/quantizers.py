@@ -13,6 +13,7 @@ them.
 from __future__ import annotations
 
 import math
+import threading
 import warnings
 from typing import Optional, Sequence, Union
 
@@ -48,6 +49,11 @@ def _dist_world() -> int:
     if dist.is_available() and dist.is_initialized():
         return dist.get_world_size()
     return 1
+
+
+#: per-thread CPU generator for the Gumbel noise (re-seeded with (seed, step) at every draw;
+#: thread-local so that modules run from several threads cannot interleave seed and draw)
+_GUMBEL = threading.local()
 
 
 def _sync_params(params: torch.Tensor, sids: Sequence[int], bits: Sequence[int]) -> torch.Tensor:
@@ -133,21 +139,31 @@ class QuantizerBase(nn.Module):
 
     @torch.no_grad()
     def _update_ema(self, params: torch.Tensor, bits: Sequence[int]):
-        bits_t = self._bits_on(bits, self.ema_bits.device)
+        key = tuple(int(b) for b in bits)
+        eb = self.ema_bits
         p = params.to(self.ema_params.device, self.ema_params.dtype)
+        m = self.ema_momentum
+        # Fast path: this module wrote ema_bits = these bits last and nothing has written the
+        # buffer since (same tensor, same version counter: load_state_dict, .to() or a direct
+        # copy_ change one of them), so the bits are known on the host without reading the device.
+        seen = self.__dict__.get("_ema_seen")
+        if self._ema_ok and seen is not None and seen[0] == key and seen[1] is eb and seen[2] == eb._version:
+            self.ema_params.mul_(m).add_(p, alpha=1.0 - m)
+            return
+        bits_t = self._bits_on(bits, eb.device)
         if not self._ema_ok:  # first batch: start the average
             self.ema_params.copy_(p)
-            self.ema_bits.copy_(bits_t)
+            eb.copy_(bits_t)
             self.ema_valid.fill_(True)
             self._ema_ok = True
-            return
-        # The integer bits changed (QPL): restart the average. Decided on the device (no host
-        # read of ema_bits, which would synchronise the GPU at every training step).
-        m = self.ema_momentum
-        avg = self.ema_params.mul(m).add_(p, alpha=1.0 - m)
-        same = (self.ema_bits == bits_t).all()
-        self.ema_params.copy_(torch.where(same, avg, p))
-        self.ema_bits.copy_(bits_t)
+        else:
+            # The integer bits may have changed (QPL): then restart the average. Decided on the
+            # device (no host read of ema_bits, which would synchronise the GPU).
+            avg = self.ema_params.mul(m).add_(p, alpha=1.0 - m)
+            same = (eb == bits_t).all()
+            self.ema_params.copy_(torch.where(same, avg, p))
+            eb.copy_(bits_t)
+        self._ema_seen = (key, eb, eb._version)
 
     def _eval_params(self, bits: Sequence[int], x: torch.Tensor) -> Optional[torch.Tensor]:
         """EMA params for eval, or None (batch statistics) when they do not fit these bits."""
@@ -339,9 +355,12 @@ class SchemeMixture(QuantizerBase):
     def gumbel(self, step: Optional[int] = None) -> torch.Tensor:
         """The Gumbel noise g for a step: identical for the same (seed, step) on every process."""
         s = self._step if step is None else int(step)
-        gen = torch.Generator().manual_seed((self._seed * 1_000_003 + s) % (2**63 - 1))
+        gen = getattr(_GUMBEL, "gen", None)
+        if gen is None:  # one CPU generator per thread, re-seeded for every draw
+            gen = _GUMBEL.gen = torch.Generator()
+        gen.manual_seed((self._seed * 1_000_003 + s) % (2**63 - 1))
         u = torch.rand(len(self.schemes), generator=gen, dtype=torch.float64).clamp_(1e-20, 1.0 - 1e-12)
-        return (-torch.log(-torch.log(u))).to(torch.float32)
+        return u.log_().neg_().log_().neg_().to(torch.float32)  # -log(-log(u))
 
     def mixture_weights(self) -> torch.Tensor:
         """m = softmax((θ + g)/τ) with fresh noise (training) — differentiable in θ. Pruned
