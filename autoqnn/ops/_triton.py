@@ -40,7 +40,7 @@ from ..schemes import CLIPQ_LAMBDA, POTQ_LAMBDA, QUATERNARY_LAMBDA, TERNARY_DELT
 from . import _schema
 from . import reference as ref
 
-__all__ = ["TWIN_OPS", "AVAILABLE", "IMPORT_ERROR", "twin_name"]
+__all__ = ["TWIN_OPS", "AVAILABLE", "IMPORT_ERROR", "twin_name", "ensure_registered"]
 
 #: ops with a Triton twin ``autoqnn::<op>_triton``
 TWIN_OPS = ("tensor_stats", "scheme_params", "quantize", "quantize_backward", "mixture", "mixture_backward",
@@ -392,21 +392,38 @@ def _register() -> None:
 def _availability_error() -> str | None:
     if IMPORT_ERROR is not None:
         return IMPORT_ERROR
+    if not kernels.INTERPRET and not _has_gpu():
+        return "no CUDA GPU (set TRITON_INTERPRET=1 to run Triton kernels on CPU through the interpreter)"
     if not AVAILABLE:  # pragma: no cover
         return "the Triton ops are not registered"
-    if kernels.INTERPRET:
-        return None
-    try:
-        has_gpu = torch.cuda.is_available()
-    except Exception:  # pragma: no cover
-        has_gpu = False
-    if not has_gpu:
-        return "no CUDA GPU (set TRITON_INTERPRET=1 to run Triton kernels on CPU through the interpreter)"
     return None
 
 
+def _has_gpu() -> bool:
+    try:
+        return torch.cuda.is_available()
+    except Exception:  # pragma: no cover
+        return False
+
+
+def ensure_registered() -> bool:
+    """Register the twin ops now if that was deferred (see below); True when they are."""
+    global IMPORT_ERROR
+    if not AVAILABLE and IMPORT_ERROR is None and kernels is not None:
+        try:
+            _register()
+        except Exception as e:  # pragma: no cover
+            IMPORT_ERROR = f"{type(e).__name__}: {e}"
+        backends.TRITON_ERROR = _availability_error()
+    return AVAILABLE
+
+
+# Registration is deferred where no Triton kernel can run (no GPU, no interpreter): recent torch's
+# triton_op imports torch._inductor to scan each twin's body (~1.5 s of `import autoqnn` on a
+# CPU-only machine, paid by every CLI call). ensure_registered() registers them on demand.
 try:
-    _register()
+    if kernels is not None and (kernels.INTERPRET or _has_gpu()):
+        _register()
 except Exception as e:  # pragma: no cover - never break `import autoqnn`
     IMPORT_ERROR = f"{type(e).__name__}: {e}"
 backends.TRITON_ERROR = _availability_error()
