@@ -1,0 +1,124 @@
+# SPDX-License-Identifier: MIT
+"""Compare the emulated CUDA kernels of two builds (tools/cuda_emu/build.py new/old) with each
+other and with the C++ CPU ops. Prints a line per case and FAIL lines; exits 1 on any failure.
+
+    python tools/cuda_emu/compare.py [--dtypes float32,bfloat16,float64] [--exact-sums]
+
+Expected: statistics, scheme_params, forward values and grad_x identical between builds whose
+kernels keep each thread's element order; --exact-sums also requires identical backward sums
+(drop it when the change re-partitions the per-tensor backward's grid).
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+
+import torch
+
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+sys.path[:0] = [os.path.join(ROOT, "build", "cuda_emu", "new"), os.path.join(ROOT, "build", "cuda_emu", "old")]
+
+import emu_new as N  # noqa: E402
+import emu_old as O  # noqa: E402
+
+import autoqnn.functional as AF  # noqa: E402
+from autoqnn.schemes import scheme_id  # noqa: E402
+
+FAILS = 0
+
+
+def same(u, v):
+    return u.shape == v.shape and torch.equal(u.isnan(), v.isnan()) and torch.equal(u.nan_to_num(7.0), v.nan_to_num(7.0))
+
+
+def check(name, a, b, tol=None):
+    global FAILS
+    a = a if isinstance(a, (tuple, list)) else (a,)
+    b = b if isinstance(b, (tuple, list)) else (b,)
+    for i, (u, v) in enumerate(zip(a, b)):
+        ok = same(u, v) if tol is None else torch.allclose(u.double(), v.double(), rtol=tol, atol=tol, equal_nan=True)
+        if not ok:
+            FAILS += 1
+            print("FAIL", name, i, (u.double() - v.double()).abs().max().item() if u.shape == v.shape else (u.shape, v.shape),
+                  flush=True)
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--dtypes", default="float32,bfloat16,float64")
+    ap.add_argument("--exact-sums", action="store_true")
+    args = ap.parse_args(argv)
+    torch.manual_seed(0)
+    W = [scheme_id(s) for s in AF.WEIGHT_CANDIDATES]
+    A = [scheme_id(s) for s in AF.ACTIVATION_CANDIDATES]
+    for dn in args.dtypes.split(","):
+        dtype = getattr(torch, dn)
+        lo = dtype == torch.bfloat16
+        sum_tol = None if args.exact_sums else (2e-2 if lo else 1e-4)
+        for shape, pc in [((1,), False), ((769,), False), ((5125,), False), ((6, 3, 3, 3), True), ((7, 130), True)]:
+            for sids in (W, A, [scheme_id("residual")], [scheme_id("clip")]):
+                x = (torch.randn(shape) * 2).to(dtype)
+                if x.numel() > 5:
+                    x.view(-1)[3] = float("nan")
+                    x.view(-1)[4] = float("inf")
+                gy = torch.randn(shape).to(dtype)
+                K = len(sids)
+                bits = torch.full((K,), 3.0)
+                w = torch.softmax(torch.randn(K), 0)
+                P = torch.ops.autoqnn.scheme_params(x, bits, sids, pc, True)
+                tag = f"{dn} {tuple(shape)} per_channel={pc} K={K}"
+                print("..", tag, flush=True)
+                pn = N.scheme_params(x, bits, sids, pc, True)
+                check("scheme_params new/old " + tag, pn, O.scheme_params(x, bits, sids, pc, True))
+                check("scheme_params new/cpu " + tag, pn.to(P.dtype), P, tol=1e-4)
+                check("tensor_stats new/old " + tag, N.tensor_stats(x, pc), O.tensor_stats(x, pc))
+                yn = N.mixture(x, P, w, bits, sids, pc)
+                check("mixture new/old " + tag, yn, O.mixture(x, P, w, bits, sids, pc))
+                check("mixture new/cpu " + tag, yn, torch.ops.autoqnn.mixture(x, P, w, bits, sids, pc),
+                      tol=1e-2 if lo else 1e-5)
+                for nw, nb in ((True, True), (True, False), (False, False)):
+                    bn = N.mixture_backward(gy, x, P, w, bits, sids, pc, nw, nb)
+                    bo = O.mixture_backward(gy, x, P, w, bits, sids, pc, nw, nb)
+                    check(f"mixture_backward grad_x new/old {nw},{nb} " + tag, bn[0], bo[0])
+                    check(f"mixture_backward sums new/old {nw},{nb} " + tag, bn[1:], bo[1:], tol=sum_tol)
+                    bc = torch.ops.autoqnn.mixture_backward(gy, x, P, w, bits, sids, pc, nw, nb)
+                    check(f"mixture_backward new/cpu {nw},{nb} " + tag, bn, bc, tol=5e-2 if lo else 1e-4)
+                s0, P1, b1 = sids[0], P[:1], bits[:1]
+                check("quantize new/old " + tag, N.quantize(x, P1, b1, s0, pc), O.quantize(x, P1, b1, s0, pc))
+                qn = N.quantize_backward(gy, x, P1, b1, s0, pc, True)
+                qo = O.quantize_backward(gy, x, P1, b1, s0, pc, True)
+                check("quantize_backward grad_x " + tag, qn[0], qo[0])
+                check("quantize_backward grad_bits " + tag, qn[1], qo[1], tol=sum_tol)
+        # batched: ragged rows, one empty
+        sizes = [5, 0, 4100, 33, 1]
+        off = [0]
+        for n in sizes:
+            off.append(off[-1] + n)
+        x = (torch.randn(off[-1]) * 1.5).to(dtype)
+        gy = torch.randn(off[-1]).to(dtype)
+        R = len(sizes)
+        for sids in (W, A):
+            K = len(sids)
+            tag = f"batched {dn} K={K}"
+            print("..", tag, flush=True)
+            bits = torch.randint(2, 5, (R, K)).float()
+            w = torch.softmax(torch.randn(R, K), 1)
+            P = N.scheme_params_batched(x, off, bits, sids, True)
+            check("scheme_params_batched new/old " + tag, P, O.scheme_params_batched(x, off, bits, sids, True))
+            yb = N.mixture_batched(x, off, P, w, bits, sids)
+            check("mixture_batched new/old " + tag, yb, O.mixture_batched(x, off, P, w, bits, sids))
+            for nw, nb in ((True, True), (False, False)):
+                check(f"mixture_batched_backward new/old {nw},{nb} " + tag,
+                      N.mixture_batched_backward(gy, x, off, P, w, bits, sids, nw, nb),
+                      O.mixture_batched_backward(gy, x, off, P, w, bits, sids, nw, nb))
+            for r in range(R):  # the batched forward equals one per-tensor call per row, bit for bit
+                if sizes[r]:
+                    yr = N.mixture(x[off[r]:off[r + 1]], P[:, r:r + 1], w[r], bits[r], sids, False)
+                    check(f"mixture_batched vs per tensor, row {r} " + tag, yb[off[r]:off[r + 1]], yr)
+    print("failures:", FAILS)
+    return 1 if FAILS else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
