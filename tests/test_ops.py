@@ -197,6 +197,98 @@ def test_mixture_backward_saves_no_KxN_tensor():
     assert x.grad is not None and w.grad is not None
 
 
+@pytest.mark.parametrize("fast", [True, False], ids=["eager-fast-path", "registered-formula"])
+def test_mixture_backward_saves_no_KxN_tensor_on_both_autograd_paths(fast, monkeypatch):
+    if not fast:
+        monkeypatch.setattr(AF, "_eager_fast", lambda *a: False)
+    test_mixture_backward_saves_no_KxN_tensor()
+
+
+# ----------------------------------------------------------------------------- eager fast path
+def _fast_vs_registered(monkeypatch, fn):
+    """fn() -> (outputs, leaves): values and gradients through AF's eager fast path and through
+    the ops' registered autograd formula must be identical."""
+    res = []
+    for fast in (True, False):
+        if not fast:
+            monkeypatch.setattr(AF, "_eager_fast", lambda *a: False)
+        torch.manual_seed(5)
+        y, leaves = fn()
+        name = type(y.grad_fn).__name__
+        assert ("_MixtureFn" in name or "_QuantizeFn" in name) == fast, name
+        gy = torch.randn_like(y)
+        grads = torch.autograd.grad(y, leaves, gy, allow_unused=True)
+        res.append((y.detach(), grads))
+        monkeypatch.undo()
+    (y1, g1), (y2, g2) = res
+    torch.testing.assert_close(y1, y2, rtol=0, atol=0)
+    for a, b in zip(g1, g2):
+        assert (a is None) == (b is None)
+        if a is not None:
+            torch.testing.assert_close(a, b, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("per_channel", [False, True])
+def test_eager_fast_path_matches_the_registered_formula(monkeypatch, per_channel):
+    def mixture():
+        x = torch.randn(6, 5, 3, requires_grad=True)
+        w = torch.softmax(torch.randn(8), 0).requires_grad_()
+        b = torch.tensor(3.4, requires_grad=True)
+        return AF.quantize_mixture(x, w, WEIGHT_CANDIDATES, b, per_channel=per_channel), [x, w, b]
+
+    def mixture_fixed_bits():
+        x = torch.randn(6, 40, requires_grad=True)
+        w = torch.softmax(torch.randn(5), 0).requires_grad_()
+        return AF.quantize_mixture(x, w, AF.ACTIVATION_CANDIDATES, 4, per_channel=per_channel), [x, w]
+
+    def single():
+        x = torch.randn(7, 9, dtype=torch.float64, requires_grad=True)
+        b = torch.tensor(2.6, dtype=torch.float64, requires_grad=True)
+        return AF.quantize(x, "residual", b, per_channel=per_channel), [x, b]
+
+    for fn in (mixture, mixture_fixed_bits, single):
+        _fast_vs_registered(monkeypatch, fn)
+
+
+def test_eager_fast_path_steps_aside_for_compile_functorch_and_modes():
+    x = torch.randn(50)
+    w = torch.softmax(torch.randn(8), 0)
+    assert AF._eager_fast(x, w)
+    assert not AF._eager_fast(x, torch.nn.Parameter(w).data.as_subclass(_Sub))
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class Passthrough(TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            return func(*args, **(kwargs or {}))
+
+    with Passthrough():
+        assert not AF._eager_fast(x, w)
+        y = AF.quantize_mixture(x, w, WEIGHT_CANDIDATES, 3)  # the registered formula runs
+    torch.testing.assert_close(y, AF.quantize_mixture(x, w, WEIGHT_CANDIDATES, 3), rtol=0, atol=0)
+    # inside a torch.func transform the fast path steps aside too (its Function has no functorch rule)
+    seen = []
+
+    def f(t):
+        seen.append(AF._eager_fast(t))
+        return t.sum()
+
+    torch.func.grad(f)(x)
+    assert seen == [False]
+
+
+class _Sub(torch.Tensor):
+    pass
+
+
+def test_eager_fast_path_is_once_differentiable():
+    x = torch.randn(40, requires_grad=True)
+    w = torch.softmax(torch.randn(8), 0).requires_grad_()
+    y = AF.quantize_mixture(x, w, WEIGHT_CANDIDATES, 3)
+    (gx,) = torch.autograd.grad(y.pow(2).sum(), x, create_graph=True)
+    with pytest.raises(RuntimeError):
+        gx.sum().backward()
+
+
 # ----------------------------------------------------------------------------- backends / env
 def test_backend_resolution_messages():
     x = torch.randn(10)
