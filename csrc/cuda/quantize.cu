@@ -241,6 +241,43 @@ __global__ void __launch_bounds__(kThreads)
   bwd_block_sums<T>(acc, cs.K, need_w, part);
 }
 
+// Writes v to element i of a float32/float64/float16/bfloat16 array (dtype given at run time).
+__device__ __forceinline__ void store_as(void* p, at::ScalarType st, int64_t i, double v) {
+  switch (st) {
+    case at::kDouble: static_cast<double*>(p)[i] = v; break;
+    case at::kHalf: static_cast<c10::Half*>(p)[i] = static_cast<c10::Half>(static_cast<float>(v)); break;
+    case at::kBFloat16: static_cast<c10::BFloat16*>(p)[i] = static_cast<c10::BFloat16>(static_cast<float>(v)); break;
+    default: static_cast<float*>(p)[i] = static_cast<float>(v); break;
+  }
+}
+
+// The backward's final sums in one launch (instead of a conversion, a reduction and the
+// weights/bits arithmetic as separate ops): block j sums column j of part [blocks, 2K] in double,
+// thread-strided then a fixed tree (deterministic), and writes gw[j] (j < K; gw may be null) or
+// gb[j - K] = w[j - K] * sum (w null: 1; gb may be null) in the outputs' own dtypes.
+template <typename T>
+__global__ void __launch_bounds__(kThreads)
+    bwd_finalize_kernel(const T* __restrict__ part, int64_t blocks, int K, const T* __restrict__ w, void* gw,
+                        at::ScalarType gw_t, void* gb, at::ScalarType gb_t) {
+  __shared__ double sh[kThreads];
+  const int j = blockIdx.x;
+  const int t = threadIdx.x;
+  double s = 0.0;
+  for (int64_t b = t; b < blocks; b += kThreads) s += static_cast<double>(part[b * 2 * K + j]);
+  sh[t] = s;
+  __syncthreads();
+  for (int st = kThreads / 2; st > 0; st >>= 1) {
+    if (t < st) sh[t] += sh[t + st];
+    __syncthreads();
+  }
+  if (t != 0) return;
+  if (j < K) {
+    if (gw) store_as(gw, gw_t, j, sh[0]);
+  } else if (gb) {
+    store_as(gb, gb_t, j - K, sh[0] * (w ? static_cast<double>(w[j - K]) : 1.0));
+  }
+}
+
 struct Layout {
   int64_t C, N;
 };
@@ -292,8 +329,11 @@ at::Tensor forward_cuda(const at::Tensor& x_, const at::Tensor& params_, const a
   return y;
 }
 
-// Returns (grad_x, sums [2K] float64 on x's device).
-std::tuple<at::Tensor, at::Tensor> backward_cuda(const at::Tensor& gy_, const at::Tensor& x_,
+// Returns (grad_x, grad_weights shaped like *weights (undefined without weights), grad_bits shaped
+// like bits). Without need_w / need_b those are zeros made where weights / bits live (no
+// device-to-host copy, a stream sync, for host-side bits). grad_bits[k] = w_k <g, dq_k/db> with
+// w_k in the compute type (as the reference), 1 for a single scheme.
+std::tuple<at::Tensor, at::Tensor, at::Tensor> backward_cuda(const at::Tensor& gy_, const at::Tensor& x_,
                                                  const at::Tensor& params_, const at::Tensor* weights,
                                                  const at::Tensor& bits, at::IntArrayRef schemes,
                                                  bool per_channel, bool need_w, bool need_b, const char* op) {
@@ -313,7 +353,16 @@ std::tuple<at::Tensor, at::Tensor> backward_cuda(const at::Tensor& gy_, const at
     TORCH_CHECK_VALUE(weights->numel() == K, "autoqnn: weights must have ", K, " entries");
     w = weights->detach().to(x.device(), stats_dtype(x.scalar_type())).contiguous();
   }
-  if (x.numel() == 0) return {gx, at::zeros({2 * K}, x.options().dtype(at::kDouble))};
+  const bool have_w = weights != nullptr;
+  auto out_like = [&](const at::Tensor& like, bool needed) {
+    return needed && x.numel() > 0 ? at::empty(like.sizes(), like.options().device(x.device()))
+                                   : at::zeros(like.sizes(), like.options());
+  };
+  at::Tensor gw = have_w ? out_like(*weights, need_w) : at::Tensor();
+  at::Tensor gb = out_like(bits, need_b);
+  const bool run_w = have_w && need_w, run_b = need_b;
+  if (x.numel() == 0) return {gx, gw, gb};
+  TORCH_CHECK_VALUE(!run_b || bits.is_floating_point(), "autoqnn: bits must be a floating tensor for a bits gradient");
   const int64_t blocks = grid_for((x.numel() + kElems - 1) / kElems);
   at::Tensor part = at::empty({blocks, 2 * K}, x.options().dtype(stats_dtype(x.scalar_type())));
   const auto stream = c10::cuda::getCurrentCUDAStream();
@@ -335,8 +384,18 @@ std::tuple<at::Tensor, at::Tensor> backward_cuda(const at::Tensor& gy_, const at
       else launch(mixture_bwd_kernel<scalar_t, T, false, false>);
     }
     C10_CUDA_KERNEL_LAUNCH_CHECK();
+    if (run_w || run_b) {
+      bwd_finalize_kernel<T><<<static_cast<unsigned>(2 * K), kThreads, 0, stream>>>(
+          part.const_data_ptr<T>(), blocks, static_cast<int>(K), wp, run_w ? gw.data_ptr() : nullptr,
+          run_w ? gw.scalar_type() : at::kFloat, run_b ? gb.data_ptr() : nullptr,
+          run_b ? gb.scalar_type() : at::kFloat);
+      C10_CUDA_KERNEL_LAUNCH_CHECK();
+    }
   });
-  return {gx, part.to(at::kDouble).sum(0)};
+  // outputs live where weights / bits do (made on x's device for the kernel)
+  if (run_w && gw.device() != weights->device()) gw = gw.to(weights->device());
+  if (run_b && gb.device() != bits.device()) gb = gb.to(bits.device());
+  return {gx, gw, gb};
 }
 
 // ----------------------------------------------------------------------------- op entry points
@@ -351,12 +410,10 @@ std::tuple<at::Tensor, at::Tensor> quantize_backward_cuda(const at::Tensor& grad
                                                           int64_t scheme, bool per_channel,
                                                           bool need_bits_grad) {
   const int64_t s[1] = {scheme};
-  auto [gx, sums] = backward_cuda(grad_y, x, params, nullptr, bits, at::IntArrayRef(s, 1), per_channel,
-                                  false, need_bits_grad, "quantize_backward");
-  // Without a bits gradient the zeros are made where bits live: no device-to-host copy (a sync
-  // per backward call) for the usual host-side integer bits.
-  if (!need_bits_grad) return {gx, at::zeros(bits.sizes(), bits.options())};
-  return {gx, sums.slice(0, 1, 2).to(bits.options()).reshape(bits.sizes())};
+  auto [gx, gw, gb] = backward_cuda(grad_y, x, params, nullptr, bits, at::IntArrayRef(s, 1), per_channel,
+                                    false, need_bits_grad, "quantize_backward");
+  (void)gw;
+  return {gx, gb};
 }
 
 at::Tensor mixture_cuda(const at::Tensor& x, const at::Tensor& params, const at::Tensor& weights,
@@ -368,14 +425,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> mixture_backward_cuda(
     const at::Tensor& grad_y, const at::Tensor& x, const at::Tensor& params, const at::Tensor& weights,
     const at::Tensor& bits, at::IntArrayRef schemes, bool per_channel, bool need_weights_grad,
     bool need_bits_grad) {
-  const int64_t K = schemes.size();
-  auto [gx, sums] = backward_cuda(grad_y, x, params, &weights, bits, schemes, per_channel,
-                                  need_weights_grad, need_bits_grad, "mixture_backward");
-  at::Tensor gw = sums.slice(0, 0, K).to(weights.options()).reshape(weights.sizes());
-  if (!need_bits_grad) return {gx, gw, at::zeros(bits.sizes(), bits.options())};  // no sync (above)
-  // grad_bits[k] = w_k * <g, d_k>
-  at::Tensor gb = sums.slice(0, K, 2 * K) * weights.detach().to(sums.device(), at::kDouble).reshape({K});
-  return {gx, gw, gb.to(bits.options()).reshape(bits.sizes())};
+  return backward_cuda(grad_y, x, params, &weights, bits, schemes, per_channel, need_weights_grad, need_bits_grad,
+                       "mixture_backward");
 }
 
 // ----------------------------------------------------------------------------- batched ops

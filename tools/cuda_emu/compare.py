@@ -37,7 +37,9 @@ def check(name, a, b, tol=None):
     a = a if isinstance(a, (tuple, list)) else (a,)
     b = b if isinstance(b, (tuple, list)) else (b,)
     for i, (u, v) in enumerate(zip(a, b)):
-        ok = same(u, v) if tol is None else torch.allclose(u.double(), v.double(), rtol=tol, atol=tol, equal_nan=True)
+        ok = u.dtype == v.dtype and u.shape == v.shape and u.device == v.device
+        ok = ok and (same(u, v) if tol is None else
+                     torch.allclose(u.double(), v.double(), rtol=tol, atol=tol, equal_nan=True))
         if not ok:
             FAILS += 1
             print("FAIL", name, i, (u.double() - v.double()).abs().max().item() if u.shape == v.shape else (u.shape, v.shape),
@@ -84,7 +86,16 @@ def main(argv=None) -> int:
                     check(f"mixture_backward sums new/old {nw},{nb} " + tag, bn[1:], bo[1:], tol=sum_tol)
                     bc = torch.ops.autoqnn.mixture_backward(gy, x, P, w, bits, sids, pc, nw, nb)
                     check(f"mixture_backward new/cpu {nw},{nb} " + tag, bn, bc, tol=5e-2 if lo else 1e-4)
+                # weights and bits in other dtypes than x (the gradients come back in theirs)
+                w2, bits2 = w.to(torch.bfloat16), bits.double()
+                for nw, nb in ((True, True), (False, True)):
+                    check(f"mixture_backward bf16 weights, fp64 bits {nw},{nb} " + tag,
+                          N.mixture_backward(gy, x, P, w2, bits2, sids, pc, nw, nb),
+                          O.mixture_backward(gy, x, P, w2, bits2, sids, pc, nw, nb), tol=sum_tol or 1e-4)
                 s0, P1, b1 = sids[0], P[:1], bits[:1]
+                qn0 = N.quantize_backward(gy, x, P1, bits[0], s0, pc, True)  # 0-d bits
+                check("quantize_backward 0-d bits " + tag, qn0, O.quantize_backward(gy, x, P1, bits[0], s0, pc, True),
+                      tol=sum_tol or 1e-4)
                 check("quantize new/old " + tag, N.quantize(x, P1, b1, s0, pc), O.quantize(x, P1, b1, s0, pc))
                 qn = N.quantize_backward(gy, x, P1, b1, s0, pc, True)
                 qo = O.quantize_backward(gy, x, P1, b1, s0, pc, True)
