@@ -101,6 +101,24 @@ def test_activation_ema_host_fast_path_sees_outside_writes_of_ema_bits():
     torch.testing.assert_close(m.ema_params, expect, rtol=0, atol=1e-6)
 
 
+def test_activation_ema_fast_path_is_off_once_compiled():
+    """A compiled graph may write ema_bits without bumping its version counter, so a module that
+    torch.compile traced keeps the device-side bits comparison in later eager steps too."""
+    torch._dynamo.reset()
+    q = Quantizer("zoom", 4, kind="activation", ema_momentum=0.5)
+    x1, x2, x3 = torch.randn(300), torch.randn(300) * 2, torch.randn(300) * 5
+    q(x1)
+    assert q.__dict__.get("_ema_seen") is not None and not q.__dict__.get("_ema_fast_off")
+    cq = torch.compile(q, backend="aot_eager")
+    cq(x2)
+    assert q.__dict__.get("_ema_fast_off") is True
+    with torch.no_grad():
+        q.ema_bits.fill_(6.0)
+    q(x3)  # eager again: the bits differ from what the buffer says, so the average restarts
+    torch.testing.assert_close(q.ema_params, AF.scheme_params(x3, ["zoom"], [4], need_bits_grad=False),
+                               rtol=0, atol=0)
+
+
 def test_fixed_ema_step_stays_power_of_two():
     q = Quantizer("fixed", 4, kind="activation")
     for s in (1.0, 3.0, 7.0):

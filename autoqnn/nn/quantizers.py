@@ -143,10 +143,15 @@ class QuantizerBase(nn.Module):
         eb = self.ema_bits
         p = params.to(self.ema_params.device, self.ema_params.dtype)
         m = self.ema_momentum
-        # Fast path: this module wrote ema_bits = these bits last and nothing has written the
-        # buffer since (same tensor, same version counter: load_state_dict, .to() or a direct
-        # copy_ change one of them), so the bits are known on the host without reading the device.
-        seen = self.__dict__.get("_ema_seen")
+        # Fast path (eager only): this module wrote ema_bits = these bits last and nothing has
+        # written the buffer since (same tensor, same version counter: load_state_dict, .to() or
+        # a direct copy_ change one of them), so the bits are known on the host without reading
+        # the device. A module that torch.compile has traced keeps the device-side comparison for
+        # good: a compiled graph may write the buffer without bumping its version counter.
+        compiling = torch.compiler.is_compiling()
+        if compiling:
+            self._ema_fast_off = True
+        seen = None if compiling or self.__dict__.get("_ema_fast_off") else self.__dict__.get("_ema_seen")
         if self._ema_ok and seen is not None and seen[0] == key and seen[1] is eb and seen[2] == eb._version:
             self.ema_params.mul_(m).add_(p, alpha=1.0 - m)
             return
@@ -163,7 +168,8 @@ class QuantizerBase(nn.Module):
             same = (eb == bits_t).all()
             self.ema_params.copy_(torch.where(same, avg, p))
             eb.copy_(bits_t)
-        self._ema_seen = (key, eb, eb._version)
+        if not compiling:
+            self._ema_seen = (key, eb, eb._version)
 
     def _eval_params(self, bits: Sequence[int], x: torch.Tensor) -> Optional[torch.Tensor]:
         """EMA params for eval, or None (batch statistics) when they do not fit these bits."""

@@ -240,6 +240,7 @@ __global__ void params_write_kernel(const Acc* __restrict__ acc1, const T* __res
   const T mean_abs = r[4], delta = r[1], s_quat = r[2], sigma = r[3];
   for (int k = 0; k < cs.K; ++k) {
     T* p = out + (k * C + c) * kNumParams;
+    for (int i = 0; i < kNumParams; ++i) p[i] = T(0);  // unused slots are 0 (out is not pre-zeroed)
     const int b = row_bits ? row_bits[c * cs.K + k] : cs.bits[k];
     const double lam = row_lam ? row_lam[c * cs.K + k] : cs.lam[k];
     switch (cs.sid[k]) {
@@ -422,9 +423,11 @@ at::Tensor scheme_params_cuda(const at::Tensor& x, const at::Tensor& bits, at::I
   Cands cs = params_cands(bits, schemes);
   const int64_t C = num_channels(x, per_channel);
   const int64_t N = C > 0 ? x.numel() / C : 0;
-  at::Tensor out = at::zeros({static_cast<int64_t>(schemes.size()), C, kNumParams},
-                             x.options().dtype(stats_dtype(x.scalar_type())));
-  if (C == 0 || N == 0 || cs.K == 0) return out;  // no finite element anywhere: every scale is 0
+  const auto out_opts = x.options().dtype(stats_dtype(x.scalar_type()));
+  if (C == 0 || N == 0 || cs.K == 0)  // no element anywhere: every scale is 0
+    return at::zeros({static_cast<int64_t>(schemes.size()), C, kNumParams}, out_opts);
+  // every slot is written by params_write_kernel: no memset launch
+  at::Tensor out = at::empty({static_cast<int64_t>(schemes.size()), C, kNumParams}, out_opts);
   const at::Tensor xc = x.contiguous();
   const cudaStream_t stream = at::cuda::getCurrentCUDAStream();
   RowMap m;
@@ -500,8 +503,9 @@ at::Tensor scheme_params_batched_cuda(const at::Tensor& x, at::IntArrayRef offse
     hl.mutable_data_ptr<double>()[i] = s == kClip ? kClipLambda[b] : (s == kPot ? kPotLambda[b] : 0.0);
     if (s == kResidual) res_bits = std::max(res_bits, b);
   }
-  at::Tensor out = at::zeros({K, R, kNumParams}, x.options().dtype(stats_dtype(x.scalar_type())));
-  if (R == 0) return out;
+  const auto out_opts = x.options().dtype(stats_dtype(x.scalar_type()));
+  if (R == 0) return at::zeros({K, R, kNumParams}, out_opts);
+  at::Tensor out = at::empty({K, R, kNumParams}, out_opts);  // every slot written by params_write_kernel
   const at::Tensor db = hb.to(x.device(), /*non_blocking=*/true);
   const at::Tensor dl = hl.to(x.device(), /*non_blocking=*/true);
   const cudaStream_t stream = at::cuda::getCurrentCUDAStream();
