@@ -30,3 +30,12 @@ def test_batched_upper_bound_table():
     cells = [c.strip() for c in row.strip("|").split("|")]
     assert cells[1] == "7" and int(cells[2]) > 0 and cells[-1].endswith("x")
     assert all(float(c) > 0 for c in cells[3:6])
+
+
+def test_host_time_table():
+    out = _run("bench/bench_host.py", "--calls", "3", "--rounds", "1")
+    rows = [line for line in out.splitlines() if line.startswith("| AF.") or line.startswith("| SchemeMixture")]
+    assert len(rows) == 4, out
+    for row in rows:
+        cells = [c.strip() for c in row.strip("|").split("|")]
+        assert float(cells[1]) > 0 and float(cells[2]) > 0 and cells[3].endswith("x")
