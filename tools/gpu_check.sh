@@ -9,7 +9,7 @@
 #   OUT=/tmp/out bash tools/gpu_check.sh                       # everything, ~9 min at most
 #   BUDGET=300 STEPS="build env tests" bash tools/gpu_check.sh  # a subset
 set -uo pipefail
-STEPS=${STEPS:-"build env raise tests tune report train_step profile batched batched_triton"}
+STEPS=${STEPS:-"build env raise tests tune report train_step profile batched batched_triton host"}
 BUDGET=${BUDGET:-560}
 PY=${PY:-python3}
 cd "$(dirname "$0")/.."
@@ -67,10 +67,11 @@ step train_step 40 $PY bench/bench_train_step.py --device cuda --providers float
 step profile 30 $PY bench/profile_step.py --device cuda --log2 12 24
 step batched 20 $PY bench/bench_batched.py --device cuda
 step batched_triton 20 $PY bench/bench_batched.py --device cuda --backend triton
+step host 15 $PY bench/bench_host.py --device cuda --rounds 5
 
 tar -czf "$OUT/gpu-check.tar.gz" -C "$OUT" logs && rm -rf "$LOGS"
 tar -xzf "$OUT/gpu-check.tar.gz" -O logs/summary.txt 2>/dev/null
-for f in raise tests tune report train_step batched batched_triton; do
+for f in raise tests tune report train_step batched batched_triton host; do
   echo "---- $f"
   if [ "$f" = raise ]; then tar -xzf "$OUT/gpu-check.tar.gz" -O logs/raise.log 2>/dev/null | tail -n 50; continue; fi
   tar -xzf "$OUT/gpu-check.tar.gz" -O "logs/$f.log" 2>/dev/null | grep -v "^DEBUG " | grep -E "^\||passed|failed|error|Error|^FAILED|^ERROR|^###|^==" | tail -n 120
