@@ -232,51 +232,47 @@ def _op_pair(kind: str, mode: str):
     return (ns.quantize, ns.quantize_backward) if kind == "q" else (ns.mixture, ns.mixture_backward)
 
 
+def _below_autograd(op):
+    """``op`` called below the autograd key (the fast path's Functions do the autograd)."""
+    def call(*args):
+        with torch._C._AutoDispatchBelowAutograd():
+            return op(*args)
+
+    return call
+
+
 class _QuantizeFn(torch.autograd.Function):
-    """quantize / quantize_backward (the formula of autoqnn.ops._schema._quantize_bwd)."""
+    """quantize with the backward formula of the registered op (_schema._quantize_bwd)."""
 
     @staticmethod
     def forward(ctx, x, params, bits, scheme, per_channel, mode):
         fwd, bwd = _op_pair("q", mode)
-        with torch._C._AutoDispatchBelowAutograd():
-            y = fwd(x, params, bits, scheme, per_channel)
+        y = _below_autograd(fwd)(x, params, bits, scheme, per_channel)
         ctx.save_for_backward(x, params, bits)
-        ctx.args = (scheme, per_channel, bwd)
+        ctx.scheme, ctx.per_channel, ctx.bwd = scheme, per_channel, bwd
         return y
 
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx, gy):
-        x, params, bits = ctx.saved_tensors
-        scheme, per_channel, bwd = ctx.args
-        need_bits = bool(ctx.needs_input_grad[2])
-        with torch._C._AutoDispatchBelowAutograd():
-            gx, gb = bwd(gy, x, params, bits, scheme, per_channel, need_bits)
-        return gx if ctx.needs_input_grad[0] else None, None, gb if need_bits else None, None, None, None
+        return _schema._quantize_bwd(ctx, gy, _below_autograd(ctx.bwd)) + (None,)  # + mode
 
 
 class _MixtureFn(torch.autograd.Function):
-    """mixture / mixture_backward (the formula of autoqnn.ops._schema._mixture_bwd)."""
+    """mixture with the backward formula of the registered op (_schema._mixture_bwd)."""
 
     @staticmethod
     def forward(ctx, x, params, weights, bits, schemes, per_channel, mode):
         fwd, bwd = _op_pair("m", mode)
-        with torch._C._AutoDispatchBelowAutograd():
-            y = fwd(x, params, weights, bits, schemes, per_channel)
+        y = _below_autograd(fwd)(x, params, weights, bits, schemes, per_channel)
         ctx.save_for_backward(x, params, weights, bits)
-        ctx.args = (schemes, per_channel, bwd)
+        ctx.schemes, ctx.per_channel, ctx.bwd = schemes, per_channel, bwd
         return y
 
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx, gy):
-        x, params, weights, bits = ctx.saved_tensors
-        schemes, per_channel, bwd = ctx.args
-        need_w, need_b = bool(ctx.needs_input_grad[2]), bool(ctx.needs_input_grad[3])
-        with torch._C._AutoDispatchBelowAutograd():
-            gx, gw, gb = bwd(gy, x, params, weights, bits, schemes, per_channel, need_w, need_b)
-        return (gx if ctx.needs_input_grad[0] else None, None, gw if need_w else None, gb if need_b else None,
-                None, None, None)
+        return _schema._mixture_bwd(ctx, gy, _below_autograd(ctx.bwd)) + (None,)  # + mode
 
 
 def quantize(
