@@ -1,5 +1,7 @@
 // SPDX-License-Identifier: MIT
 #include <torch/extension.h>
+
+#include "shim.h"
 namespace autoqnn {
 at::Tensor tensor_stats_cuda(const at::Tensor& x, bool per_channel);
 at::Tensor scheme_params_cuda(const at::Tensor& x, const at::Tensor& bits, at::IntArrayRef schemes, bool per_channel,
@@ -23,6 +25,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> mixture_batched_backward(const at
 }  // namespace emu_q
 }  // namespace autoqnn
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  m.def("set_order", &emu_set_order, "order of a block's threads between barriers: 0 forward, 1 reversed, 2 shuffled");
   m.def("tensor_stats", [](const at::Tensor& x, bool pc) { return autoqnn::tensor_stats_cuda(x, pc); });
   m.def("scheme_params", [](const at::Tensor& x, const at::Tensor& b, std::vector<int64_t> s, bool pc, bool nb) {
     return autoqnn::scheme_params_cuda(x, b, s, pc, nb);

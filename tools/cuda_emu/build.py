@@ -8,6 +8,10 @@ about speed or device-only intrinsics.
     python tools/cuda_emu/build.py old <git-rev>   # the same files at a revision
     python tools/cuda_emu/compare.py               # new vs old, and vs the C++ CPU ops
 
+``--asan`` (after the revision) builds with AddressSanitizer; compare.py must then run with the
+runtime preloaded (before libstdc++, whose exceptions it intercepts), as printed:
+``LD_PRELOAD="<libasan.so> <libstdc++.so>" ASAN_OPTIONS=detect_leaks=0 python tools/cuda_emu/compare.py``.
+
 The modules land in build/cuda_emu/<tag>/emu_<tag>.so (about a minute to compile each).
 """
 from __future__ import annotations
@@ -26,7 +30,10 @@ def emulated_source(text: str, tag: str) -> str:
     s = re.sub(r"#include <c10/cuda/[^>]*>", "", text)
     s = s.replace("TORCH_INTERNAL_ASSERT(x.is_cuda());", "")
     s = s.replace("extern __shared__ __align__(16) unsigned char bwd_smem[];",
-                  "alignas(16) static unsigned char bwd_smem[1 << 16];")
+                  "unsigned char* bwd_smem = g_dyn_smem.get();")
+    # static shared arrays: filled with 0xFF by the first thread of each block to reach them
+    s = re.sub(r"(__shared__\s+[\w:<>]+\s+(\w+)\[[^\]]+\];)", r"\1 emu_shared_poison(\2, sizeof(\2));", s)
+    assert "extern __shared__" not in s, "a dynamic shared array build.py does not know"
     s = re.sub(r"([\w:]+(?:<[^;(){}]*?>)?)<<<(.*?)>>>\(", lambda m: f"EmuLaunch({m.group(2)})({m.group(1)}, ", s,
                flags=re.S)
     i = s.index("TORCH_LIBRARY_IMPL(autoqnn, CUDA, m)")
@@ -37,7 +44,15 @@ def emulated_source(text: str, tag: str) -> str:
 def main(argv=None) -> None:
     from torch.utils.cpp_extension import load
 
-    tag, rev = (argv or sys.argv[1:])[:2]
+    argv = list(argv or sys.argv[1:])
+    asan = "--asan" in argv
+    if asan:
+        argv.remove("--asan")
+        preload = asan_preload()
+        if "libasan" not in os.environ.get("LD_PRELOAD", ""):  # load() imports the module it built
+            os.execvpe(sys.executable, [sys.executable, __file__, *argv, "--asan"],
+                       dict(os.environ, LD_PRELOAD=preload, ASAN_OPTIONS="detect_leaks=0"))
+    tag, rev = argv[:2]
     out = os.path.join(ROOT, "build", "cuda_emu", tag)
     os.makedirs(out, exist_ok=True)
     for name, t in (("quantize", "q"), ("tensor_stats", "s")):
@@ -51,8 +66,18 @@ def main(argv=None) -> None:
     load(name=f"emu_{tag}", sources=[os.path.join(out, "emu_q.cpp"), os.path.join(out, "emu_s.cpp"),
                                      os.path.join(HERE, "bind.cpp")],
          extra_include_paths=[HERE, os.path.join(ROOT, "csrc", "include")],
-         extra_cflags=["-O1", "-ffp-contract=off"], build_directory=out, verbose=False)
-    print(f"built {out}/emu_{tag}.so")
+         extra_cflags=["-O1", "-ffp-contract=off"] + (["-fsanitize=address", "-fno-omit-frame-pointer"] if asan else []),
+         extra_ldflags=["-fsanitize=address"] if asan else [], build_directory=out, verbose=False)
+    print(f"built {out}/emu_{tag}.so" + (" with AddressSanitizer" if asan else ""))
+    if asan:
+        print(f'run compare.py as: LD_PRELOAD="{asan_preload()}" ASAN_OPTIONS=detect_leaks=0 '
+              "python tools/cuda_emu/compare.py")
+
+
+def asan_preload() -> str:
+    libs = [subprocess.check_output(["c++", f"-print-file-name={n}"], text=True).strip()
+            for n in ("libasan.so", "libstdc++.so")]
+    return " ".join(libs)
 
 
 if __name__ == "__main__":

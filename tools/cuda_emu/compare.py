@@ -4,6 +4,15 @@ other and with the C++ CPU ops. Prints a line per case and FAIL lines; exits 1 o
 
     python tools/cuda_emu/compare.py [--dtypes float32,bfloat16,float64] [--exact-sums]
 
+Every call of the new build runs three times, its blocks' threads in forward, reversed and
+shuffled order between barriers, and must give bitwise the same result (a missing __syncthreads
+shows as a difference). Tensors the kernels allocate start as NaN (torch's deterministic mode
+fills uninitialised memory), shared memory as 0xFF bytes: an output slot never written or a
+shared slot read before it is written shows up against the CPU ops. The guard-band checks of
+tests/guard_band.py run on the new build (out-of-bounds reads). Under AddressSanitizer
+(``build.py new WORK --asan``, then this script with the LD_PRELOAD that build.py prints) reads
+and writes past a tensor or past dynamic shared memory are reported and abort the run.
+
 Expected: statistics, scheme_params, forward values and grad_x identical between builds whose
 kernels keep each thread's element order; --exact-sums also requires identical backward sums
 (drop it when the change re-partitions the per-tensor backward's grid).
@@ -19,13 +28,42 @@ import torch
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 sys.path[:0] = [os.path.join(ROOT, "build", "cuda_emu", "new"), os.path.join(ROOT, "build", "cuda_emu", "old")]
 
-import emu_new as N  # noqa: E402
+import emu_new  # noqa: E402
 import emu_old as O  # noqa: E402
 
 import autoqnn.functional as AF  # noqa: E402
 from autoqnn.schemes import scheme_id  # noqa: E402
 
 FAILS = 0
+ORDERS = (0, 1, 2)  # threads between barriers: forward, reversed, shuffled
+
+
+class _EveryOrder:
+    """The new build's functions, each call run in every thread order and required to agree."""
+
+    def __getattr__(self, name):
+        fn = getattr(emu_new, name)
+
+        def call(*args):
+            global FAILS
+            out = []
+            for o in ORDERS:
+                emu_new.set_order(o)
+                out.append(fn(*args))
+            emu_new.set_order(0)
+            for o, r in zip(ORDERS[1:], out[1:]):
+                if not all(same(u, v) for u, v in zip(_tup(out[0]), _tup(r))):
+                    FAILS += 1
+                    print(f"FAIL {name}: thread order {o} changes the result (a shared-memory race)", flush=True)
+            return out[0]
+        return call
+
+
+def _tup(r):
+    return r if isinstance(r, (tuple, list)) else (r,)
+
+
+N = _EveryOrder()
 
 
 def same(u, v):
@@ -46,12 +84,44 @@ def check(name, a, b, tol=None):
                   flush=True)
 
 
+def guard_bands(dtypes):
+    """tests/guard_band.py on the new build: inputs inside poisoned guard bands and strided views
+    with poisoned gaps give bitwise the results of clean copies (no out-of-bounds reads)."""
+    global FAILS
+    sys.path.insert(0, os.path.join(ROOT, "tests"))
+    import guard_band as GB  # noqa: PLC0415
+
+    def op(name):
+        return getattr(N, name)
+    for dn in dtypes:
+        dtype = getattr(torch, dn)
+        cases = [(shape, pc, sids, False) for shape, pc in GB.SHAPES for sids in (GB.WEIGHT_SIDS, GB.ACT_SIDS)]
+        cases.append(((7, 130), True, GB.WEIGHT_SIDS, True))
+        for shape, pc, sids, strided in cases:
+            print(".. guard band", dn, shape, pc, len(sids), "strided" if strided else "", flush=True)
+            try:
+                GB.check_per_tensor_ops(op, "cpu", dtype, shape, pc, sids, strided=strided)
+            except AssertionError as e:
+                FAILS += 1
+                print("FAIL", e, flush=True)
+        for sids in (GB.WEIGHT_SIDS, GB.ACT_SIDS):
+            print(".. guard band batched", dn, len(sids), flush=True)
+            try:
+                GB.check_batched_ops(op, "cpu", dtype, sids)
+            except AssertionError as e:
+                FAILS += 1
+                print("FAIL", e, flush=True)
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--dtypes", default="float32,bfloat16,float64")
     ap.add_argument("--exact-sums", action="store_true")
     args = ap.parse_args(argv)
     torch.manual_seed(0)
+    # tensors the kernels allocate start as NaN (integers as their max), never as leftover values
+    torch.use_deterministic_algorithms(True)
+    torch.utils.deterministic.fill_uninitialized_memory = True
     W = [scheme_id(s) for s in AF.WEIGHT_CANDIDATES]
     A = [scheme_id(s) for s in AF.ACTIVATION_CANDIDATES]
     for dn in args.dtypes.split(","):
@@ -127,6 +197,7 @@ def main(argv=None) -> int:
                 if sizes[r]:
                     yr = N.mixture(x[off[r]:off[r + 1]], P[:, r:r + 1], w[r], bits[r], sids, False)
                     check(f"mixture_batched vs per tensor, row {r} " + tag, yb[off[r]:off[r + 1]], yr)
+    guard_bands(args.dtypes.split(","))
     print("failures:", FAILS)
     return 1 if FAILS else 0
 

@@ -1,13 +1,26 @@
 // SPDX-License-Identifier: MIT
 #pragma once
 // CPU emulation of the CUDA execution model for tools/cuda_emu: a block's threads are user-level
-// contexts (ucontext) run round-robin on one OS thread, switching at __syncthreads, one block
-// at a time. Deterministic, and fast enough for tensors of a few thousand elements.
+// contexts (ucontext) run on one OS thread, switching at __syncthreads, one block at a time.
+// Deterministic, and fast enough for tensors of a few thousand elements.
+//
+// Checks beyond the values (see compare.py):
+// - the order in which a block's threads run between two barriers is selectable (emu_set_order:
+//   0 in thread order, 1 reversed, 2 shuffled): a kernel whose result depends on it reads shared
+//   memory another thread writes in the same barrier interval (a missing __syncthreads);
+// - shared memory, static and dynamic, starts every block filled with 0xFF bytes (NaN in floating
+//   point): a slot read before this block wrote it shows as NaN;
+// - dynamic shared memory is a heap buffer of exactly the launch's size: under AddressSanitizer
+//   (build.py --asan) a read or write past it is reported, as are those past global tensors.
 #include <ATen/ATen.h>
 #include <ucontext.h>
 
+#include <algorithm>
+#include <cstring>
 #include <functional>
 #include <memory>
+#include <random>
+#include <set>
 #include <vector>
 struct dim3 {
   unsigned x = 1, y = 1, z = 1;
@@ -20,6 +33,16 @@ inline dim3 threadIdx, blockIdx, blockDim, gridDim;
 #define __launch_bounds__(...)
 #define __shared__ static
 typedef void* cudaStream_t;
+
+inline int g_emu_order = 0;
+inline void emu_set_order(int o) { g_emu_order = o; }
+inline std::unique_ptr<unsigned char[]> g_dyn_smem;      // this block's dynamic shared memory
+inline std::set<const void*> g_poisoned;                 // static shared arrays filled in this block
+// The first thread of a block to reach a static __shared__ declaration fills it (build.py puts a
+// call after each one).
+inline void emu_shared_poison(void* p, size_t n) {
+  if (g_poisoned.insert(p).second) std::memset(p, 0xFF, n);
+}
 
 struct EmuBlock {
   ucontext_t sched;
@@ -60,7 +83,8 @@ using c10::cuda::getCurrentCUDAStream;
 
 struct EmuLaunch {
   int64_t g, b;
-  EmuLaunch(int64_t g_, int64_t b_, size_t = 0, cudaStream_t = nullptr) : g(g_), b(b_) {}
+  size_t smem;
+  EmuLaunch(int64_t g_, int64_t b_, size_t smem_ = 0, cudaStream_t = nullptr) : g(g_), b(b_), smem(smem_) {}
   template <class F, class... A>
   void operator()(F f, A... a) {
     constexpr size_t kStack = 256 * 1024;
@@ -72,9 +96,14 @@ struct EmuLaunch {
     for (int64_t t = 0; t < b; ++t) blk.stacks.emplace_back(new char[kStack]);
     blk.body = [&] { f(a...); };
     g_block = &blk;
+    std::vector<int64_t> order(b);
+    std::mt19937 rng(12345);
     for (int64_t bi = 0; bi < g; ++bi) {
       blockIdx.x = static_cast<unsigned>(bi);
       std::fill(blk.done.begin(), blk.done.end(), 0);
+      g_dyn_smem.reset(new unsigned char[smem ? smem : 1]);  // exactly the launch's size
+      std::memset(g_dyn_smem.get(), 0xFF, smem);
+      g_poisoned.clear();
       for (int64_t t = 0; t < b; ++t) {
         getcontext(&blk.ctx[t]);
         blk.ctx[t].uc_stack.ss_sp = blk.stacks[t].get();
@@ -86,7 +115,9 @@ struct EmuLaunch {
       // when every thread has reached it, which is when the scheduler moves to the next round
       for (;;) {
         int live = 0;
-        for (int64_t t = 0; t < b; ++t) {
+        for (int64_t t = 0; t < b; ++t) order[t] = g_emu_order == 1 ? b - 1 - t : t;
+        if (g_emu_order == 2) std::shuffle(order.begin(), order.end(), rng);
+        for (int64_t t : order) {
           if (blk.done[t]) continue;
           blk.cur = static_cast<int>(t);
           threadIdx.x = static_cast<unsigned>(t);
