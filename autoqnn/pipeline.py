@@ -819,8 +819,10 @@ class _EpochSampler(torch.utils.data.Sampler):
         return len(self._indices())
 
 
-def _loader(ds, batch_size, seed, epoch, shuffle, start_batch, num_workers, drop_last=True):
-    _, rank, world = _dist()
+def _loader(ds, batch_size, seed, epoch, shuffle, start_batch, num_workers, drop_last=True, shard=True):
+    """Batches of ``ds`` in a deterministic order; ``shard``: this rank's share of the epoch,
+    else the same batches on every rank (what rank 0 of a sharded loader would see first)."""
+    _, rank, world = _dist() if shard else (None, 0, 1)
     sampler = _EpochSampler(len(ds), batch_size, seed, epoch, shuffle, rank, world, start_batch, drop_last)
     # a private generator: creating the iterator must not consume the global RNG (dropout
     # streams stay identical across a mid-epoch resume)
@@ -1331,7 +1333,7 @@ def _search(model: nn.Module, train_data, val_data, cfg, *, loss_fn: Callable, c
             opt_state = ckpt["optimizer"] if resuming_here else None
             run_phase("precision", qmodel, cfg.precision_epochs, start_epoch, start_step, opt_state)
             # round + repair (a calibration batch for the sensitivity estimate; same on every rank)
-            cal = _loader(train_data, min(cfg.batch_size, len(train_data)), cfg.seed, 999_999, True, 0, 0)
+            cal = _loader(train_data, min(cfg.batch_size, len(train_data)), cfg.seed, 999_999, True, 0, 0, shard=False)
             cx, cy = next(iter(cal))
             plan = finalize(qmodel, calib_inputs=cx.to(device), calib_targets=cy.to(device), loss_fn=loss_fn)
             learned_bits = {p.name: p.learned_bits for p in plan if p.learned_bits is not None}

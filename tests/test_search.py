@@ -476,3 +476,19 @@ def test_qss_training_step_reads_no_tensor_values_on_the_host(monkeypatch):
     monkeypatch.undo()
     assert reads == [], reads
     assert any(isinstance(q, SchemeMixture) and q.kind == "activation" for _, q in quantizers(qm))
+
+
+def test_calibration_batch_is_the_same_on_every_rank(monkeypatch):
+    """The round-and-repair step's calibration batch (loss sensitivities, activation
+    recalibration) must not depend on the rank: ranks that saw different batches repaired the
+    bit budget differently and ended with different plans. Training batches stay sharded."""
+    ds = torch.utils.data.TensorDataset(torch.arange(100.0).unsqueeze(1), torch.zeros(100, dtype=torch.long))
+
+    def first_batch(rank, shard):
+        monkeypatch.setattr(S, "_dist", lambda: (None, rank, 2))
+        return next(iter(S._loader(ds, 16, 3, 999_999, True, 0, 0, shard=shard)))[0]
+
+    assert torch.equal(first_batch(0, False), first_batch(1, False))
+    assert not torch.equal(first_batch(0, True), first_batch(1, True))
+    # the unsharded batch is what one process (world size 1) used before: rank 0's first batch
+    assert torch.equal(first_batch(0, False), first_batch(0, True))
