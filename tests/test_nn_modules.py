@@ -144,6 +144,30 @@ def test_mixture_gumbel_deterministic_per_seed_and_step():
     assert c._step == 2 and torch.equal(c.gumbel(), a.gumbel())
 
 
+def test_mixture_gumbel_blocks_are_a_function_of_seed_and_step():
+    """The noise is drawn NOISE_BLOCK steps at a time and cached: any query order, block
+    boundaries and seed changes give the same value per (seed, step); callers get a copy."""
+    from autoqnn.nn.quantizers import NOISE_BLOCK
+
+    a, b = SchemeMixture(kind="weight", seed=9), SchemeMixture(kind="weight", seed=9)
+    steps = [0, NOISE_BLOCK - 1, NOISE_BLOCK, 5 * NOISE_BLOCK + 3, 1, NOISE_BLOCK]
+    ga = [a.gumbel(s) for s in steps]
+    gb = [b.gumbel(s) for s in reversed(steps)][::-1]
+    for s, u, v in zip(steps, ga, gb):
+        assert torch.equal(u, v), s
+    assert len({tuple(g.tolist()) for g in ga}) == len(set(steps))  # distinct steps, distinct noise
+    assert torch.equal(ga[2], ga[-1])
+    ga[0].fill_(123.0)  # a copy: the cache is untouched
+    assert torch.equal(a.gumbel(0), b.gumbel(0)) and not torch.equal(a.gumbel(0), ga[0])
+    c = SchemeMixture(kind="weight", seed=10)
+    c.gumbel(3)  # caches seed 10's block ...
+    c.load_state_dict(a.state_dict())  # ... which the new seed must not reuse
+    assert torch.equal(c.gumbel(3), a.gumbel(3))
+    # Gumbel(0, 1): mean ~ Euler-Mascheroni, variance ~ pi^2/6 over a few blocks of draws
+    g = torch.stack([a.gumbel(s) for s in range(4 * NOISE_BLOCK)]).double()
+    assert abs(g.mean().item() - 0.5772) < 0.05 and abs(g.var().item() - 1.6449) < 0.15
+
+
 def test_mixture_gradients_temperature_and_selection():
     torch.manual_seed(0)
     m = SchemeMixture(kind="weight")

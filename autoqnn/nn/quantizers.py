@@ -51,9 +51,13 @@ def _dist_world() -> int:
     return 1
 
 
-#: per-thread CPU generator for the Gumbel noise (re-seeded with (seed, step) at every draw;
+#: per-thread CPU generator for the Gumbel noise (re-seeded with (seed, block) at every draw;
 #: thread-local so that modules run from several threads cannot interleave seed and draw)
 _GUMBEL = threading.local()
+#: steps of Gumbel noise drawn at once: the noise of step s is row s % NOISE_BLOCK of the block
+#: s // NOISE_BLOCK, drawn from a generator seeded with (seed, block) and kept on the module's
+#: device. One draw and one host-to-device copy per NOISE_BLOCK steps instead of per step.
+NOISE_BLOCK = 256
 
 
 def _sync_params(params: torch.Tensor, sids: Sequence[int], bits: Sequence[int]) -> torch.Tensor:
@@ -359,21 +363,33 @@ class SchemeMixture(QuantizerBase):
         self.step.fill_(self._step)
 
     def gumbel(self, step: Optional[int] = None) -> torch.Tensor:
-        """The Gumbel noise g for a step: identical for the same (seed, step) on every process."""
+        """The Gumbel noise g for a step: identical for the same (seed, step) on every process
+        (a new tensor on the device of ``theta``)."""
+        return self._noise(step).clone()
+
+    @torch.compiler.disable  # Python ints and a stateful generator: run it eagerly
+    def _noise(self, step: Optional[int] = None) -> torch.Tensor:
+        """A read-only view of the step's row of the cached noise block."""
         s = self._step if step is None else int(step)
-        gen = getattr(_GUMBEL, "gen", None)
-        if gen is None:  # one CPU generator per thread, re-seeded for every draw
-            gen = _GUMBEL.gen = torch.Generator()
-        gen.manual_seed((self._seed * 1_000_003 + s) % (2**63 - 1))
-        u = torch.rand(len(self.schemes), generator=gen, dtype=torch.float64).clamp_(1e-20, 1.0 - 1e-12)
-        return u.log_().neg_().log_().neg_().to(torch.float32)  # -log(-log(u))
+        block, row = divmod(s, NOISE_BLOCK)
+        dev = self.theta.device
+        key = (self._seed, block, dev)
+        cached = self.__dict__.get("_noise_block")
+        if cached is None or cached[0] != key:
+            gen = getattr(_GUMBEL, "gen", None)
+            if gen is None:
+                gen = _GUMBEL.gen = torch.Generator()
+            gen.manual_seed((self._seed * 1_000_003 + block) % (2**63 - 1))
+            u = torch.rand(NOISE_BLOCK, len(self.schemes), generator=gen, dtype=torch.float64)
+            g = u.clamp_(1e-20, 1.0 - 1e-12).log_().neg_().log_().neg_().to(torch.float32)  # -log(-log(u))
+            # non_blocking: a host-to-device copy without it synchronises the GPU stream
+            cached = self.__dict__["_noise_block"] = (key, g.to(dev, non_blocking=True))
+        return cached[1][row]
 
     def mixture_weights(self) -> torch.Tensor:
         """m = softmax((θ + g)/τ) with fresh noise (training) — differentiable in θ. Pruned
         candidates get weight 0 (their logits are dropped from the softmax)."""
-        # non_blocking: a host-to-device copy without it synchronises the GPU stream every step
-        g = self.gumbel().to(self.theta.device, non_blocking=True)
-        logits = (self.theta + g) / self._tau
+        logits = (self.theta + self._noise()) / self._tau
         if len(self._active) < len(self.schemes):
             logits = logits.masked_fill(~self.active, float("-inf"))
         return torch.softmax(logits, 0)
