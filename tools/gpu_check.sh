@@ -68,10 +68,12 @@ step profile 30 $PY bench/profile_step.py --device cuda --log2 12 24
 step batched 20 $PY bench/bench_batched.py --device cuda
 step batched_triton 20 $PY bench/bench_batched.py --device cuda --backend triton
 step host 15 $PY bench/bench_host.py --device cuda --rounds 5
+# is the IEEE division a bottleneck, and is the exact reciprocal form bitwise x/s on the GPU too?
+step division 30 $PY bench/bench_division.py --device cuda --exhaustive
 
 tar -czf "$OUT/gpu-check.tar.gz" -C "$OUT" logs && rm -rf "$LOGS"
 tar -xzf "$OUT/gpu-check.tar.gz" -O logs/summary.txt 2>/dev/null
-for f in raise tests tune report train_step batched batched_triton host; do
+for f in raise tests tune report train_step batched batched_triton host division; do
   echo "---- $f"
   if [ "$f" = raise ]; then tar -xzf "$OUT/gpu-check.tar.gz" -O logs/raise.log 2>/dev/null | tail -n 50; continue; fi
   tar -xzf "$OUT/gpu-check.tar.gz" -O "logs/$f.log" 2>/dev/null | grep -v "^DEBUG " | grep -E "^\||passed|failed|error|Error|^FAILED|^ERROR|^###|^==" | tail -n 120
