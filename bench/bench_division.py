@@ -19,7 +19,6 @@ counts the mismatches in and outside the normal range.
 from __future__ import annotations
 
 import argparse
-import math
 import os
 import time
 
