@@ -123,3 +123,61 @@ def test_learned_bits_are_clipped_by_the_kernel():
     lo = OPS.scheme_params(x, torch.tensor([1.2]), [sid], False)
     assert torch.equal(lo, OPS.scheme_params(x, torch.tensor([2.0]), [sid], False))
     assert WEIGHT_CANDIDATES[sid] == "clip"
+
+
+def _same(a, b):
+    """Bitwise equal, NaN where NaN (x holds NaN/Inf, so outputs do)."""
+    return a.dtype == b.dtype and a.shape == b.shape and bool(
+        ((a == b) | (a.isnan() & b.isnan())).all())
+
+
+def _layouts(t):
+    """``t`` (1-D) as the same values in other layouts and dtypes: a strided view, float64,
+    float16 (exact for small integers and these weights' rounding is compared below), and an
+    expanded 0-d tensor when every entry is equal."""
+    big = torch.zeros(2 * t.numel(), dtype=t.dtype)
+    big[::2] = t
+    out = {"strided": big[::2], "float64": t.double(), "float16": t.half()}
+    if bool((t == t[0]).all()):
+        out["expanded"] = t[:1].reshape(()).expand(t.numel())
+    return out
+
+
+def test_bits_and_weights_are_read_in_any_layout_and_dtype():
+    """The kernels read bits and mixture weights on the host in place (float32/float64, any
+    strides) or after one conversion (other dtypes): the same values, whatever the layout, and
+    the weights'/bits' gradients come back in their own dtype and shape."""
+    x = sample((769,), torch.float32)
+    gy = sample((769,), torch.float32, special=False, seed=1)
+    w = torch.softmax(torch.randn(8, generator=torch.Generator().manual_seed(2)), 0)
+    bits = _bits(3)
+    p = OPS.scheme_params(x, bits, SIDS, False)
+    y0 = OPS.mixture(x, p, w, bits, SIDS, False)
+    gx0, gw0, gb0 = OPS.mixture_backward(gy, x, p, w, bits, SIDS, False, True, True)
+    for name, bl in _layouts(bits).items():
+        assert _same(OPS.scheme_params(x, bl, SIDS, False), p), name
+        assert _same(OPS.mixture(x, p, w, bl, SIDS, False), y0), name
+        gx, gw, gb = OPS.mixture_backward(gy, x, p, w, bl, SIDS, False, True, True)
+        assert _same(gx, gx0) and _same(gw, gw0), name
+        assert gb.dtype == bl.dtype and gb.shape == bl.shape, name
+        if bl.dtype == torch.float16:
+            torch.testing.assert_close(gb, gb0.half(), rtol=1e-3, atol=0)
+        else:  # summed in float64, rounded once to the bits' dtype
+            assert _same(gb.float(), gb0), name
+    for name, wl in _layouts(w).items():
+        wv = wl.to(torch.float32)  # the kernels use the weights in the compute type (float32)
+        assert _same(OPS.mixture(x, p, wl, bits, SIDS, False), OPS.mixture(x, p, wv, bits, SIDS, False)), name
+        gx, gw, gb = OPS.mixture_backward(gy, x, p, wl, bits, SIDS, False, True, True)
+        _, gwv, gbv = OPS.mixture_backward(gy, x, p, wv.contiguous(), bits, SIDS, False, True, True)
+        assert gw.dtype == wl.dtype and gw.shape == wl.shape, name
+        assert _same(gw, gwv.to(wl.dtype)) and _same(gb, gbv), name
+    # an integer bits tensor is converted (the functional API passes floats; the op accepts it)
+    assert _same(OPS.mixture(x, p, w, bits.long(), SIDS, False), y0)
+    # a 0-d bits tensor for one scheme, and a [1, 1] one
+    sid = scheme_info("clip").id
+    p1 = OPS.scheme_params(x, bits[sid:sid + 1], [sid], False)
+    y1 = OPS.quantize(x, p1, bits[sid:sid + 1], sid, False)
+    for b1 in (bits[sid].reshape(()), bits[sid].reshape(1, 1)):
+        assert _same(OPS.quantize(x, p1, b1, sid, False), y1)
+        _, gb = OPS.quantize_backward(gy, x, p1, b1, sid, False, True)
+        assert gb.shape == b1.shape and gb.dtype == b1.dtype

@@ -534,16 +534,14 @@ at::Tensor params_for(const at::Tensor& params, const at::Tensor& x, int64_t K, 
 
 RowWeights host_weights(const at::Tensor& w, int64_t K) {
   TORCH_CHECK_VALUE(w.numel() == K, "autoqnn: weights must have ", K, " entries, got ", w.numel());
-  const at::Tensor h = w.detach().to(at::kCPU, at::kDouble).contiguous();
-  return {std::vector<double>(h.data_ptr<double>(), h.data_ptr<double>() + K), K, false};
+  return {host_doubles(w.dim() > 1 ? w.reshape({-1}) : w), K, false};
 }
 
 RowWeights batched_weights(const at::Tensor& w, int64_t R, int64_t K, const char* op) {
   check_float(w, "weights");
   TORCH_CHECK_VALUE(w.dim() == 2 && w.size(0) == R && w.size(1) == K, "autoqnn::", op,
                     ": weights must have shape [", R, ", ", K, "] (rows x schemes), got ", w.sizes());
-  const at::Tensor h = w.detach().to(at::kCPU, at::kDouble).contiguous();
-  return {std::vector<double>(h.data_ptr<double>(), h.data_ptr<double>() + R * K), K, true};
+  return {host_doubles(w), K, true};
 }
 
 // ---- tiles: each candidate is evaluated over a tile of elements with its scheme known at compile
@@ -843,7 +841,16 @@ at::Tensor backward_impl(const at::Tensor& gy_, const at::Tensor& x_, const at::
   return backward_rows(gy, x, L, params, w, cs, need_w, need_b, gw, gb);
 }
 
+// v as a tensor shaped like `like`, with its dtype and device. On the host in float32/float64 it
+// is written in place (one allocation); otherwise converted from a float64 tensor.
 at::Tensor to_like(const std::vector<double>& v, const at::Tensor& like) {
+  const at::ScalarType st = like.scalar_type();
+  if (like.device().is_cpu() && (st == at::kFloat || st == at::kDouble)) {
+    at::Tensor t = at::empty(like.sizes(), like.options().memory_format(at::MemoryFormat::Contiguous));
+    if (st == at::kFloat) std::copy(v.begin(), v.end(), t.data_ptr<float>());
+    else std::copy(v.begin(), v.end(), t.data_ptr<double>());
+    return t;
+  }
   at::Tensor t = at::empty({static_cast<int64_t>(v.size())}, at::TensorOptions().dtype(at::kDouble));
   std::copy(v.begin(), v.end(), t.data_ptr<double>());
   return t.to(like.options()).reshape(like.sizes());

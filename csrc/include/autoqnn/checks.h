@@ -50,16 +50,43 @@ inline int int_bit(double b, int64_t s) {
   return static_cast<int>(r);
 }
 
+// The values of a small real tensor (bits, mixture weights) as doubles on the host, in row-major
+// order. A CPU float32/float64 tensor of at most 2 dims is read in place through its strides (an
+// expanded 0-d bits tensor is common): no conversion, no allocation, which is most of these
+// ops' host time on a small tensor. Anything else takes one conversion (for a device tensor, a
+// device-to-host copy).
+inline std::vector<double> host_doubles(const at::Tensor& t) {
+  const int64_t n = t.numel();
+  std::vector<double> out(static_cast<size_t>(n));
+  if (n == 0) return out;
+  const at::ScalarType st = t.scalar_type();
+  if (t.device().is_cpu() && t.dim() <= 2 && (st == at::kFloat || st == at::kDouble)) {
+    const int64_t rows = t.dim() == 2 ? t.size(0) : 1;
+    const int64_t cols = t.dim() == 0 ? 1 : t.size(t.dim() - 1);
+    const int64_t rs = t.dim() == 2 ? t.stride(0) : 0;
+    const int64_t cs = t.dim() == 0 ? 0 : t.stride(t.dim() - 1);
+    auto read = [&](const auto* p) {
+      for (int64_t r = 0; r < rows; ++r)
+        for (int64_t c = 0; c < cols; ++c) out[r * cols + c] = static_cast<double>(p[r * rs + c * cs]);
+    };
+    if (st == at::kFloat) read(t.const_data_ptr<float>());
+    else read(t.const_data_ptr<double>());
+    return out;
+  }
+  const at::Tensor h = t.detach().to(at::kCPU, at::kDouble).contiguous();
+  std::copy(h.const_data_ptr<double>(), h.const_data_ptr<double>() + n, out.begin());
+  return out;
+}
+
 // int_bit of every candidate; ValueError for a bits/schemes length mismatch. bits are tiny
-// ([K]): one small host copy (a no-op for the usual host-side bits). Shared by the CPU and CUDA
+// ([K]) and usually on the host (host_doubles reads them in place). Shared by the CPU and CUDA
 // kernels.
 inline std::vector<int> int_bits(const at::Tensor& bits, at::IntArrayRef schemes) {
   TORCH_CHECK_VALUE(bits.numel() == static_cast<int64_t>(schemes.size()), "autoqnn: bits has ",
                     bits.numel(), " entries for ", schemes.size(), " schemes");
-  const at::Tensor b = bits.detach().to(at::kCPU, at::kDouble).contiguous();
-  const double* bp = b.const_data_ptr<double>();
+  const std::vector<double> bv = host_doubles(bits.dim() > 1 ? bits.reshape({-1}) : bits);
   std::vector<int> out(schemes.size());
-  for (size_t k = 0; k < schemes.size(); ++k) out[k] = int_bit(bp[k], schemes[k]);
+  for (size_t k = 0; k < schemes.size(); ++k) out[k] = int_bit(bv[k], schemes[k]);
   return out;
 }
 
@@ -68,10 +95,9 @@ inline std::vector<int> int_bits_rows(const at::Tensor& bits, at::IntArrayRef sc
   const int64_t K = static_cast<int64_t>(schemes.size());
   TORCH_CHECK_VALUE(bits.dim() == 2 && bits.size(1) == K, "autoqnn: bits must have shape [rows, ", K,
                     "], got ", bits.sizes());
-  const at::Tensor b = bits.detach().to(at::kCPU, at::kDouble).contiguous();
-  const double* bp = b.const_data_ptr<double>();
-  std::vector<int> out(b.numel());
-  for (int64_t i = 0; i < b.numel(); ++i) out[i] = int_bit(bp[i], schemes[i % K]);
+  const std::vector<double> bv = host_doubles(bits);
+  std::vector<int> out(bv.size());
+  for (size_t i = 0; i < bv.size(); ++i) out[i] = int_bit(bv[i], schemes[i % K]);
   return out;
 }
 
