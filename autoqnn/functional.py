@@ -118,6 +118,10 @@ def _resolve_cached(schemes: tuple, bits_key: tuple):
     return infos, tuple(i.id for i in infos), bits_t, tuple(ints)
 
 
+# exact types (bool is an int subclass, and str/int subclasses could hash like other values)
+_CACHEABLE_SCHEME_TYPES = frozenset((str, int))
+
+
 def _resolve(schemes, bits: BitsArg):
     """(scheme infos, ids, float bits tensor [K], integer bits or None). Training loops call
     the functional API with the same schemes and integer bits thousands of times: those
@@ -130,7 +134,7 @@ def _resolve(schemes, bits: BitsArg):
     # through it anyway); the resolution then happens once per compiled graph.
     # Scheme names and ids only: bool is an int that scheme_info must keep rejecting.
     if (key is not None and isinstance(schemes, tuple) and not torch.compiler.is_compiling()
-            and all(isinstance(s, (str, int)) and not isinstance(s, bool) for s in schemes)):
+            and _CACHEABLE_SCHEME_TYPES.issuperset(map(type, schemes))):
         infos, sids, bits_t, ints = _resolve_cached(schemes, key)
         return list(infos), list(sids), bits_t, list(ints)
     infos = [scheme_info(s) for s in schemes]
@@ -225,11 +229,25 @@ def _eager_fast(*tensors) -> bool:
     return all(type(t) in _PLAIN for t in tensors)
 
 
+_OP_PAIRS: dict = {}
+
+
 def _op_pair(kind: str, mode: str):
-    ns = torch.ops.autoqnn
-    if mode == "cuda":
-        return (ns.quantize_cuda, ns.quantize_backward_cuda) if kind == "q" else (ns.mixture_cuda, ns.mixture_backward_cuda)
-    return (ns.quantize, ns.quantize_backward) if kind == "q" else (ns.mixture, ns.mixture_backward)
+    """(forward, backward) op overloads of a kind ("q" or "m") and mode ("cuda" or "ops"),
+    looked up once (the overload, not the packet: one Python frame less per call)."""
+    pair = _OP_PAIRS.get((kind, mode))
+    if pair is None:
+        ns = torch.ops.autoqnn
+        base = "quantize" if kind == "q" else "mixture"
+        suffix = "_cuda" if mode == "cuda" else ""
+        pair = (getattr(ns, base + suffix).default, getattr(ns, base + "_backward" + suffix).default)
+        _OP_PAIRS[(kind, mode)] = pair
+    return pair
+
+
+def _wants_grad(*tensors) -> bool:
+    """Whether autograd must record this call (grad mode on and some input requires grad)."""
+    return torch.is_grad_enabled() and any(t.requires_grad for t in tensors)
 
 
 def _below_autograd(op):
@@ -307,6 +325,7 @@ def quantize(
     (info,), _, bits_t, ints = _resolve((scheme,), bits)
     if params is not None:
         params = _check_params_arg(params, x, 1, per_channel)
+    backend = backends.check_backend_name(backend)  # $AUTOQNN_BACKEND read once
     mode = backends.resolve(backend, x.device, _needs(backend, "quantize", "quantize_backward"))
     if mode == "torch":
         return _torch_impl(x, None, bits_t, ints, [info.id], per_channel, params)
@@ -315,6 +334,8 @@ def quantize(
     if mode == "triton":
         return torch.ops.autoqnn.quantize_triton(x, params, bits_t, info.id, per_channel)
     if _eager_fast(x, params, bits_t):
+        if not _wants_grad(x, bits_t):  # eval / no_grad: the op alone, no autograd node
+            return _below_autograd(_op_pair("q", mode)[0])(x, params, bits_t, info.id, per_channel)
         return _QuantizeFn.apply(x, params, bits_t, info.id, per_channel, mode)
     if mode == "cuda":
         return torch.ops.autoqnn.quantize_cuda(x, params, bits_t, info.id, per_channel)
@@ -353,6 +374,7 @@ def quantize_mixture(
     _check_per_channel(x, per_channel)
     if params is not None:
         params = _check_params_arg(params, x, K, per_channel)
+    backend = backends.check_backend_name(backend)  # $AUTOQNN_BACKEND read once
     mode = backends.resolve(backend, x.device, _needs(backend, "mixture", "mixture_backward"))
     if mode == "torch":
         return _torch_impl(x, weights, bits_t, ints, sids, per_channel, params)
@@ -361,6 +383,8 @@ def quantize_mixture(
     if mode == "triton":
         return torch.ops.autoqnn.mixture_triton(x, params, weights, bits_t, sids, per_channel)
     if _eager_fast(x, params, weights, bits_t):
+        if not _wants_grad(x, weights, bits_t):  # eval / no_grad: the op alone, no autograd node
+            return _below_autograd(_op_pair("m", mode)[0])(x, params, weights, bits_t, sids, per_channel)
         return _MixtureFn.apply(x, params, weights, bits_t, sids, per_channel, mode)
     if mode == "cuda":
         return torch.ops.autoqnn.mixture_cuda(x, params, weights, bits_t, sids, per_channel)

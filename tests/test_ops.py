@@ -375,3 +375,24 @@ def test_statistics_skip_alpha_b1_only_without_a_bits_gradient(monkeypatch):
     (gb_ref,) = torch.autograd.grad(y_ref, [bits], gy)
     torch.testing.assert_close(gb, gb_ref, rtol=1e-4, atol=1e-5)
     assert float(gb) != 0.0
+
+
+def test_eager_fast_path_without_grad_records_no_node():
+    """Under no_grad, or when no input requires grad, the fast path calls the op alone: the same
+    values as with autograd recording, and no graph node."""
+    torch.manual_seed(6)
+    x = torch.randn(5, 33, requires_grad=True)
+    w = torch.softmax(torch.randn(8), 0).requires_grad_()
+    b = torch.tensor(3.0, requires_grad=True)
+    for fn in (lambda x_, w_, b_: AF.quantize_mixture(x_, w_, WEIGHT_CANDIDATES, b_, per_channel=True),
+               lambda x_, w_, b_: AF.quantize(x_, "zoom", b_)):
+        y = fn(x, w, b)
+        assert y.grad_fn is not None
+        with torch.no_grad():
+            y0 = fn(x, w, b)
+        y1 = fn(x.detach(), w.detach(), b.detach())
+        for z in (y0, y1):
+            assert z.grad_fn is None and not z.requires_grad
+            torch.testing.assert_close(z, y.detach(), rtol=0, atol=0, equal_nan=True)
+        # one input requiring grad is enough to record the node
+        assert fn(x.detach(), w.detach(), b).grad_fn is not None
