@@ -6,6 +6,12 @@ time the CPU needs to issue one quantizer's work). Two providers side by side in
 (the functional API's eager fast path), for AF.quantize, AF.quantize_mixture and the QSS
 vertices (autoqnn.nn.SchemeMixture, weight and activation).
 
+A second table times each op alone, called below the autograd key as the fast path calls it:
+the host cost of the kernels' own entry code (argument checks, conversions, allocations,
+launches). On a GPU that is where unexplained host time inside an op shows up; the loop
+synchronises only at its end, so a call whose kernels outlast its host work would show device
+time instead (not at 64 elements).
+
     python bench/bench_host.py                  # CPU, 64 elements
     python bench/bench_host.py --device cuda
 """
@@ -17,6 +23,7 @@ import time
 import torch
 
 import autoqnn.functional as AF
+from autoqnn import _ext
 from autoqnn.nn import SchemeMixture
 
 
@@ -67,6 +74,7 @@ def main(argv=None) -> int:
                     res[(name, prov)] = min(res.get((name, prov), float("inf")), t)
     finally:
         AF._eager_fast = fast
+    ops_res = _time_ops(x.detach(), w.detach(), dev, args)
     print(f"\n### Host time per quantizer call, fwd+bwd, {args.numel} elements on {dev} "
           f"(torch {torch.__version__}, {torch.get_num_threads()} threads)\n")
     print("| call | registered µs | fast µs | registered / fast |")
@@ -74,7 +82,44 @@ def main(argv=None) -> int:
     for name in cases:
         r, f = res[(name, "registered")], res[(name, "fast")]
         print(f"| {name} | {r:.1f} | {f:.1f} | {r / f:.2f}x |")
+    print(f"\n### One op alone, below autograd (the kernels' entry code), {args.numel} elements on {dev}\n")
+    print("| op | µs per call |")
+    print("|---|---:|")
+    for name, t in ops_res.items():
+        print(f"| {name} | {t:.1f} |")
     return 0
+
+
+def _time_ops(x, w, dev, args):
+    """µs per call of each op alone (minimum over rounds), for the 8 weight candidates at 3 bits
+    (mixture) and ClipQ at 3 bits (quantize), through the op overloads the fast path uses."""
+    ops = torch.ops.autoqnn
+    cuda = "_cuda" if dev == "cuda" and _ext.HAS_CUDA_KERNELS else ""
+    _, sids, bits, _ = AF._mixture_candidates(AF.WEIGHT_CANDIDATES, 3)
+    (clip,), _, bits1, _ = AF._resolve(("clip",), 3)
+    with torch._C._AutoDispatchBelowAutograd():
+        p = ops.scheme_params.default(x, bits, sids, False, False)
+        p1 = ops.scheme_params.default(x, bits1, [clip.id], False, False)
+    gy = torch.randn_like(x)
+    mix = getattr(ops, "mixture" + cuda).default
+    mixb = getattr(ops, "mixture_backward" + cuda).default
+    q = getattr(ops, "quantize" + cuda).default
+    qb = getattr(ops, "quantize_backward" + cuda).default
+    sp = ops.scheme_params.default
+    cases = {
+        "scheme_params (8 candidates)": lambda: sp(x, bits, sids, False, False),
+        f"mixture{cuda}": lambda: mix(x, p, w, bits, sids, False),
+        f"mixture_backward{cuda} (grad x, weights)": lambda: mixb(gy, x, p, w, bits, sids, False, True, False),
+        f"quantize{cuda} (clip)": lambda: q(x, p1, bits1, clip.id, False),
+        f"quantize_backward{cuda} (clip)": lambda: qb(gy, x, p1, bits1, clip.id, False, False),
+    }
+    res = {}
+    with torch._C._AutoDispatchBelowAutograd():
+        for name, fn in cases.items():
+            for _ in range(20):
+                fn()
+            res[name] = min(_time_once(fn, dev, args.calls) for _ in range(args.rounds))
+    return res
 
 
 if __name__ == "__main__":

@@ -39,6 +39,11 @@ def test_host_time_table():
     for row in rows:
         cells = [c.strip() for c in row.strip("|").split("|")]
         assert float(cells[1]) > 0 and float(cells[2]) > 0 and cells[3].endswith("x")
+    ops = out.split("One op alone", 1)[1]
+    op_rows = [line for line in ops.splitlines() if line.startswith("| ") and "µs" not in line]
+    names = [r.strip("|").split("|")[0].strip() for r in op_rows]
+    assert len(op_rows) == 5 and any(n.startswith("mixture_backward") for n in names), ops
+    assert all(float(r.strip("|").split("|")[1]) > 0 for r in op_rows)
 
 
 def test_division_table_on_the_interpreter():
