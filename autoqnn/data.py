@@ -385,9 +385,9 @@ def image_folder(root: PathLike, split: str = "train", image_size: int = 224,
     """
     try:
         from torchvision import datasets, transforms
-    except ImportError as e:
-        raise ImportError(f"autoqnn.data.image_folder needs torchvision ({e}); install a "
-                          "torchvision matching your torch") from e
+    except Exception as e:  # not installed, or a build that does not match this torch
+        raise ImportError(f"autoqnn.data.image_folder needs torchvision ({type(e).__name__}: {e}); "
+                          "install a torchvision matching your torch") from e
     root = Path(root).expanduser()
     if not root.is_dir():
         raise FileNotFoundError(f"image folder {str(root)!r} does not exist")

@@ -114,10 +114,14 @@ def _from_callable(spec: str, kwargs: dict) -> nn.Module:
     return model
 
 
+_TV_ERROR: list = []  # why torchvision could not be imported (set by _torchvision_models)
+
+
 def _torchvision_models():
     try:
         import torchvision.models as tvm
-    except ImportError:
+    except Exception as e:  # not installed, or a build that does not match this torch
+        _TV_ERROR[:] = [f"{type(e).__name__}: {e}"]
         return None, ()
     try:
         return tvm, tuple(tvm.list_models(module=tvm))
@@ -165,7 +169,7 @@ def build_model(name: str, num_classes: int = 10, in_channels: int = 1, image_si
         kwargs = {k: v for k, v in kwargs.items() if k not in ("weights", "pretrained")}
         return tvm.get_model(key, weights=None, num_classes=num_classes, **kwargs)
     tv_hint = ("any torchvision classification model name (e.g. resnet18)" if tvm is not None
-               else "torchvision model names (torchvision is not installed)")
+               else f"torchvision model names (torchvision unavailable: {_TV_ERROR[0] if _TV_ERROR else '?'})")
     raise ValueError(f"unknown model {name!r}: use a built-in name ({', '.join(MODEL_NAMES)}), "
                      f"{tv_hint}, or 'package.module:callable'")
 

@@ -12,6 +12,7 @@ import time
 from pathlib import Path
 
 import pytest
+from optional_deps import needs_torchvision
 
 from autoqnn import cli
 
@@ -186,15 +187,7 @@ def _image_folder(root: Path, n_train=48, n_val=16, size=20):
                 Image.fromarray(img).save(d / f"{i}.png")
 
 
-def _torchvision_error():
-    try:
-        import torchvision  # noqa: F401,PLC0415
-    except Exception as e:  # not installed, or a build that does not match torch
-        return f"torchvision unavailable: {type(e).__name__}: {e}"
-    return None
-
-
-@pytest.mark.skipif(_torchvision_error() is not None, reason=str(_torchvision_error()))
+@needs_torchvision
 def test_imagefolder_data_and_float_checkpoint(tmp_path):
     """ImageNet-style data: a generated ImageFolder tree (train/ and val/), standard transforms;
     a float model trained by `train-float` and handed to `search` by path."""

@@ -7,6 +7,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from optional_deps import needs_torchvision
 import torch
 from torch import nn
 
@@ -287,6 +288,7 @@ def _png_tree(root, splits=("train", "val"), classes=("a", "b"), n=2, size=(40, 
 
 @pytest.mark.parametrize("split,train_tf", [("train", None), ("val", None), ("val", True),
                                             ("train", False)])
+@needs_torchvision
 def test_image_folder(tmp_path, split, train_tf):
     _png_tree(tmp_path)
     ds = image_folder(tmp_path, split, image_size=24, train_transforms=train_tf)
@@ -302,6 +304,7 @@ def test_image_folder(tmp_path, split, train_tf):
         assert ds.transform.transforms[0].size == int(24 / 0.875)
 
 
+@needs_torchvision
 def test_image_folder_flat_and_errors(tmp_path):
     _png_tree(tmp_path / "flat", splits=(None,), classes=("x", "y", "z"), n=1)
     ds = image_folder(tmp_path / "flat", "val", image_size=16)
@@ -412,6 +415,7 @@ def test_smallcnn_size():
     assert SmallCNN()(torch.randn(1, 1, 16, 16)).shape == (1, 10)
 
 
+@needs_torchvision
 def test_torchvision_models():
     m = build_model("resnet18", num_classes=5, in_channels=3).eval()
     assert m(torch.randn(1, 3, 64, 64)).shape == (1, 5)
@@ -468,3 +472,33 @@ def test_load_float_checkpoint(tmp_path):
         load_float_checkpoint(dst, tmp_path / "module.pt")
     with pytest.raises(FileNotFoundError):
         load_float_checkpoint(dst, tmp_path / "none.pt")
+
+
+def test_without_torchvision_the_errors_say_so(tmp_path, monkeypatch):
+    """Where torchvision cannot be imported, ImageFolder data and torchvision model names fail
+    with a message naming torchvision (not an obscure import error deep inside)."""
+    import sys
+
+    monkeypatch.setitem(sys.modules, "torchvision", None)  # import torchvision -> ImportError
+    (tmp_path / "c").mkdir()
+    with pytest.raises(ImportError, match="needs torchvision"):
+        image_folder(tmp_path, "val", image_size=16)
+    # a torchvision build that does not match torch fails at import with another error type
+    monkeypatch.setitem(sys.modules, "torchvision", _BrokenModule("torchvision"))
+    with pytest.raises(ImportError, match="needs torchvision .RuntimeError: operator torchvision::nms"):
+        image_folder(tmp_path, "val", image_size=16)
+    with pytest.raises(ValueError, match="torchvision unavailable: RuntimeError"):
+        build_model("resnet18", num_classes=5, in_channels=3)
+    monkeypatch.setitem(sys.modules, "torchvision", None)
+    with pytest.raises(ValueError, match="torchvision unavailable: (ModuleNotFound|Import)Error"):
+        build_model("resnet18", num_classes=5, in_channels=3)
+
+
+class _BrokenModule:
+    """Stands for a package whose import fails midway (attribute access raises)."""
+
+    def __init__(self, name):
+        self.__name__ = name
+
+    def __getattr__(self, attr):
+        raise RuntimeError("operator torchvision::nms does not exist")
