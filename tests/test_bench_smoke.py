@@ -61,3 +61,19 @@ def test_division_table_on_the_interpreter():
     rows = [line for line in r.stdout.splitlines() if line.startswith("| ") and not line.startswith("| provider")]
     assert [row.split("|")[1].strip() for row in rows] == ["copy", "mul", "div", "rcp"], r.stdout
     assert "bitwise equal on this input: True" in r.stdout  # div and rcp agree on ordinary values
+
+
+def test_gpu_check_runs_every_step_by_default():
+    """tools/gpu_check.sh (the GPU half, run on a lent machine with minutes of device time): every
+    step it defines is in its default STEPS (a step missing there is silently skipped, which cost
+    the 'division' step its first run), and each appears once."""
+    import re
+
+    text = (ROOT / "tools" / "gpu_check.sh").read_text()
+    default = re.search(r'^STEPS=\$\{STEPS:-"([^"]*)"\}', text, re.M)
+    assert default, "no default STEPS line"
+    steps = default.group(1).split()
+    defined = re.findall(r"^(?:if ! )?step (\w+) \d+", text, re.M)
+    assert "build" in defined and "division" in defined and "host" in defined, defined
+    assert sorted(set(defined)) == sorted(steps), (defined, steps)
+    assert len(steps) == len(set(steps))

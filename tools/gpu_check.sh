@@ -9,7 +9,7 @@
 #   OUT=/tmp/out bash tools/gpu_check.sh                       # everything, ~9 min at most
 #   BUDGET=300 STEPS="build env tests" bash tools/gpu_check.sh  # a subset
 set -uo pipefail
-STEPS=${STEPS:-"build env raise tests tune report train_step profile batched batched_triton host"}
+STEPS=${STEPS:-"build env raise tests tune report train_step profile batched batched_triton host division"}
 BUDGET=${BUDGET:-560}
 PY=${PY:-python3}
 cd "$(dirname "$0")/.."
@@ -67,7 +67,7 @@ step train_step 40 $PY bench/bench_train_step.py --device cuda --providers float
 step profile 30 $PY bench/profile_step.py --device cuda --log2 12 24
 step batched 20 $PY bench/bench_batched.py --device cuda
 step batched_triton 20 $PY bench/bench_batched.py --device cuda --backend triton
-step host 15 $PY bench/bench_host.py --device cuda --rounds 5
+step host 20 $PY bench/bench_host.py --device cuda --rounds 5
 # is the IEEE division a bottleneck, and is the exact reciprocal form bitwise x/s on the GPU too?
 step division 30 $PY bench/bench_division.py --device cuda --exhaustive
 
