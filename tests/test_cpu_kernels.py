@@ -171,6 +171,10 @@ def test_bits_and_weights_are_read_in_any_layout_and_dtype():
         _, gwv, gbv = OPS.mixture_backward(gy, x, p, wv.contiguous(), bits, SIDS, False, True, True)
         assert gw.dtype == wl.dtype and gw.shape == wl.shape, name
         assert _same(gw, gwv.to(wl.dtype)) and _same(gb, gbv), name
+    # a lazily negated view (torch's neg bit; the dispatcher's Negative fallback resolves it
+    # before the kernel, and the kernels' in-place read would not be fooled either)
+    neg = torch._neg_view(-bits)
+    assert neg.is_neg() and _same(OPS.mixture(x, p, w, neg, SIDS, False), y0)
     # an integer bits tensor is converted (the functional API passes floats; the op accepts it)
     assert _same(OPS.mixture(x, p, w, bits.long(), SIDS, False), y0)
     # a 0-d bits tensor for one scheme, and a [1, 1] one

@@ -60,7 +60,9 @@ inline std::vector<double> host_doubles(const at::Tensor& t) {
   std::vector<double> out(static_cast<size_t>(n));
   if (n == 0) return out;
   const at::ScalarType st = t.scalar_type();
-  if (t.device().is_cpu() && t.dim() <= 2 && (st == at::kFloat || st == at::kDouble)) {
+  // (a lazy negation or zero tensor is not plain memory: those take the conversion)
+  if (t.device().is_cpu() && t.dim() <= 2 && (st == at::kFloat || st == at::kDouble) && !t.is_neg() &&
+      !t._is_zerotensor()) {
     const int64_t rows = t.dim() == 2 ? t.size(0) : 1;
     const int64_t cols = t.dim() == 0 ? 1 : t.size(t.dim() - 1);
     const int64_t rs = t.dim() == 2 ? t.stride(0) : 0;
