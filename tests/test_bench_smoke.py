@@ -4,6 +4,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 ROOT = Path(__file__).resolve().parents[1]
 
 
@@ -77,3 +79,53 @@ def test_gpu_check_runs_every_step_by_default():
     assert "build" in defined and "division" in defined and "host" in defined, defined
     assert sorted(set(defined)) == sorted(steps), (defined, steps)
     assert len(steps) == len(set(steps))
+
+
+def _sass_count_module():
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("sass_count", ROOT / "tools" / "sass_count.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def test_sass_count_parses_the_ordinary_path():
+    """tools/sass_count.py's counting on a hand-written SASS listing: entry to the first
+    unpredicated EXIT, less the slow-path call set-up (MOV + CALL)."""
+    sc = _sass_count_module()
+    text = """
+        Function : k_x
+        /*0000*/                   LDC R1, c[0x0][0x28] ;                 /* 0x00 */
+        /*0010*/                   MUFU.RCP R8, R3 ;                      /* 0x00 */
+        /*0020*/                   FCHK P0, R0, R3 ;                      /* 0x00 */
+        /*0030*/              @!P0 BRA 0x60 ;                             /* 0x00 */
+        /*0040*/                   MOV R8, 0x60 ;                         /* 0x00 */
+        /*0050*/                   CALL.REL.NOINC 0x90 ;                  /* 0x00 */
+        /*0060*/               @P1 EXIT ;                                 /* 0x00 */
+        /*0070*/                   STG.E desc[UR6][R6.64], R0 ;           /* 0x00 */
+        /*0080*/                   EXIT ;                                 /* 0x00 */
+        /*0090*/                   SHF.R.U32.HI R7, RZ, 0x17, R3 ;        /* 0x00 */
+        /*00a0*/                   RET.REL.NODEC R8 0x0 ;                 /* 0x00 */
+        Function : k_y
+        /*0000*/                   EXIT ;                                 /* 0x00 */
+    """
+    funcs = sc.parse_sass(text)
+    assert list(funcs) == ["k_x", "k_y"] and len(funcs["k_x"]) == 11
+    assert sc.fast_path_length(funcs["k_x"]) == 9 - 2
+    assert sc.fast_path_length(funcs["k_y"]) == 1
+
+
+def test_sass_count_table():
+    """With a CUDA toolkit (no GPU needed): every scheme's count is positive, the fixed-bit
+    schemes cost the least, and the dividing schemes more than a division's worth above them."""
+    sc = _sass_count_module()
+    if not (sc._find("nvcc") and sc._find("cuobjdump")):
+        pytest.skip("no nvcc/cuobjdump")
+    out = _run("tools/sass_count.py")
+    rows = {r.strip("|").split("|")[0].strip().split()[0]: [int(c) for c in r.strip("|").split("|")[1:]]
+            for r in out.splitlines() if r.startswith("| ") and "scheme" not in r}
+    assert set(rows) == set(sc.SCHEMES), out
+    assert all(f > 0 and d >= f for f, d in rows.values())
+    assert rows["binary"][0] < rows["ternary"][0] < rows["fixed"][0]
+    assert min(rows[s][0] for s in ("quaternary", "fixed", "zoom", "clip", "pot")) >= rows["binary"][0] + 10
