@@ -103,11 +103,15 @@ def _hashable_bits(bits):
     validation but compare equal to 0/1). 3 and 3.0 share a key: they validate the same."""
     if bits is None or (isinstance(bits, (int, float)) and not isinstance(bits, bool)):
         return (bits,)
-    if isinstance(bits, (list, tuple)) and all(
-        isinstance(b, (int, float)) and not isinstance(b, bool) for b in bits
+    if isinstance(bits, (list, tuple)) and (
+        _PLAIN_NUMBER_TYPES.issuperset(map(type, bits))  # the common case, checked at C speed
+        or all(isinstance(b, (int, float)) and not isinstance(b, bool) for b in bits)
     ):
         return (tuple(bits),)
     return None
+
+
+_PLAIN_NUMBER_TYPES = frozenset((int, float))
 
 
 @functools.lru_cache(maxsize=512)

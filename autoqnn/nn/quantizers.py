@@ -119,7 +119,7 @@ class QuantizerBase(nn.Module):
         n = x.numel()
         if self.kind == "activation" and x.dim() > 1 and x.shape[0] > 0:
             n //= x.shape[0]
-        self.elements = int(n)
+        self.__dict__["elements"] = int(n)  # a plain attribute: skip nn.Module.__setattr__ (per forward)
 
     def _prep(self, x: torch.Tensor) -> torch.Tensor:
         if self.per_channel and self.channel_dim != 0:
@@ -479,7 +479,7 @@ class SchemeMixture(QuantizerBase):
             return self._unprep(y)
         if self.training:
             w = self.mixture_weights()
-            self._step += 1
+            self.__dict__["_step"] = self._step + 1  # skip nn.Module.__setattr__ (per forward)
             self.step.fill_(self._step)
         else:
             logits = self.theta / self._tau
