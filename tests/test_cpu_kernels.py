@@ -4,6 +4,7 @@ awkward shape; bitwise determinism across thread counts; errors raised by the ke
 import pytest
 import torch
 
+from guard_band import same as _same  # bitwise, NaN where NaN
 from kernel_inputs import bits8 as _bits
 from kernel_inputs import check_params_without_bits_grad, sample
 
@@ -123,12 +124,6 @@ def test_learned_bits_are_clipped_by_the_kernel():
     lo = OPS.scheme_params(x, torch.tensor([1.2]), [sid], False)
     assert torch.equal(lo, OPS.scheme_params(x, torch.tensor([2.0]), [sid], False))
     assert WEIGHT_CANDIDATES[sid] == "clip"
-
-
-def _same(a, b):
-    """Bitwise equal, NaN where NaN (x holds NaN/Inf, so outputs do)."""
-    return a.dtype == b.dtype and a.shape == b.shape and bool(
-        ((a == b) | (a.isnan() & b.isnan())).all())
 
 
 def _layouts(t):
