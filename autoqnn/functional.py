@@ -15,8 +15,10 @@ from __future__ import annotations
 
 from typing import Optional, Sequence, Union
 
+import contextlib
 import functools
 import math
+import threading
 
 import torch
 
@@ -37,6 +39,7 @@ __all__ = [
     "quantize_mixture_batched",
     "scheme_params",
     "tensor_stats",
+    "bits_on_host",
     "WEIGHT_CANDIDATES",
     "ACTIVATION_CANDIDATES",
 ]
@@ -97,6 +100,90 @@ def _bits_tensor(bits: BitsArg, infos, check_finite: bool = True) -> tuple[torch
     return torch.tensor(ints, dtype=torch.float32), ints
 
 
+# ----------------------------------------------------------------------------- learned bits
+# The kernels need the integer bits on the host (to set up each candidate's levels before the
+# launch). Learned bits are a device tensor on GPUs, and each host read of one synchronises the
+# stream. A call reads them once (one copy serves the finiteness check, the statistics, the
+# forward and the backward op); inside ``bits_on_host`` not even that: the block's copies,
+# read in one transfer per device at its start, serve every call.
+_HOST = threading.local()
+
+
+def _on_host(t: torch.Tensor) -> bool:
+    """Whether the kernels can read ``t`` without a copy (tests pretend otherwise on CPUs)."""
+    return t.device.type == "cpu"
+
+
+def _read_bits_host(bits: torch.Tensor) -> torch.Tensor:
+    """``bits``' values as a CPU tensor (a device-to-host copy, i.e. a stream sync on a GPU)."""
+    return bits.detach().to("cpu")
+
+
+def _bits_host(bits: torch.Tensor) -> torch.Tensor:
+    """``bits``' values on the host: the tensor itself on the CPU, the copy ``bits_on_host``
+    took of it (if unchanged since: same version counter), else one read."""
+    if _on_host(bits):
+        return bits.detach()
+    snap = getattr(_HOST, "snap", None)
+    if snap:
+        e = snap.get(id(bits))
+        if e is not None and e[0] is bits and e[1] == bits._version:
+            return e[2]
+    return _read_bits_host(bits)
+
+
+def _learned_bits(bits: torch.Tensor, infos) -> tuple[torch.Tensor, torch.Tensor]:
+    """(the [K] float bits tensor that receives the gradient, the same values as a CPU tensor
+    that the ops read). Checked finite on the host copy: no extra read."""
+    bt, _ = _bits_tensor(bits, infos, check_finite=False)
+    if torch.compiler.is_compiling():  # traced: the graph's ops read the bits themselves
+        return bt, bt
+    if _on_host(bt):
+        _check_finite_bits(bt, infos)
+        return bt, bt
+    bh, _ = _bits_tensor(_bits_host(bits), infos)
+    return bt, bh
+
+
+@contextlib.contextmanager
+def bits_on_host(*tensors: torch.Tensor):
+    """Within the block, quantizer calls with these learned-bits tensors read their values
+    from host copies taken here, one transfer per device for all of them, instead of reading
+    the device tensor (a GPU stream sync) in every call.
+
+    Meant for a training step (forward and backward) between optimizer steps:
+
+    >>> with AF.bits_on_host(*learned_bits):       # or autoqnn.nn.bits_on_host(model)
+    ...     loss = loss_fn(model(x), y); loss.backward()
+    >>> opt.step()
+
+    A tensor changed in place inside the block (its version counter moves) is read again on
+    its next use; a change through ``.data`` is not seen (it bypasses the version counter), so
+    do not change bits that way inside the block. Blocks nest; the copies are per thread.
+    CPU tensors need no copy and are left out. Returns the number of tensors copied.
+    """
+    snap = getattr(_HOST, "snap", None)
+    prev = dict(snap) if snap else {}
+    cur = dict(prev)
+    by_device: dict = {}
+    for i, t in enumerate(tensors):
+        if not isinstance(t, torch.Tensor):
+            raise TypeError(f"bits_on_host: argument {i} is a {type(t).__name__}, not a tensor")
+        if _on_host(t) or t.is_complex() or t.is_inference():
+            continue
+        by_device.setdefault(t.device, {})[id(t)] = t
+    for ts in by_device.values():
+        ts = list(ts.values())
+        flat = torch.cat([t.detach().reshape(-1).to(torch.float64) for t in ts]).to("cpu")
+        for t, part in zip(ts, flat.split([t.numel() for t in ts])):
+            cur[id(t)] = (t, t._version, part.to(t.dtype).reshape(t.shape))
+    _HOST.snap = cur
+    try:
+        yield sum(len(v) for v in by_device.values())
+    finally:
+        _HOST.snap = prev
+
+
 def _hashable_bits(bits):
     """``bits`` as a cache key (a 1-tuple holding None, a number or a tuple of numbers), or None
     when it cannot be one (tensors, other sequences, booleans, which must keep failing
@@ -127,7 +214,9 @@ _CACHEABLE_SCHEME_TYPES = frozenset((str, int))
 
 
 def _resolve(schemes, bits: BitsArg):
-    """(scheme infos, ids, float bits tensor [K], integer bits or None). Training loops call
+    """(scheme infos, ids, float bits tensor [K], the same values as a CPU tensor for the ops
+    (see :func:`_learned_bits`; the tensor itself for integer bits), integer bits or None
+    when they are learned values). Training loops call
     the functional API with the same schemes and integer bits thousands of times: those
     resolutions are cached (host time per call matters on GPUs, where the kernels are short).
     The cached bits tensor is shared read-only by every call that hits the entry."""
@@ -140,22 +229,25 @@ def _resolve(schemes, bits: BitsArg):
     if (key is not None and isinstance(schemes, tuple) and not torch.compiler.is_compiling()
             and _CACHEABLE_SCHEME_TYPES.issuperset(map(type, schemes))):
         infos, sids, bits_t, ints = _resolve_cached(schemes, key)
-        return list(infos), list(sids), bits_t, list(ints)
+        return list(infos), list(sids), bits_t, bits_t, list(ints)
     infos = [scheme_info(s) for s in schemes]
+    if isinstance(bits, torch.Tensor):
+        bits_t, bits_h = _learned_bits(bits, infos)
+        return infos, [i.id for i in infos], bits_t, bits_h, None
     bits_t, ints = _bits_tensor(bits, infos)
-    return infos, [i.id for i in infos], bits_t, ints
+    return infos, [i.id for i in infos], bits_t, bits_t, ints
 
 
 def _mixture_candidates(schemes, bits: BitsArg):
     """:func:`_resolve` for a mixture: at least one candidate, no duplicates."""
     if isinstance(schemes, (str, bytes)):
         raise TypeError(f"schemes must be a sequence of scheme names, got the string {schemes!r}")
-    infos, sids, bits_t, ints = _resolve(schemes, bits)
+    infos, sids, bits_t, bits_h, ints = _resolve(schemes, bits)
     if not infos:
         raise ValueError("schemes must name at least one candidate")
     if len(set(sids)) != len(infos):
         raise ValueError(f"schemes contains duplicates: {[i.name for i in infos]}")
-    return infos, sids, bits_t, ints
+    return infos, sids, bits_t, bits_h, ints
 
 
 def _check_params_arg(params, x, K, per_channel):
@@ -237,13 +329,13 @@ _OP_PAIRS: dict = {}
 
 
 def _op_pair(kind: str, mode: str):
-    """(forward, backward) op overloads of a kind ("q" or "m") and mode ("cuda" or "ops"),
+    """(forward, backward) op overloads of a kind ("q" or "m") and mode ("ops", "cuda" or "triton"),
     looked up once (the overload, not the packet: one Python frame less per call)."""
     pair = _OP_PAIRS.get((kind, mode))
     if pair is None:
         ns = torch.ops.autoqnn
         base = "quantize" if kind == "q" else "mixture"
-        suffix = "_cuda" if mode == "cuda" else ""
+        suffix = {"cuda": "_cuda", "triton": "_triton"}.get(mode, "")
         pair = (getattr(ns, base + suffix).default, getattr(ns, base + "_backward" + suffix).default)
         _OP_PAIRS[(kind, mode)] = pair
     return pair
@@ -264,37 +356,39 @@ def _below_autograd(op):
 
 
 class _QuantizeFn(torch.autograd.Function):
-    """quantize with the backward formula of the registered op (_schema._quantize_bwd)."""
+    """quantize with the backward formula of the registered op (_schema._quantize_bwd). The ops
+    read ``bits_h``, the host copy of ``bits`` (no stream sync); ``bits`` gets the gradient."""
 
     @staticmethod
-    def forward(ctx, x, params, bits, scheme, per_channel, mode):
+    def forward(ctx, x, params, bits, scheme, per_channel, mode, bits_h):
         fwd, bwd = _op_pair("q", mode)
-        y = _below_autograd(fwd)(x, params, bits, scheme, per_channel)
-        ctx.save_for_backward(x, params, bits)
-        ctx.scheme, ctx.per_channel, ctx.bwd = scheme, per_channel, bwd
+        y = _below_autograd(fwd)(x, params, bits_h, scheme, per_channel)
+        ctx.save_for_backward(x, params, bits_h)
+        ctx.scheme, ctx.per_channel, ctx.bwd, ctx.bits_device = scheme, per_channel, bwd, bits.device
         return y
 
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx, gy):
-        return _schema._quantize_bwd(ctx, gy, _below_autograd(ctx.bwd)) + (None,)  # + mode
+        return _schema._quantize_bwd(ctx, gy, _below_autograd(ctx.bwd), ctx.bits_device) + (None, None)
 
 
 class _MixtureFn(torch.autograd.Function):
-    """mixture with the backward formula of the registered op (_schema._mixture_bwd)."""
+    """mixture with the backward formula of the registered op (_schema._mixture_bwd); bits as
+    in :class:`_QuantizeFn`."""
 
     @staticmethod
-    def forward(ctx, x, params, weights, bits, schemes, per_channel, mode):
+    def forward(ctx, x, params, weights, bits, schemes, per_channel, mode, bits_h):
         fwd, bwd = _op_pair("m", mode)
-        y = _below_autograd(fwd)(x, params, weights, bits, schemes, per_channel)
-        ctx.save_for_backward(x, params, weights, bits)
-        ctx.schemes, ctx.per_channel, ctx.bwd = schemes, per_channel, bwd
+        y = _below_autograd(fwd)(x, params, weights, bits_h, schemes, per_channel)
+        ctx.save_for_backward(x, params, weights, bits_h)
+        ctx.schemes, ctx.per_channel, ctx.bwd, ctx.bits_device = schemes, per_channel, bwd, bits.device
         return y
 
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx, gy):
-        return _schema._mixture_bwd(ctx, gy, _below_autograd(ctx.bwd)) + (None,)  # + mode
+        return _schema._mixture_bwd(ctx, gy, _below_autograd(ctx.bwd), ctx.bits_device) + (None, None)
 
 
 def quantize(
@@ -326,21 +420,21 @@ def quantize(
     """
     check_input(x)
     _check_per_channel(x, per_channel)
-    (info,), _, bits_t, ints = _resolve((scheme,), bits)
+    (info,), _, bits_t, bits_h, ints = _resolve((scheme,), bits)
     if params is not None:
         params = _check_params_arg(params, x, 1, per_channel)
     backend = backends.check_backend_name(backend)  # $AUTOQNN_BACKEND read once
     mode = backends.resolve(backend, x.device, _needs(backend, "quantize", "quantize_backward"))
     if mode == "torch":
-        return _torch_impl(x, None, bits_t, ints, [info.id], per_channel, params)
+        return _torch_impl(x, None, bits_t, ints or ref.int_bits(bits_h, [info.id]), [info.id], per_channel, params)
     if params is None:
-        params = _params_op(mode)(x.detach(), bits_t.detach(), [info.id], per_channel, _bits_grad(bits_t))
-    if mode == "triton":
-        return torch.ops.autoqnn.quantize_triton(x, params, bits_t, info.id, per_channel)
+        params = _params_op(mode)(x.detach(), bits_h.detach(), [info.id], per_channel, _bits_grad(bits_t))
     if _eager_fast(x, params, bits_t):
         if not _wants_grad(x, bits_t):  # eval / no_grad: the op alone, no autograd node
-            return _below_autograd(_op_pair("q", mode)[0])(x, params, bits_t, info.id, per_channel)
-        return _QuantizeFn.apply(x, params, bits_t, info.id, per_channel, mode)
+            return _below_autograd(_op_pair("q", mode)[0])(x, params, bits_h, info.id, per_channel)
+        return _QuantizeFn.apply(x, params, bits_t, info.id, per_channel, mode, bits_h)
+    if mode == "triton":
+        return torch.ops.autoqnn.quantize_triton(x, params, bits_t, info.id, per_channel)
     if mode == "cuda":
         return torch.ops.autoqnn.quantize_cuda(x, params, bits_t, info.id, per_channel)
     return torch.ops.autoqnn.quantize(x, params, bits_t, info.id, per_channel)
@@ -370,7 +464,7 @@ def quantize_mixture(
     """
     check_input(x)
     check_input(weights, "weights")
-    infos, sids, bits_t, ints = _mixture_candidates(schemes, bits)
+    infos, sids, bits_t, bits_h, ints = _mixture_candidates(schemes, bits)
     K = len(infos)
     if weights.numel() != K or weights.dim() > 1:
         raise ValueError(f"weights must have shape [{K}] (one per scheme), got {list(weights.shape)}")
@@ -381,15 +475,15 @@ def quantize_mixture(
     backend = backends.check_backend_name(backend)  # $AUTOQNN_BACKEND read once
     mode = backends.resolve(backend, x.device, _needs(backend, "mixture", "mixture_backward"))
     if mode == "torch":
-        return _torch_impl(x, weights, bits_t, ints, sids, per_channel, params)
+        return _torch_impl(x, weights, bits_t, ints or ref.int_bits(bits_h, sids), sids, per_channel, params)
     if params is None:
-        params = _params_op(mode)(x.detach(), bits_t.detach(), sids, per_channel, _bits_grad(bits_t))
-    if mode == "triton":
-        return torch.ops.autoqnn.mixture_triton(x, params, weights, bits_t, sids, per_channel)
+        params = _params_op(mode)(x.detach(), bits_h.detach(), sids, per_channel, _bits_grad(bits_t))
     if _eager_fast(x, params, weights, bits_t):
         if not _wants_grad(x, weights, bits_t):  # eval / no_grad: the op alone, no autograd node
-            return _below_autograd(_op_pair("m", mode)[0])(x, params, weights, bits_t, sids, per_channel)
-        return _MixtureFn.apply(x, params, weights, bits_t, sids, per_channel, mode)
+            return _below_autograd(_op_pair("m", mode)[0])(x, params, weights, bits_h, sids, per_channel)
+        return _MixtureFn.apply(x, params, weights, bits_t, sids, per_channel, mode, bits_h)
+    if mode == "triton":
+        return torch.ops.autoqnn.mixture_triton(x, params, weights, bits_t, sids, per_channel)
     if mode == "cuda":
         return torch.ops.autoqnn.mixture_cuda(x, params, weights, bits_t, sids, per_channel)
     return torch.ops.autoqnn.mixture(x, params, weights, bits_t, sids, per_channel)
@@ -476,7 +570,7 @@ def quantize_mixture_batched(
                 f"xs[{i}] is {x.dtype} on {x.device} but xs[0] is {xs[0].dtype} on {xs[0].device}; "
                 "the batched call needs one dtype and device"
             )
-    infos, sids, _, _ = _mixture_candidates(schemes, None)
+    infos, sids, _, _, _ = _mixture_candidates(schemes, None)
     K = len(infos)
     if isinstance(weights, torch.Tensor):
         check_input(weights, "weights")
@@ -590,11 +684,11 @@ def scheme_params(
     _check_per_channel(x, per_channel)
     if isinstance(schemes, (str, bytes)):
         raise TypeError(f"schemes must be a sequence of scheme names, got the string {schemes!r}")
-    _, sids, bits_t, _ = _resolve(schemes, bits)
+    _, sids, _, bits_h, _ = _resolve(schemes, bits)
     mode = "triton" if backends.check_backend_name(backend) == "triton" else "ops"
     if mode == "triton":
         backends.resolve("triton", x.device, ["scheme_params"])
-    return _params_op(mode)(x.detach(), bits_t.detach(), sids, per_channel, bool(need_bits_grad))
+    return _params_op(mode)(x.detach(), bits_h.detach(), sids, per_channel, bool(need_bits_grad))
 
 
 def tensor_stats(x: torch.Tensor, per_channel: bool = False) -> torch.Tensor:

@@ -16,6 +16,7 @@ fine-tuning, evaluation) with checkpoints, ``resume="auto"`` and DDP under ``tor
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import math
@@ -33,7 +34,7 @@ from torch import nn
 
 from . import qag as _qag
 from .config import QuantConfig
-from .nn import Quantizer, QuantizerBase, SchemeMixture, WeightBatcher
+from .nn import Quantizer, QuantizerBase, SchemeMixture, WeightBatcher, bits_on_host
 from .nn import quantizers as _iter_quantizers
 from .schemes import scheme_info
 
@@ -1185,15 +1186,19 @@ def _search(model: nn.Module, train_data, val_data, cfg, *, loss_fn: Callable, c
                     set_step(net, global_step)
                     if cfg.temperature_per_step:
                         set_temperature(net, cfg.quant.temperature(epoch + i / steps, epochs))
-                out = train_net(x)
-                loss = loss_fn(out, y)
-                total = loss
+                # QPL: the learned bits read on the host once per step, in one transfer (not in
+                # every quantizer call: each read would synchronise a GPU's stream)
+                with bits_on_host(net) if phase == "precision" else contextlib.nullcontext():
+                    out = train_net(x)
+                    loss = loss_fn(out, y)
+                    total = loss
+                    if phase == "precision":
+                        lp = precision_loss(net)
+                        total = loss + lp
+                    opt.zero_grad()
+                    total.backward()
                 if phase == "precision":
-                    lp = precision_loss(net)
-                    total = loss + lp
                     tp += float(lp.detach())
-                opt.zero_grad()
-                total.backward()
                 if not torch.isfinite(total.detach()):
                     raise FloatingPointError(f"{phase} epoch {epoch} step {i}: loss is {float(total)}; lower the "
                                              "learning rate")

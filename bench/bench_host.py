@@ -95,8 +95,8 @@ def _time_ops(x, w, dev, args):
     (mixture) and ClipQ at 3 bits (quantize), through the op overloads the fast path uses."""
     ops = torch.ops.autoqnn
     cuda = "_cuda" if dev == "cuda" and _ext.HAS_CUDA_KERNELS else ""
-    _, sids, bits, _ = AF._mixture_candidates(AF.WEIGHT_CANDIDATES, 3)
-    (clip,), _, bits1, _ = AF._resolve(("clip",), 3)
+    _, sids, bits, _, _ = AF._mixture_candidates(AF.WEIGHT_CANDIDATES, 3)
+    (clip,), _, bits1, _, _ = AF._resolve(("clip",), 3)
     with torch._C._AutoDispatchBelowAutograd():
         p = ops.scheme_params.default(x, bits, sids, False, False)
         p1 = ops.scheme_params.default(x, bits1, [clip.id], False, False)

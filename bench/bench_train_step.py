@@ -5,7 +5,9 @@ loss) against one float training step, same model, batch and optimizer.
 
 Providers: ``float`` (no quantizers), ``qss-ref`` / ``qpl-ref`` (quantizers on the pure-PyTorch
 reference backend), ``qss-fused`` / ``qpl-fused`` (backend "auto": the C++ kernels on CPU, CUDA or
-Triton on GPU); ``qss-pruned2`` is the fused QSS step after candidate pruning left 2 candidates
+Triton on GPU; the forward and backward inside :func:`autoqnn.nn.bits_on_host`, as the pipeline's
+QPL phase runs them); ``qpl-sync`` is ``qpl-fused`` without that block (every quantizer call reads
+its learned bits on the host: a stream sync each on a GPU); ``qss-pruned2`` is the fused QSS step after candidate pruning left 2 candidates
 per vertex (what pruning saves late in a search); ``qss-batched`` is ``qss-fused`` with every weight
 vertex quantized in one batched call per step (:class:`autoqnn.nn.WeightBatcher`; what
 ``SearchConfig.batch_weights`` switches on). Issue #5's goal: QSS-fused <= 1.5x float on CPU, <= 1.3x on GPU.
@@ -17,6 +19,7 @@ vertex quantized in one batched call per step (:class:`autoqnn.nn.WeightBatcher`
 from __future__ import annotations
 
 import argparse
+import contextlib
 import time
 
 import pytest
@@ -25,9 +28,10 @@ import torch.nn.functional as F
 
 import autoqnn
 from autoqnn.config import QuantConfig
+from autoqnn.nn import bits_on_host
 from autoqnn.pipeline import SearchConfig, fix_schemes, precision_loss, prepare
 
-PROVIDERS = ["float", "qss-ref", "qss-fused", "qss-batched", "qss-pruned2", "qpl-ref", "qpl-fused"]
+PROVIDERS = ["float", "qss-ref", "qss-fused", "qss-batched", "qss-pruned2", "qpl-ref", "qpl-fused", "qpl-sync"]
 
 
 def make_model(device: str):
@@ -71,12 +75,15 @@ def make_step(provider: str, device: str):
     model.train()
     opt = torch.optim.SGD(model.parameters(), lr=1e-3, momentum=0.9)
 
+    host_bits = qpl and provider != "qpl-sync"
+
     def step():
-        loss = F.cross_entropy(model(x), y)
-        if qpl:
-            loss = loss + precision_loss(model)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
+        with bits_on_host(model) if host_bits else contextlib.nullcontext():
+            loss = F.cross_entropy(model(x), y)
+            if qpl:
+                loss = loss + precision_loss(model)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
         opt.step()
 
     return step

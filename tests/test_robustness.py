@@ -489,8 +489,9 @@ def test_cached_resolution_keeps_validating():
     # the same entry twice, the second call after a backward through the first
     xr = x.clone().requires_grad_()
     AF.quantize_mixture(xr, w, ("clip", "pot"), [3, 2]).sum().backward()
-    infos, sids, bt, ints = AF._resolve(("clip", "pot"), [3, 2])
+    infos, sids, bt, bh, ints = AF._resolve(("clip", "pot"), [3, 2])
     assert bt.tolist() == [3.0, 2.0] and not bt.requires_grad and bt.grad is None and ints == [3, 2]
+    assert bh is bt  # integer bits: the cached CPU tensor is what the kernels read
     assert AF._resolve(["clip", "pot"], (3, 2))[2] is bt  # lists and tuples share the entry
     assert torch.equal(AF.quantize(x, "binary", 1), y1)
     # generators are read once, cached or not; SchemeInfo objects take the uncached path

@@ -57,13 +57,13 @@ step raise 75 $PY tools/raise_check.py
 # reference, opcheck and torch.compile (tests/triton_cases.py runs on CUDA without TRITON_INTERPRET)
 step tests 170 env -u TRITON_INTERPRET $PY -m pytest -q -n 14 --benchmark-disable -p no:cacheprovider -rfE \
   tests/test_cuda_kernels.py tests/test_batched.py tests/triton_cases.py tests/test_ops.py tests/test_kernel_choice.py \
-  tests/test_robustness.py tests/test_guard_band.py \
+  tests/test_robustness.py tests/test_guard_band.py tests/test_host_bits.py \
   "tests/test_cpu_kernels.py::test_cpu_kernel_errors" "tests/test_ext_loading.py::test_cuda_kernel_matches_reference" \
   "tests/test_ext_loading.py::test_built_extension_is_loaded_and_registered"
 export AUTOQNN_KERNEL_CHOICE="$OUT/kernel_choice.json"
 step tune 25 $PY -m autoqnn tune-kernels --max-log2 24
 step report 110 $PY bench/report.py --device cuda --min-log2 ${REPORT_MIN_LOG2:-12} --max-log2 24 --eager-max-log2 24 --rounds 5 --stats
-step train_step 40 $PY bench/bench_train_step.py --device cuda --providers float,qss-fused,qss-batched,qpl-fused,qss-ref,qss-pruned2
+step train_step 48 $PY bench/bench_train_step.py --device cuda --providers float,qss-fused,qss-batched,qpl-fused,qpl-sync,qss-ref,qss-pruned2
 # does the batched weights op pay on a GPU (the issue asks to measure it)?
 step batched 20 $PY bench/bench_batched.py --device cuda
 # host time per quantizer call and per op alone (the C++ backward's unexplained host time)

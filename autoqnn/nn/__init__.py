@@ -6,6 +6,8 @@ from typing import Iterator, Tuple
 
 from torch import nn
 
+from .. import functional as _AF
+
 from .layers import (  # noqa: F401
     FLOAT_TO_QUANT,
     QUANT_LAYERS,
@@ -26,6 +28,7 @@ __all__ = [
     "Quantizer", "SchemeMixture", "QuantizerBase", "QConv1d", "QConv2d", "QConv3d",
     "QConvTranspose1d", "QConvTranspose2d", "QConvTranspose3d", "QLinear", "QUANT_LAYERS",
     "FLOAT_TO_QUANT", "QuantLayerMixin", "QMultiheadAttention", "quantizers", "set_quant_enabled", "WeightBatcher",
+    "bits_on_host",
 ]
 
 
@@ -41,3 +44,16 @@ def set_quant_enabled(model: nn.Module, enabled: bool = True) -> nn.Module:
     for _, q in quantizers(model):
         q.enabled = bool(enabled)
     return model
+
+
+def bits_on_host(model: nn.Module):
+    """:func:`autoqnn.functional.bits_on_host` for every learned bitwidth of ``model`` (the QPL
+    phase): inside the block, its quantizers read the bits from host copies taken at entry in
+    one transfer, so a training step on a GPU does not synchronise the stream once or more per
+    quantizer. Use it around forward and backward, not around the optimizer step::
+
+        with autoqnn.nn.bits_on_host(model):
+            loss_fn(model(x), y).backward()
+        opt.step()
+    """
+    return _AF.bits_on_host(*[q.bits for _, q in quantizers(model) if isinstance(q, Quantizer) and q.learn_bits])

@@ -235,9 +235,10 @@ class Quantizer(QuantizerBase):
         return self._scheme
 
     def int_bits(self) -> int:
-        """The integer bitwidth the forward uses (reads a learned value: a host sync on GPU)."""
+        """The integer bitwidth the forward uses (reads a learned value: a host sync on GPU,
+        except inside :func:`autoqnn.nn.bits_on_host`)."""
         if self.learn_bits:
-            return clamp_bits(self._scheme, float(self.bits.detach()))
+            return clamp_bits(self._scheme, float(AF._bits_host(self.bits)))
         return self._bits_int
 
     @torch.no_grad()

@@ -28,6 +28,13 @@ Ops (bits is a float tensor ``[K]``, the forward uses ``clip(round(bits), b_min,
     the batched variant: many tensors in one call (every weight of a model). ``x`` is their
     flat concatenation, ``offsets`` (``int[R + 1]``, 0 .. numel) cuts it into R rows, each with
     its own statistics, weights ``[R, K]`` and bits ``[R, K]``; params are ``[K, R, P]``.
+
+Every kernel reads ``bits`` on the host (the integer bits set up each candidate's levels before
+a launch): a host tensor costs nothing there, a device tensor is copied (a stream sync on a
+GPU). So the backward ops return grad_bits (``bits``' shape and dtype) on ``x``'s device, not
+on ``bits``' device: a caller that hands the kernels a host copy of device bits gets the
+gradient where the bits live without another copy. The autograd formulas below move it to
+``bits``' device when the two differ.
 """
 from __future__ import annotations
 
@@ -138,7 +145,7 @@ def _quantize_fake(x, params, bits, scheme, per_channel):
 
 @torch.library.register_fake(qualname("quantize_backward"), lib=_lib)
 def _quantize_backward_fake(grad_y, x, params, bits, scheme, per_channel, need_bits_grad):
-    return torch.empty_like(x, memory_format=torch.contiguous_format), torch.empty_like(bits)
+    return torch.empty_like(x, memory_format=torch.contiguous_format), torch.empty_like(bits, device=x.device)
 
 
 @torch.library.register_fake(qualname("mixture"), lib=_lib)
@@ -156,7 +163,7 @@ def _mixture_backward_fake(
     return (
         torch.empty_like(x, memory_format=torch.contiguous_format),
         torch.empty_like(weights),
-        torch.empty_like(bits),
+        torch.empty_like(bits, device=x.device),
     )
 
 
@@ -182,7 +189,7 @@ def _mixture_batched_backward_fake(grad_y, x, offsets, params, weights, bits, sc
     return (
         torch.empty_like(x, memory_format=torch.contiguous_format),
         torch.empty_like(weights, memory_format=torch.contiguous_format),
-        torch.empty_like(bits, memory_format=torch.contiguous_format),
+        torch.empty_like(bits, memory_format=torch.contiguous_format, device=x.device),
     )
 
 
@@ -197,7 +204,12 @@ def _quantize_setup(ctx, inputs, output):
     ctx.per_channel = per_channel
 
 
-def _quantize_bwd(ctx, grad_y, bwd_op=None):
+def _to_device(g, device):
+    """A gradient moved to its input's device (the backward ops make grad_bits on x's)."""
+    return g if device is None or g.device == device else g.to(device)
+
+
+def _quantize_bwd(ctx, grad_y, bwd_op=None, bits_device=None):
     x, params, bits = ctx.saved_tensors
     need_bits = bool(ctx.needs_input_grad[2])
     gx, gb = (bwd_op or _op("quantize_backward"))(
@@ -206,7 +218,7 @@ def _quantize_bwd(ctx, grad_y, bwd_op=None):
     return (
         gx if ctx.needs_input_grad[0] else None,
         None,
-        gb if need_bits else None,
+        _to_device(gb, bits_device or bits.device) if need_bits else None,
         None,
         None,
     )
@@ -219,7 +231,7 @@ def _mixture_setup(ctx, inputs, output):
     ctx.per_channel = per_channel
 
 
-def _mixture_bwd(ctx, grad_y, bwd_op=None):
+def _mixture_bwd(ctx, grad_y, bwd_op=None, bits_device=None):
     x, params, weights, bits = ctx.saved_tensors
     need_w = bool(ctx.needs_input_grad[2])
     need_b = bool(ctx.needs_input_grad[3])
@@ -230,7 +242,7 @@ def _mixture_bwd(ctx, grad_y, bwd_op=None):
         gx if ctx.needs_input_grad[0] else None,
         None,
         gw if need_w else None,
-        gb if need_b else None,
+        _to_device(gb, bits_device or bits.device) if need_b else None,
         None,
         None,
     )
@@ -271,7 +283,7 @@ def _mixture_batched_bwd(ctx, grad_y, bwd_op=None):
         None,
         None,
         gw if need_w else None,
-        gb if need_b else None,
+        _to_device(gb, bits.device) if need_b else None,
         None,
     )
 

@@ -178,7 +178,8 @@ def _mixture_batched_backward_impl(grad_y, x, offsets, params, weights, bits, sc
     gx, gw, gb = kernels.mixture_batched_bwd(grad_y, x, off, params, weights, b_rows, schemes,
                                              need_weights_grad, need_bits_grad)
     gw = torch.zeros_like(weights) if gw is None else gw.to(weights.device, weights.dtype)
-    gb = torch.zeros_like(bits) if gb is None else gb.to(bits.device, bits.dtype)
+    # grad_bits on x's device (see _schema)
+    gb = torch.zeros_like(bits, device=x.device) if gb is None else gb.to(x.device, bits.dtype)
     return gx, gw.contiguous(), gb.contiguous()
 
 
@@ -194,7 +195,8 @@ def _quantize_backward_impl(grad_y, x, params, bits, scheme, per_channel, need_b
     ref._check_params(x, params, 1, per_channel)
     (b,) = ref.int_bits(bits, [scheme])
     gx, gb = kernels.quantize_bwd(grad_y, x, params, b, int(scheme), per_channel, need_bits_grad)
-    gb = torch.zeros_like(bits) if gb is None else gb.to(bits.device, bits.dtype).reshape(bits.shape)
+    # grad_bits on x's device (see _schema)
+    gb = torch.zeros_like(bits, device=x.device) if gb is None else gb.to(x.device, bits.dtype).reshape(bits.shape)
     return gx, gb
 
 
@@ -220,9 +222,9 @@ def _mixture_backward_impl(
     if gw is None:
         gw = torch.zeros(K, dtype=weights.dtype, device=weights.device)
     gw = gw.to(weights.device, weights.dtype).reshape(weights.shape)
-    if gb is None:
-        gb = torch.zeros(K, dtype=bits.dtype, device=bits.device)
-    gb = gb.to(bits.device, bits.dtype).reshape(bits.shape)
+    if gb is None:  # grad_bits on x's device (see _schema)
+        gb = torch.zeros(K, dtype=bits.dtype, device=x.device)
+    gb = gb.to(x.device, bits.dtype).reshape(bits.shape)
     return gx, gw, gb
 
 
