@@ -17,6 +17,7 @@ from autoqnn import _ext
 from autoqnn.functional import WEIGHT_CANDIDATES
 from autoqnn.nn import QLinear, Quantizer
 from autoqnn.ops import _schema
+from autoqnn.pipeline import precision_loss
 
 # torch.ops.autoqnn.* default to the C++ kernels where built, else the reference
 BACKENDS = ["torch", "auto"] + (["cpp"] if _ext.HAS_EXT else [])
@@ -171,7 +172,8 @@ class _QPLNet(nn.Module):
 
 def test_model_step_inside_nn_bits_on_host_reads_no_bits(reads):
     """A QPL training step of a model inside autoqnn.nn.bits_on_host: no per-quantizer read (the
-    activation quantizers' integer bits included), the same loss and gradients as outside."""
+    activation quantizers' and the precision loss's integer bits included), the same loss and
+    gradients as outside."""
     torch.manual_seed(3)
     m = _QPLNet()
     x, y = torch.randn(8, 12), torch.randint(0, 5, (8,))
@@ -179,9 +181,11 @@ def test_model_step_inside_nn_bits_on_host_reads_no_bits(reads):
     def step():
         m.zero_grad()
         loss = F.cross_entropy(m(x), y)
+        loss = loss + precision_loss(m, 2.0, 2.0, 1.0, 1.0)  # reads every quantizer's integer bits
         loss.backward()
         return loss.detach(), [p.grad.clone() for p in m.parameters() if p.grad is not None]
 
+    m(x)  # the precision loss needs each quantizer's element count
     del reads[:]
     l0, g0 = step()
     assert len(reads) >= 4  # at least one per quantizer
