@@ -122,7 +122,7 @@ def _read_bits_host(bits: torch.Tensor) -> torch.Tensor:
 def _bits_host(bits: torch.Tensor) -> torch.Tensor:
     """``bits``' values on the host: the tensor itself on the CPU, the copy ``bits_on_host``
     took of it (if unchanged since: same version counter), else one read."""
-    if _on_host(bits):
+    if _on_host(bits) or torch.compiler.is_compiling():  # traced: no host-side cache
         return bits.detach()
     snap = getattr(_HOST, "snap", None)
     if snap:
