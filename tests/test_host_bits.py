@@ -202,8 +202,8 @@ def test_model_step_inside_nn_bits_on_host_reads_no_bits(reads):
 
 
 def test_backward_ops_return_grad_bits_on_x_device():
-    """The ops' contract (autoqnn/ops/_schema.py): grad_bits on x's device, in bits' dtype and
-    shape. Checked through the fake kernels with x on 'meta' and bits on the CPU."""
+    """The ops' contract (autoqnn/ops/_schema.py): a requested grad_bits on x's device, in bits'
+    dtype and shape. Checked through the fake kernels with x on 'meta' and bits on the CPU."""
     x = torch.empty(10, device="meta")
     b = torch.tensor([3.0, 3.0], dtype=torch.float64)
     params = torch.empty(2, 1, 12, device="meta")
@@ -215,6 +215,10 @@ def test_backward_ops_return_grad_bits_on_x_device():
     gx, gw, gb = _schema._mixture_batched_backward_fake(x, x, [0, 10], params[:, :1], torch.empty(1, 2, device="meta"),
                                                         b.reshape(1, 2), [3, 4], True, True)
     assert gb.device.type == "meta" and gb.shape == (1, 2)
+    # not asked for: zeros where the bits live (no device work for host-side integer bits)
+    assert _schema._quantize_backward_fake(x, x, params[:1], b[:1], 3, False, False)[1].device.type == "cpu"
+    assert _schema._mixture_backward_fake(x, x, params, torch.empty(2, device="meta"), b, [3, 4], False,
+                                          True, False)[2].device.type == "cpu"
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")

@@ -31,10 +31,11 @@ Ops (bits is a float tensor ``[K]``, the forward uses ``clip(round(bits), b_min,
 
 Every kernel reads ``bits`` on the host (the integer bits set up each candidate's levels before
 a launch): a host tensor costs nothing there, a device tensor is copied (a stream sync on a
-GPU). So the backward ops return grad_bits (``bits``' shape and dtype) on ``x``'s device, not
-on ``bits``' device: a caller that hands the kernels a host copy of device bits gets the
-gradient where the bits live without another copy. The autograd formulas below move it to
-``bits``' device when the two differ.
+GPU). So the backward ops return a requested grad_bits (``bits``' shape and dtype) on ``x``'s
+device, not on ``bits``' device: a caller that hands the kernels a host copy of device bits gets
+the gradient where the bits live without another copy. The autograd formulas below move it to
+``bits``' device when the two differ. A grad_bits not asked for (``need_bits_grad=False``) is
+zeros where ``bits`` live (no device work for the usual host-side integer bits).
 """
 from __future__ import annotations
 
@@ -145,7 +146,8 @@ def _quantize_fake(x, params, bits, scheme, per_channel):
 
 @torch.library.register_fake(qualname("quantize_backward"), lib=_lib)
 def _quantize_backward_fake(grad_y, x, params, bits, scheme, per_channel, need_bits_grad):
-    return torch.empty_like(x, memory_format=torch.contiguous_format), torch.empty_like(bits, device=x.device)
+    return (torch.empty_like(x, memory_format=torch.contiguous_format),
+            torch.empty_like(bits, device=x.device if need_bits_grad else bits.device))
 
 
 @torch.library.register_fake(qualname("mixture"), lib=_lib)
@@ -163,7 +165,7 @@ def _mixture_backward_fake(
     return (
         torch.empty_like(x, memory_format=torch.contiguous_format),
         torch.empty_like(weights),
-        torch.empty_like(bits, device=x.device),
+        torch.empty_like(bits, device=x.device if need_bits_grad else bits.device),
     )
 
 
@@ -189,7 +191,7 @@ def _mixture_batched_backward_fake(grad_y, x, offsets, params, weights, bits, sc
     return (
         torch.empty_like(x, memory_format=torch.contiguous_format),
         torch.empty_like(weights, memory_format=torch.contiguous_format),
-        torch.empty_like(bits, memory_format=torch.contiguous_format, device=x.device),
+        torch.empty_like(bits, memory_format=torch.contiguous_format, device=x.device if need_b else bits.device),
     )
 
 

@@ -179,7 +179,7 @@ def _mixture_batched_backward_impl(grad_y, x, offsets, params, weights, bits, sc
                                              need_weights_grad, need_bits_grad)
     gw = torch.zeros_like(weights) if gw is None else gw.to(weights.device, weights.dtype)
     # grad_bits on x's device (see _schema)
-    gb = torch.zeros_like(bits, device=x.device) if gb is None else gb.to(x.device, bits.dtype)
+    gb = torch.zeros_like(bits) if gb is None else gb.to(x.device, bits.dtype)
     return gx, gw.contiguous(), gb.contiguous()
 
 
@@ -196,7 +196,7 @@ def _quantize_backward_impl(grad_y, x, params, bits, scheme, per_channel, need_b
     (b,) = ref.int_bits(bits, [scheme])
     gx, gb = kernels.quantize_bwd(grad_y, x, params, b, int(scheme), per_channel, need_bits_grad)
     # grad_bits on x's device (see _schema)
-    gb = torch.zeros_like(bits, device=x.device) if gb is None else gb.to(x.device, bits.dtype).reshape(bits.shape)
+    gb = torch.zeros_like(bits) if gb is None else gb.to(x.device, bits.dtype).reshape(bits.shape)
     return gx, gb
 
 
@@ -222,8 +222,8 @@ def _mixture_backward_impl(
     if gw is None:
         gw = torch.zeros(K, dtype=weights.dtype, device=weights.device)
     gw = gw.to(weights.device, weights.dtype).reshape(weights.shape)
-    if gb is None:  # grad_bits on x's device (see _schema)
-        gb = torch.zeros(K, dtype=bits.dtype, device=x.device)
+    if gb is None:  # not asked for: zeros where bits live; else on x's device (see _schema)
+        gb = torch.zeros(K, dtype=bits.dtype, device=bits.device)
     gb = gb.to(x.device, bits.dtype).reshape(bits.shape)
     return gx, gw, gb
 

@@ -333,7 +333,8 @@ def mixture_backward_ref(
     K = len(schemes)
     _check_params(x, params, K, per_channel)
     gw = torch.zeros(K, dtype=weights.dtype, device=weights.device)
-    gb = torch.zeros(K, dtype=bits.dtype, device=x.device)  # on x's device (see _schema)
+    # grad_bits: on x's device when asked for, else zeros where bits live (see _schema)
+    gb = torch.zeros(K, dtype=bits.dtype, device=x.device if need_bits_grad else bits.device)
     if x.numel() == 0:
         return torch.zeros_like(x, memory_format=torch.contiguous_format), gw, gb
     b_int = int_bits(bits, schemes)
@@ -389,7 +390,7 @@ def quantize_backward_ref(
 ):
     """(grad_x, grad_bits): grad_x = mask·grad_y, grad_bits = ⟨grad_y, ∂q/∂b⟩."""
     _check_params(x, params, 1, per_channel)
-    gb = torch.zeros_like(bits, device=x.device)  # on x's device (see _schema)
+    gb = torch.zeros_like(bits, device=x.device if need_bits_grad else bits.device)  # see _schema
     if x.numel() == 0:
         return torch.zeros_like(x, memory_format=torch.contiguous_format), gb
     (b,) = int_bits(bits, [scheme])
@@ -496,7 +497,8 @@ def mixture_batched_backward_ref(
     gf = grad_y.detach().reshape(-1)
     gx = torch.zeros_like(xf, memory_format=torch.contiguous_format)
     gw = torch.zeros_like(weights, memory_format=torch.contiguous_format)
-    gb = torch.zeros_like(bits, memory_format=torch.contiguous_format, device=x.device)  # see _schema
+    gb = torch.zeros_like(bits, memory_format=torch.contiguous_format,
+                          device=x.device if need_bits_grad else bits.device)  # see _schema
     for r in range(R):
         if off[r + 1] == off[r]:
             continue

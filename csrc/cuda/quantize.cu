@@ -331,8 +331,8 @@ at::Tensor forward_cuda(const at::Tensor& x_, const at::Tensor& params_, const a
 
 // Returns (grad_x, grad_weights shaped like *weights (undefined without weights), grad_bits shaped
 // like bits, on x's device: callers hand the kernels a host copy of learned bits, see
-// autoqnn/ops/_schema.py). Without need_w the weights' zeros are made where they live (no
-// device-to-host copy, a stream sync, for host-side weights). grad_bits[k] = w_k <g, dq_k/db> with
+// autoqnn/ops/_schema.py). The gradients not asked for are zeros made where weights / bits live
+// (no device work, and no device-to-host copy for host-side ones). grad_bits[k] = w_k <g, dq_k/db> with
 // w_k in the compute type (as the reference), 1 for a single scheme.
 std::tuple<at::Tensor, at::Tensor, at::Tensor> backward_cuda(const at::Tensor& gy_, const at::Tensor& x_,
                                                  const at::Tensor& params_, const at::Tensor* weights,
@@ -360,8 +360,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> backward_cuda(const at::Tensor& g
                                    : at::zeros(like.sizes(), like.options());
   };
   at::Tensor gw = have_w ? out_like(*weights, need_w) : at::Tensor();
-  at::Tensor gb = need_b && x.numel() > 0 ? at::empty(bits.sizes(), bits.options().device(x.device()))
-                                          : at::zeros(bits.sizes(), bits.options().device(x.device()));
+  at::Tensor gb = !need_b ? at::zeros(bits.sizes(), bits.options())  // where bits live: no device work
+                 : x.numel() > 0 ? at::empty(bits.sizes(), bits.options().device(x.device()))
+                                 : at::zeros(bits.sizes(), bits.options().device(x.device()));
   const bool run_w = have_w && need_w, run_b = need_b;
   if (x.numel() == 0) return {gx, gw, gb};
   TORCH_CHECK_VALUE(!run_b || bits.is_floating_point(), "autoqnn: bits must be a floating tensor for a bits gradient");
@@ -641,11 +642,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> mixture_batched_backward_cuda(
       C10_CUDA_KERNEL_LAUNCH_CHECK();
     });
   }
-  // without the weights' gradient: zeros made where the weights live (no device-to-host copy);
-  // grad_bits on x's device (see autoqnn/ops/_schema.py)
+  // without the optional gradients: zeros made where weights/bits live (no device-to-host copy);
+  // a requested grad_bits on x's device (see autoqnn/ops/_schema.py)
   at::Tensor gw_out = need_weights_grad ? gw.to(weights.options()) : at::zeros(weights.sizes(), weights.options());
-  const auto gb_opts = bits.options().device(a.x.device());
-  at::Tensor gb_out = need_bits_grad ? gb.to(gb_opts) : at::zeros(bits.sizes(), gb_opts);
+  at::Tensor gb_out = need_bits_grad ? gb.to(bits.options().device(a.x.device())) : at::zeros(bits.sizes(), bits.options());
   return {gx, gw_out, gb_out};
 }
 
