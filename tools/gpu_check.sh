@@ -9,7 +9,7 @@
 #   OUT=/tmp/out bash tools/gpu_check.sh                       # everything, ~9 min at most
 #   BUDGET=300 STEPS="build env tests" bash tools/gpu_check.sh  # a subset
 set -uo pipefail
-STEPS=${STEPS:-"build env raise tests tune report train_step batched host division profile batched_triton"}
+STEPS=${STEPS:-"build env raise tests tune report train_step batched host division memory profile batched_triton"}
 BUDGET=${BUDGET:-560}
 PY=${PY:-python3}
 cd "$(dirname "$0")/.."
@@ -70,12 +70,14 @@ step batched 20 $PY bench/bench_batched.py --device cuda
 step host 20 $PY bench/bench_host.py --device cuda --rounds 5
 # is the IEEE division a bottleneck, and is the exact reciprocal form bitwise x/s on the GPU too?
 step division 30 $PY bench/bench_division.py --device cuda --exhaustive
+# the issue's memory target: extra memory of the mixture backward per provider, x 16M fp32
+step memory 30 $PY bench/bench_memory.py --device cuda
 step profile 30 $PY bench/profile_step.py --device cuda --log2 12 24
 step batched_triton 20 $PY bench/bench_batched.py --device cuda --backend triton
 
 tar -czf "$OUT/gpu-check.tar.gz" -C "$OUT" logs && rm -rf "$LOGS"
 tar -xzf "$OUT/gpu-check.tar.gz" -O logs/summary.txt 2>/dev/null
-for f in raise tests tune report train_step batched host division batched_triton; do
+for f in raise tests tune report train_step batched host division memory batched_triton; do
   echo "---- $f"
   if [ "$f" = raise ]; then tar -xzf "$OUT/gpu-check.tar.gz" -O logs/raise.log 2>/dev/null | tail -n 50; continue; fi
   tar -xzf "$OUT/gpu-check.tar.gz" -O "logs/$f.log" 2>/dev/null | grep -v "^DEBUG " | grep -E "^\||passed|failed|error|Error|^FAILED|^ERROR|^###|^==" | tail -n 120
