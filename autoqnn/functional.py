@@ -160,7 +160,8 @@ def bits_on_host(*tensors: torch.Tensor):
     A tensor changed in place inside the block (its version counter moves) is read again on
     its next use; a change through ``.data`` is not seen (it bypasses the version counter), so
     do not change bits that way inside the block. Blocks nest; the copies are per thread.
-    CPU tensors need no copy and are left out. Returns the number of tensors copied.
+    CPU tensors need no copy and are left out, as are meta, complex and inference tensors.
+    The block's value is the number of tensors copied.
     """
     snap = getattr(_HOST, "snap", None)
     prev = dict(snap) if snap else {}
@@ -169,8 +170,8 @@ def bits_on_host(*tensors: torch.Tensor):
     for i, t in enumerate(tensors):
         if not isinstance(t, torch.Tensor):
             raise TypeError(f"bits_on_host: argument {i} is a {type(t).__name__}, not a tensor")
-        if _on_host(t) or t.is_complex() or t.is_inference():
-            continue
+        if _on_host(t) or t.device.type == "meta" or t.is_complex() or t.is_inference():
+            continue  # nothing to copy (or nothing to read: meta has no values)
         by_device.setdefault(t.device, {})[id(t)] = t
     for ts in by_device.values():
         ts = list(ts.values())

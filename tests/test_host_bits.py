@@ -143,6 +143,8 @@ def test_bits_on_host_nests_and_rejects_non_tensors(reads):
         assert reads == []
         AF.quantize(x, "clip", c)  # the inner block's copy ended with it
         assert len(reads) == 1
+    with AF.bits_on_host(torch.empty((), device="meta"), torch.tensor(2.0).requires_grad_()) as n:
+        assert n == 1  # the CPU one (treated as a device tensor here); meta has nothing to copy
     with pytest.raises(TypeError, match="argument 1 is a float"):
         with AF.bits_on_host(a, 3.0):
             pass
