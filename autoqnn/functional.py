@@ -392,6 +392,22 @@ class _MixtureFn(torch.autograd.Function):
         return _schema._mixture_bwd(ctx, gy, _below_autograd(ctx.bwd), ctx.bits_device) + (None, None)
 
 
+# The same two nodes in C++ (csrc/autograd.cpp) where the extension is loaded: the Python
+# Functions' bookkeeping is most of a small tensor's host time (measured on CPU, 64 elements,
+# fwd+bwd of an 8-candidate mixture: see NOTES / bench_host.py). The Functions above stay for
+# builds without the extension (and as the tests' second opinion).
+_MODE_ID = {"ops": 0, "cuda": 1, "triton": 2}
+
+
+def _cpp_node(name: str):
+    """The C++ autograd entry ``autoqnn::<name>``, or None where the extension does not provide it."""
+    return getattr(torch.ops.autoqnn, name).default if _schema.has_kernel(name, "Autograd") else None
+
+
+_CPP_QUANTIZE = _cpp_node("_quantize_autograd")
+_CPP_MIXTURE = _cpp_node("_mixture_autograd")
+
+
 def quantize(
     x: torch.Tensor,
     scheme: str,
@@ -433,6 +449,8 @@ def quantize(
     if _eager_fast(x, params, bits_t):
         if not _wants_grad(x, bits_t):  # eval / no_grad: the op alone, no autograd node
             return _below_autograd(_op_pair("q", mode)[0])(x, params, bits_h, info.id, per_channel)
+        if _CPP_QUANTIZE is not None:
+            return _CPP_QUANTIZE(x, params, bits_t, bits_h, info.id, per_channel, _MODE_ID[mode])
         return _QuantizeFn.apply(x, params, bits_t, info.id, per_channel, mode, bits_h)
     if mode == "triton":
         return torch.ops.autoqnn.quantize_triton(x, params, bits_t, info.id, per_channel)
@@ -482,6 +500,8 @@ def quantize_mixture(
     if _eager_fast(x, params, weights, bits_t):
         if not _wants_grad(x, weights, bits_t):  # eval / no_grad: the op alone, no autograd node
             return _below_autograd(_op_pair("m", mode)[0])(x, params, weights, bits_h, sids, per_channel)
+        if _CPP_MIXTURE is not None:
+            return _CPP_MIXTURE(x, params, weights, bits_t, bits_h, sids, per_channel, _MODE_ID[mode])
         return _MixtureFn.apply(x, params, weights, bits_t, sids, per_channel, mode, bits_h)
     if mode == "triton":
         return torch.ops.autoqnn.mixture_triton(x, params, weights, bits_t, sids, per_channel)

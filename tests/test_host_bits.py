@@ -70,7 +70,11 @@ def test_one_read_per_call_and_none_inside_bits_on_host(reads, backend):
 
 def test_ops_get_the_host_copy_not_the_learned_tensor(reads, monkeypatch):
     """Every op call of a training step (statistics, forward, backward) receives the host copy
-    (detached) rather than the learned tensor, which would cost the op its own read."""
+    (detached) rather than the learned tensor, which would cost the op its own read. (The
+    Python autograd Functions' op calls, spied on; the C++ nodes' calls are not visible from
+    Python: the next test checks them by their values.)"""
+    monkeypatch.setattr(AF, "_CPP_QUANTIZE", None)
+    monkeypatch.setattr(AF, "_CPP_MIXTURE", None)
     seen = []
     real_pair, real_params = AF._op_pair, AF._params_op
 
@@ -91,6 +95,47 @@ def test_ops_get_the_host_copy_not_the_learned_tensor(reads, monkeypatch):
     AF.quantize(x, "zoom", b).sum().backward()
     assert len(seen) == 6 and b.grad is not None
     assert all(t is not b and not t.requires_grad for t in seen)
+
+
+def _node_kind(y):
+    """Which eager autograd node made ``y``: the C++ one, the Python Function, or another."""
+    if "autoqnn::" in y.grad_fn.name():
+        return "cpp"
+    return "python" if type(y.grad_fn).__name__ in ("_MixtureFnBackward", "_QuantizeFnBackward") else "other"
+
+
+@pytest.mark.parametrize("node", ["cpp", "python"])
+def test_forward_and_backward_ops_compute_with_the_host_copy(monkeypatch, node):
+    """The ops of both autograd nodes (C++ and Python) read the host copy, forward and
+    backward: a host copy that says 4 bits while the learned tensor holds 3.0 gives exactly
+    the 4-bit values and gradients (for x and the mixture weights), with the gradient in the
+    learned tensor."""
+    if node == "cpp" and AF._CPP_MIXTURE is None:
+        pytest.skip("the C++ autograd nodes need the extension")
+    if node == "python":
+        monkeypatch.setattr(AF, "_CPP_QUANTIZE", None)
+        monkeypatch.setattr(AF, "_CPP_MIXTURE", None)
+    monkeypatch.setattr(AF, "_on_host", lambda t: False)
+    monkeypatch.setattr(AF, "_read_bits_host", lambda b: b.detach().to("cpu") + 1)
+    torch.manual_seed(3)
+    x = torch.randn(300, requires_grad=True)
+    w = torch.softmax(torch.randn(8), 0).requires_grad_()
+    gy = torch.randn(300)
+    for call in (lambda b: AF.quantize_mixture(x, w, WEIGHT_CANDIDATES, b),
+                 lambda b: AF.quantize(x, "zoom", b)):
+        b = torch.tensor(3.0, requires_grad=True)
+        y = call(b)
+        assert _node_kind(y) == node
+        g = torch.autograd.grad(y, [x, w, b], gy, allow_unused=True)
+        y4 = call(4)
+        g4 = torch.autograd.grad(y4, [x, w], gy, allow_unused=True)
+        torch.testing.assert_close(y, y4, rtol=0, atol=0)
+        assert not torch.equal(y, call(3))  # the test can tell 3 from 4 bits
+        torch.testing.assert_close(g[0], g4[0], rtol=0, atol=0)
+        assert (g[1] is None) == (g4[1] is None)
+        if g4[1] is not None:
+            torch.testing.assert_close(g[1], g4[1], rtol=0, atol=0)
+        assert g[2] is not None and g[2].shape == b.shape
 
 
 def test_host_copy_gives_the_same_values_and_gradients_as_the_device_tensor(reads):

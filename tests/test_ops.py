@@ -177,6 +177,28 @@ def test_compile_fullgraph_inductor_ops_and_reference():
             torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4)
 
 
+# the eager fast path's autograd nodes: C++ (csrc/autograd.cpp, with the extension) and the
+# Python Functions (without it); "registered" is the ops' torch.library formula
+EAGER_NODES = (["cpp"] if AF._CPP_MIXTURE is not None else []) + ["python"]
+
+
+def _use_node(monkeypatch, node):
+    if node == "registered":
+        monkeypatch.setattr(AF, "_eager_fast", lambda *a: False)
+    elif node == "python":
+        monkeypatch.setattr(AF, "_CPP_QUANTIZE", None)
+        monkeypatch.setattr(AF, "_CPP_MIXTURE", None)
+
+
+def _node_kind(y):
+    name = y.grad_fn.name()
+    if "autoqnn::MixtureBackward" in name or "autoqnn::QuantizeBackward" in name:
+        return "cpp"
+    if type(y.grad_fn).__name__ in ("_MixtureFnBackward", "_QuantizeFnBackward"):
+        return "python"
+    return "registered"
+
+
 # ----------------------------------------------------------------------------- memory
 def test_mixture_backward_saves_no_KxN_tensor():
     x = torch.randn(4096, requires_grad=True)
@@ -197,35 +219,34 @@ def test_mixture_backward_saves_no_KxN_tensor():
     assert x.grad is not None and w.grad is not None
 
 
-@pytest.mark.parametrize("fast", [True, False], ids=["eager-fast-path", "registered-formula"])
-def test_mixture_backward_saves_no_KxN_tensor_on_both_autograd_paths(fast, monkeypatch):
-    if not fast:
-        monkeypatch.setattr(AF, "_eager_fast", lambda *a: False)
+@pytest.mark.parametrize("node", EAGER_NODES + ["registered"])
+def test_mixture_backward_saves_no_KxN_tensor_on_every_autograd_path(node, monkeypatch):
+    _use_node(monkeypatch, node)
     test_mixture_backward_saves_no_KxN_tensor()
 
 
 # ----------------------------------------------------------------------------- eager fast path
 def _fast_vs_registered(monkeypatch, fn):
-    """fn() -> (outputs, leaves): values and gradients through AF's eager fast path and through
-    the ops' registered autograd formula must be identical."""
+    """fn() -> (outputs, leaves): values and gradients through AF's eager fast path (its C++
+    node and its Python Function) and through the ops' registered autograd formula must be
+    identical, including which gradients are None."""
     res = []
-    for fast in (True, False):
-        if not fast:
-            monkeypatch.setattr(AF, "_eager_fast", lambda *a: False)
+    for node in EAGER_NODES + ["registered"]:
+        _use_node(monkeypatch, node)
         torch.manual_seed(5)
         y, leaves = fn()
-        name = type(y.grad_fn).__name__
-        assert ("_MixtureFn" in name or "_QuantizeFn" in name) == fast, name
+        assert _node_kind(y) == node, y.grad_fn.name()
         gy = torch.randn_like(y)
         grads = torch.autograd.grad(y, leaves, gy, allow_unused=True)
         res.append((y.detach(), grads))
         monkeypatch.undo()
-    (y1, g1), (y2, g2) = res
-    torch.testing.assert_close(y1, y2, rtol=0, atol=0)
-    for a, b in zip(g1, g2):
-        assert (a is None) == (b is None)
-        if a is not None:
-            torch.testing.assert_close(a, b, rtol=0, atol=0)
+    y2, g2 = res[-1]
+    for y1, g1 in res[:-1]:
+        torch.testing.assert_close(y1, y2, rtol=0, atol=0)
+        for a, b in zip(g1, g2):
+            assert (a is None) == (b is None)
+            if a is not None:
+                torch.testing.assert_close(a, b, rtol=0, atol=0)
 
 
 @pytest.mark.parametrize("per_channel", [False, True])
@@ -280,13 +301,46 @@ class _Sub(torch.Tensor):
     pass
 
 
-def test_eager_fast_path_is_once_differentiable():
+@pytest.mark.parametrize("node", EAGER_NODES)
+def test_eager_fast_path_is_once_differentiable(monkeypatch, node):
+    """A second derivative through a quantizer raises when it is reached (never silently drops
+    the quantizer's term), and a create_graph backward itself works: its first-order gradients
+    equal the plain backward's."""
+    _use_node(monkeypatch, node)
     x = torch.randn(40, requires_grad=True)
     w = torch.softmax(torch.randn(8), 0).requires_grad_()
-    y = AF.quantize_mixture(x, w, WEIGHT_CANDIDATES, 3)
-    (gx,) = torch.autograd.grad(y.pow(2).sum(), x, create_graph=True)
-    with pytest.raises(RuntimeError):
-        gx.sum().backward()
+    b = torch.tensor(3.0, requires_grad=True)
+    for call in (lambda: AF.quantize_mixture(x, w, WEIGHT_CANDIDATES, b),
+                 lambda: AF.quantize(x, "clip", b)):
+        y = call()
+        assert _node_kind(y) == node
+        gx, gb = torch.autograd.grad(y.pow(2).sum(), [x, b], create_graph=True)
+        rx, rb = torch.autograd.grad(call().pow(2).sum(), [x, b])
+        torch.testing.assert_close(gx, rx, rtol=0, atol=0)
+        torch.testing.assert_close(gb, rb, rtol=0, atol=0)
+        assert gx.requires_grad and gb.requires_grad
+        # a sum of a differentiable term and the quantizer's: the error, not a partial result
+        with pytest.raises(RuntimeError, match="differentiate twice"):
+            (gx.sum() + x.pow(2).sum()).backward()
+        with pytest.raises(RuntimeError, match="differentiate twice"):
+            gb.backward()
+        x.grad = b.grad = None
+        # without create_graph, no error node at all
+        gx = torch.autograd.grad(call().sum(), x)[0]
+        assert not gx.requires_grad
+
+
+def test_cpp_autograd_node_rejects_an_unknown_mode():
+    if AF._CPP_MIXTURE is None:
+        pytest.skip("the C++ autograd nodes need the extension")
+    x = torch.randn(10, requires_grad=True)
+    _, sids, bt, bh, _ = AF._resolve(WEIGHT_CANDIDATES, 3)
+    p = AF.scheme_params(x, WEIGHT_CANDIDATES, 3)
+    w = torch.full((8,), 0.125)
+    with pytest.raises(ValueError, match="mode must be"):
+        AF._CPP_MIXTURE(x, p, w, bt, bh, sids, False, 7)
+    with pytest.raises(ValueError, match="mode must be"):
+        AF._CPP_QUANTIZE(x, p[:1], bt[:1], bh[:1], sids[0], False, -1)
 
 
 # ----------------------------------------------------------------------------- backends / env

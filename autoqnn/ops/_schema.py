@@ -100,6 +100,24 @@ for _name in GPU_TWIN_OPS:  # the C++ CUDA kernels' own names (no default kernel
     _lib.define(f"{_name}_cuda" + SCHEMAS[_name])
 
 
+#: the eager fast path's C++ autograd nodes (csrc/autograd.cpp; kernels for the Autograd key
+#: only, none without the extension): the forward op of a family called below autograd, with the
+#: registered formula as backward. ``bits_h`` is the host copy of ``bits`` that the ops read;
+#: ``mode`` picks the family: 0 = ``autoqnn::<op>``, 1 = ``<op>_cuda``, 2 = ``<op>_triton``.
+#: Private: not part of :data:`OPS` (no fake kernel: never traced, see functional._eager_fast).
+AUTOGRAD_NODE_SCHEMAS = {
+    "_quantize_autograd": (
+        "(Tensor x, Tensor params, Tensor bits, Tensor bits_h, int scheme, bool per_channel, int mode) -> Tensor"
+    ),
+    "_mixture_autograd": (
+        "(Tensor x, Tensor params, Tensor weights, Tensor bits, Tensor bits_h, int[] schemes, "
+        "bool per_channel, int mode) -> Tensor"
+    ),
+}
+for _name, _schema in AUTOGRAD_NODE_SCHEMAS.items():
+    _lib.define(_name + _schema)
+
+
 def _op(name: str):
     return getattr(torch.ops.autoqnn, name).default
 

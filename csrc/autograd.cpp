@@ -1,0 +1,226 @@
+// SPDX-License-Identifier: MIT
+// The eager fast path's autograd nodes in C++: autoqnn::_quantize_autograd and
+// autoqnn::_mixture_autograd (schemas in autoqnn/ops/_schema.py, kernels registered here for the
+// Autograd alias key only). autoqnn/functional.py calls them in plain eager mode when grad is
+// needed; everything else (torch.compile, torch.func, dispatch modes, subclasses) keeps the
+// registered ops and their torch.library formulas.
+//
+// Why: a Python torch.autograd.Function costs tens of µs of host time per call in its forward
+// and again in its backward, more than the kernels themselves take on weight-sized tensors; on a
+// GPU that host time is what a QSS step of ~40 quantizers waits for. A C++ node does the same
+// bookkeeping in a few µs.
+//
+// The nodes compute exactly what functional.py's _QuantizeFn/_MixtureFn compute (the formulas of
+// _schema._quantize_bwd/_mixture_bwd): the forward op and the backward op of the chosen family
+// ("mode": 0 = the dispatcher's autoqnn::<op>, 1 = autoqnn::<op>_cuda, 2 = autoqnn::<op>_triton),
+// called below the autograd key with the host copy of the bits (bits_h); the gradient goes to
+// `bits`, moved to bits' device. Nothing of size K x N is saved: x, params, weights, bits_h.
+// Like @once_differentiable, a backward run with create_graph=True returns gradients whose
+// grad_fn raises when differentiated (torch's DelayedError), instead of silently wrong zeros.
+#include <ATen/core/dispatch/Dispatcher.h>
+#include <c10/util/Exception.h>
+#include <torch/csrc/autograd/custom_function.h>
+#include <torch/csrc/autograd/functions/basic_ops.h>
+#include <torch/library.h>
+
+#include <array>
+#include <string>
+#include <tuple>
+
+namespace autoqnn {  // named (not anonymous): grad_fn.name() shows autoqnn::MixtureBackward
+namespace {
+
+using at::Tensor;
+using torch::autograd::AutogradContext;
+using torch::autograd::variable_list;
+
+constexpr int64_t kModes = 3;
+constexpr const char* kSuffix[kModes] = {"", "_cuda", "_triton"};
+
+int64_t check_mode(int64_t mode, const char* op) {
+  TORCH_CHECK_VALUE(mode >= 0 && mode < kModes, "autoqnn::", op, ": mode must be 0 (ops), 1 (cuda) or 2 (triton), got ",
+                    mode);
+  return mode;
+}
+
+template <class Sig>
+c10::TypedOperatorHandle<Sig> find_op(const std::string& name) {
+  return c10::Dispatcher::singleton().findSchemaOrThrow(name.c_str(), "").typed<Sig>();
+}
+
+// One (forward, backward) pair of op handles per mode, looked up on first use (the Triton twins
+// exist only where Triton is installed; asking for them elsewhere throws, and the next call
+// tries again).
+template <class Fwd, class Bwd>
+struct OpPair {
+  c10::TypedOperatorHandle<Fwd> fwd;
+  c10::TypedOperatorHandle<Bwd> bwd;
+};
+
+template <class Fwd, class Bwd>
+OpPair<Fwd, Bwd> load_pair(const char* base, int64_t mode) {
+  const std::string ns = std::string("autoqnn::") + base;
+  return {find_op<Fwd>(ns + kSuffix[mode]), find_op<Bwd>(ns + "_backward" + kSuffix[mode])};
+}
+
+template <class Fwd, class Bwd, const char* Base>
+const OpPair<Fwd, Bwd>& pair_for(int64_t mode) {
+  switch (mode) {  // function-local statics: thread-safe, retried after a throw
+    case 0: {
+      static const OpPair<Fwd, Bwd> p = load_pair<Fwd, Bwd>(Base, 0);
+      return p;
+    }
+    case 1: {
+      static const OpPair<Fwd, Bwd> p = load_pair<Fwd, Bwd>(Base, 1);
+      return p;
+    }
+    default: {
+      static const OpPair<Fwd, Bwd> p = load_pair<Fwd, Bwd>(Base, 2);
+      return p;
+    }
+  }
+}
+
+// @once_differentiable: with create_graph=True and a grad_output that requires grad, the
+// gradients get a grad_fn that raises when reached (DelayedError), as in Python.
+variable_list once_differentiable(variable_list out, const variable_list& grad_outputs) {
+  if (!at::GradMode::is_enabled()) return out;
+  bool any = false;
+  for (const auto& g : grad_outputs) any = any || (g.defined() && g.requires_grad());
+  if (!any) return out;
+  variable_list fake;
+  fake.reserve(out.size());
+  for (auto& o : out) {
+    if (o.defined()) {
+      Tensor v = o.detach();
+      v.set_requires_grad(true);
+      fake.push_back(std::move(v));
+    } else {
+      fake.emplace_back();
+    }
+  }
+  torch::autograd::DelayedError err(
+      "trying to differentiate twice a function that was marked with @once_differentiable "
+      "(autoqnn's quantizers have no second derivative)",
+      static_cast<int64_t>(fake.size()));
+  return err.apply(std::move(fake));
+}
+
+Tensor to_device(Tensor g, const c10::Device& device) {
+  return g.device() == device ? g : g.to(device);
+}
+
+}  // namespace
+
+// The nodes are named types (grad_fn.name() is "torch::autograd::CppNode<autoqnn::MixtureBackward>").
+// ---------------------------------------------------------------- quantize
+using QFwd = Tensor(const Tensor&, const Tensor&, const Tensor&, int64_t, bool);
+using QBwd = std::tuple<Tensor, Tensor>(const Tensor&, const Tensor&, const Tensor&, const Tensor&, int64_t, bool,
+                                        bool);
+
+constexpr char kQuantize[] = "quantize";
+const auto& quantize_ops = pair_for<QFwd, QBwd, kQuantize>;
+
+struct QuantizeBackward : public torch::autograd::Function<QuantizeBackward> {
+  // forward inputs: x(0) params(1) bits(2) bits_h(3) scheme per_channel mode
+  static Tensor forward(AutogradContext* ctx, const Tensor& x, const Tensor& params, const Tensor& bits,
+                        const Tensor& bits_h, int64_t scheme, bool per_channel, int64_t mode) {
+    const auto& ops = quantize_ops(mode);
+    Tensor y;
+    {
+      at::AutoDispatchBelowAutograd below;
+      y = ops.fwd.call(x, params, bits_h, scheme, per_channel);
+    }
+    ctx->save_for_backward({x, params, bits_h});
+    ctx->saved_data["scheme"] = scheme;
+    ctx->saved_data["per_channel"] = per_channel;
+    ctx->saved_data["mode"] = mode;
+    ctx->saved_data["bits_device"] = bits.device();
+    return y;
+  }
+
+  static variable_list backward(AutogradContext* ctx, variable_list grads) {
+    const auto saved = ctx->get_saved_variables();
+    const int64_t mode = ctx->saved_data["mode"].toInt();
+    const bool need_x = ctx->needs_input_grad(0);
+    const bool need_b = ctx->needs_input_grad(2);
+    const auto& ops = quantize_ops(mode);
+    Tensor gx, gb;
+    {
+      at::AutoDispatchBelowAutograd below;
+      std::tie(gx, gb) = ops.bwd.call(grads[0], saved[0], saved[1], saved[2], ctx->saved_data["scheme"].toInt(),
+                                      ctx->saved_data["per_channel"].toBool(), need_b);
+    }
+    variable_list out(7);
+    if (need_x) out[0] = gx;
+    if (need_b) out[2] = to_device(gb, ctx->saved_data["bits_device"].toDevice());
+    return once_differentiable(std::move(out), grads);
+  }
+};
+
+Tensor quantize_autograd(const Tensor& x, const Tensor& params, const Tensor& bits, const Tensor& bits_h,
+                         int64_t scheme, bool per_channel, int64_t mode) {
+  return QuantizeBackward::apply(x, params, bits, bits_h, scheme, per_channel, check_mode(mode, "_quantize_autograd"));
+}
+
+// ---------------------------------------------------------------- mixture
+using MFwd = Tensor(const Tensor&, const Tensor&, const Tensor&, const Tensor&, at::IntArrayRef, bool);
+using MBwd = std::tuple<Tensor, Tensor, Tensor>(const Tensor&, const Tensor&, const Tensor&, const Tensor&,
+                                                const Tensor&, at::IntArrayRef, bool, bool, bool);
+
+constexpr char kMixture[] = "mixture";
+const auto& mixture_ops = pair_for<MFwd, MBwd, kMixture>;
+
+struct MixtureBackward : public torch::autograd::Function<MixtureBackward> {
+  // forward inputs: x(0) params(1) weights(2) bits(3) bits_h(4) schemes per_channel mode
+  static Tensor forward(AutogradContext* ctx, const Tensor& x, const Tensor& params, const Tensor& weights,
+                        const Tensor& bits, const Tensor& bits_h, at::IntArrayRef schemes, bool per_channel,
+                        int64_t mode) {
+    const auto& ops = mixture_ops(mode);
+    Tensor y;
+    {
+      at::AutoDispatchBelowAutograd below;
+      y = ops.fwd.call(x, params, weights, bits_h, schemes, per_channel);
+    }
+    ctx->save_for_backward({x, params, weights, bits_h});
+    ctx->saved_data["schemes"] = schemes.vec();
+    ctx->saved_data["per_channel"] = per_channel;
+    ctx->saved_data["mode"] = mode;
+    ctx->saved_data["bits_device"] = bits.device();
+    return y;
+  }
+
+  static variable_list backward(AutogradContext* ctx, variable_list grads) {
+    const auto saved = ctx->get_saved_variables();
+    const int64_t mode = ctx->saved_data["mode"].toInt();
+    const bool need_x = ctx->needs_input_grad(0);
+    const bool need_w = ctx->needs_input_grad(2);
+    const bool need_b = ctx->needs_input_grad(3);
+    const auto& ops = mixture_ops(mode);
+    const auto schemes = ctx->saved_data["schemes"].toIntVector();
+    Tensor gx, gw, gb;
+    {
+      at::AutoDispatchBelowAutograd below;
+      std::tie(gx, gw, gb) = ops.bwd.call(grads[0], saved[0], saved[1], saved[2], saved[3], schemes,
+                                          ctx->saved_data["per_channel"].toBool(), need_w, need_b);
+    }
+    variable_list out(8);
+    if (need_x) out[0] = gx;
+    if (need_w) out[2] = gw;
+    if (need_b) out[3] = to_device(gb, ctx->saved_data["bits_device"].toDevice());
+    return once_differentiable(std::move(out), grads);
+  }
+};
+
+Tensor mixture_autograd(const Tensor& x, const Tensor& params, const Tensor& weights, const Tensor& bits,
+                        const Tensor& bits_h, at::IntArrayRef schemes, bool per_channel, int64_t mode) {
+  return MixtureBackward::apply(x, params, weights, bits, bits_h, schemes, per_channel,
+                            check_mode(mode, "_mixture_autograd"));
+}
+
+}  // namespace autoqnn
+
+TORCH_LIBRARY_IMPL(autoqnn, Autograd, m) {
+  m.impl("_quantize_autograd", &autoqnn::quantize_autograd);
+  m.impl("_mixture_autograd", &autoqnn::mixture_autograd);
+}
