@@ -22,7 +22,7 @@ import threading
 
 import torch
 
-from . import backends
+from . import backends, kernel_choice
 from .ops import _schema  # noqa: F401  (defines the ops)
 from .ops import reference as ref
 from .schemes import (
@@ -408,6 +408,25 @@ _CPP_QUANTIZE = _cpp_node("_quantize_autograd")
 _CPP_MIXTURE = _cpp_node("_mixture_autograd")
 
 
+_ROUTED_PAIRS = {"q": ("quantize", "quantize_backward"), "m": ("mixture", "mixture_backward")}
+
+
+def _node_mode(mode: str, x: torch.Tensor, kind: str) -> str:
+    """The op family the fast path's node calls. On GPUs under ``backend="auto"`` ("ops"), each
+    routed op call goes through the Python router of :mod:`autoqnn.kernel_choice`; when the
+    router's table picks the same kernel for this tensor's forward and backward op, the choice
+    is made here once and the node calls that kernel (``autoqnn::<op>_cuda``/``_triton``)
+    directly: the same kernels, without two trips through Python per quantizer and step."""
+    if mode != "ops" or x.device.type != "cuda":
+        return mode
+    fwd, bwd = _ROUTED_PAIRS[kind]
+    routed = kernel_choice.ROUTER_INSTALLED
+    if fwd not in routed or bwd not in routed:
+        return mode
+    p = kernel_choice.choose(fwd, x)
+    return p if p in ("cuda", "triton") and kernel_choice.choose(bwd, x) == p else mode
+
+
 def quantize(
     x: torch.Tensor,
     scheme: str,
@@ -447,11 +466,12 @@ def quantize(
     if params is None:
         params = _params_op(mode)(x.detach(), bits_h.detach(), [info.id], per_channel, _bits_grad(bits_t))
     if _eager_fast(x, params, bits_t):
+        node = _node_mode(mode, x, "q")
         if not _wants_grad(x, bits_t):  # eval / no_grad: the op alone, no autograd node
-            return _below_autograd(_op_pair("q", mode)[0])(x, params, bits_h, info.id, per_channel)
+            return _below_autograd(_op_pair("q", node)[0])(x, params, bits_h, info.id, per_channel)
         if _CPP_QUANTIZE is not None:
-            return _CPP_QUANTIZE(x, params, bits_t, bits_h, info.id, per_channel, _MODE_ID[mode])
-        return _QuantizeFn.apply(x, params, bits_t, info.id, per_channel, mode, bits_h)
+            return _CPP_QUANTIZE(x, params, bits_t, bits_h, info.id, per_channel, _MODE_ID[node])
+        return _QuantizeFn.apply(x, params, bits_t, info.id, per_channel, node, bits_h)
     if mode == "triton":
         return torch.ops.autoqnn.quantize_triton(x, params, bits_t, info.id, per_channel)
     if mode == "cuda":
@@ -498,11 +518,12 @@ def quantize_mixture(
     if params is None:
         params = _params_op(mode)(x.detach(), bits_h.detach(), sids, per_channel, _bits_grad(bits_t))
     if _eager_fast(x, params, weights, bits_t):
+        node = _node_mode(mode, x, "m")
         if not _wants_grad(x, weights, bits_t):  # eval / no_grad: the op alone, no autograd node
-            return _below_autograd(_op_pair("m", mode)[0])(x, params, weights, bits_h, sids, per_channel)
+            return _below_autograd(_op_pair("m", node)[0])(x, params, weights, bits_h, sids, per_channel)
         if _CPP_MIXTURE is not None:
-            return _CPP_MIXTURE(x, params, weights, bits_t, bits_h, sids, per_channel, _MODE_ID[mode])
-        return _MixtureFn.apply(x, params, weights, bits_t, sids, per_channel, mode, bits_h)
+            return _CPP_MIXTURE(x, params, weights, bits_t, bits_h, sids, per_channel, _MODE_ID[node])
+        return _MixtureFn.apply(x, params, weights, bits_t, sids, per_channel, node, bits_h)
     if mode == "triton":
         return torch.ops.autoqnn.mixture_triton(x, params, weights, bits_t, sids, per_channel)
     if mode == "cuda":

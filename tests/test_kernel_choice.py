@@ -237,3 +237,33 @@ def test_cli_tune_kernels(tmp_path):
     assert not (tmp_path / "c.json").exists()
     r = run("--device", "cpu", "--min-log2", "9", "--max-log2", "3")
     assert r.returncode == 2 and "--min-log2/--max-log2" in r.stderr
+
+
+def test_fast_path_takes_the_router_choice_once_per_call(table_path, monkeypatch):
+    """functional._node_mode: on GPUs under backend="auto" the eager fast path calls the kernel
+    the router would pick, directly, when the forward and backward op agree; otherwise (they
+    differ, the router is not installed, CPU, an explicit backend) it keeps the given mode."""
+    import types
+
+    import autoqnn.functional as AF
+
+    monkeypatch.setattr(kc, "providers", lambda op, dt="cuda": ["cuda", "triton"])
+    monkeypatch.setattr(kc, "device_key", lambda d: "Fake GPU")
+    monkeypatch.setattr(kc, "ROUTER_INSTALLED", list(kc.ROUTED_OPS))
+    kc.save_table("Fake GPU", _entry({
+        "mixture": [{"max_numel": 100, "provider": "triton"}, {"max_numel": None, "provider": "cuda"}],
+        "mixture_backward": [{"max_numel": None, "provider": "cuda"}],
+        "quantize": [{"max_numel": None, "provider": "triton"}],
+        "quantize_backward": [{"max_numel": None, "provider": "triton"}],
+    }))
+
+    def gpu(n):
+        return types.SimpleNamespace(device=torch.device("cuda", 0), numel=lambda: n)
+
+    assert AF._node_mode("ops", gpu(1000), "m") == "cuda"  # both cuda
+    assert AF._node_mode("ops", gpu(10), "m") == "ops"  # triton forward, cuda backward: the router
+    assert AF._node_mode("ops", gpu(10), "q") == "triton"
+    assert AF._node_mode("cuda", gpu(10), "q") == "cuda"  # an explicit backend is kept
+    assert AF._node_mode("ops", torch.zeros(10), "q") == "ops"  # CPU: the dispatcher's C++ kernel
+    monkeypatch.setattr(kc, "ROUTER_INSTALLED", ["mixture"])
+    assert AF._node_mode("ops", gpu(1000), "m") == "ops"  # backward not routed

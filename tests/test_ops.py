@@ -271,6 +271,38 @@ def test_eager_fast_path_matches_the_registered_formula(monkeypatch, per_channel
         _fast_vs_registered(monkeypatch, fn)
 
 
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.parametrize("n", [64, 5125, 1 << 20])
+def test_cuda_auto_fast_path_calls_the_routed_kernel_directly(monkeypatch, n):
+    """On a GPU under backend="auto" the fast path's node calls the kernel the router picks
+    (functional._node_mode): the same values and gradients as the registered formula (which goes
+    through the router op by op) and as that backend named explicitly."""
+    torch.manual_seed(0)
+    x = torch.randn(n, device="cuda", requires_grad=True)
+    w = torch.softmax(torch.randn(8, device="cuda"), 0).requires_grad_()
+    b = torch.tensor(3.3, device="cuda", requires_grad=True)
+    gy = torch.randn(n, device="cuda")
+    mode = AF._node_mode("ops", x, "m")
+    calls = {"registered": lambda: AF.quantize_mixture(x, w, WEIGHT_CANDIDATES, b)}
+    for node in EAGER_NODES:
+        calls[node] = calls["registered"]
+    if mode != "ops":
+        calls["explicit"] = lambda: AF.quantize_mixture(x, w, WEIGHT_CANDIDATES, b, backend=mode)
+    res = {}
+    for name, call in calls.items():
+        _use_node(monkeypatch, name)
+        y = call()
+        assert _node_kind(y) == (name if name != "explicit" else EAGER_NODES[0])
+        res[name] = (y.detach(), torch.autograd.grad(y, [x, w, b], gy))
+        monkeypatch.undo()
+    y0, g0 = res["registered"]
+    for name, (y1, g1) in res.items():
+        torch.testing.assert_close(y1, y0, rtol=0, atol=0, msg=name)
+        for a, c in zip(g1, g0):
+            torch.testing.assert_close(a, c, rtol=1e-6, atol=1e-6, msg=name)
+
+
 def test_eager_fast_path_steps_aside_for_compile_functorch_and_modes():
     x = torch.randn(50)
     w = torch.softmax(torch.randn(8), 0)
