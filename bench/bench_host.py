@@ -1,10 +1,12 @@
 # SPDX-License-Identifier: MIT
 """Host time per quantizer call: forward + backward on a tiny tensor, where the kernels take a
 few µs and what remains is Python, dispatcher and autograd bookkeeping (on a GPU this is the
-time the CPU needs to issue one quantizer's work). Two providers side by side in one run:
-``registered`` (the ops' torch.library autograd formula, as under torch.compile) and ``fast``
-(the functional API's eager fast path), for AF.quantize, AF.quantize_mixture and the QSS
-vertices (autoqnn.nn.SchemeMixture, weight and activation).
+time the CPU needs to issue one quantizer's work). Three providers side by side in one run:
+``registered`` (the ops' torch.library autograd formula, as under torch.compile), ``fast-py``
+(the functional API's eager fast path with its Python autograd Functions, as in builds
+without the extension) and ``fast`` (the same path with the C++ autograd nodes of
+csrc/autograd.cpp, the default where the extension is built), for AF.quantize,
+AF.quantize_mixture and the QSS vertices (autoqnn.nn.SchemeMixture, weight and activation).
 
 A second table times each op alone, called below the autograd key as the fast path calls it:
 the host cost of the kernels' own entry code (argument checks, conversions, allocations,
@@ -59,29 +61,42 @@ def main(argv=None) -> int:
     }
     fast = AF._eager_fast
     slow = lambda *a: False  # noqa: E731
+    nodes = (AF._CPP_QUANTIZE, AF._CPP_MIXTURE)
+    provs = ("registered", "fast-py") + (("fast",) if AF._CPP_MIXTURE is not None else ())
+
+    def use(prov):
+        AF._eager_fast = slow if prov == "registered" else fast
+        AF._CPP_QUANTIZE, AF._CPP_MIXTURE = nodes if prov == "fast" else (None, None)
+
     res = {}
-    # interleaved: every round times both providers; the minimum over rounds is kept
+    # interleaved: every round times every provider; the minimum over rounds is kept
     try:
         for name, fn in cases.items():
-            for prov in ("registered", "fast"):
-                AF._eager_fast = fast if prov == "fast" else slow
+            for prov in provs:
+                use(prov)
                 for _ in range(20):
                     fn()
             for _ in range(args.rounds):
-                for prov in ("registered", "fast"):
-                    AF._eager_fast = fast if prov == "fast" else slow
+                for prov in provs:
+                    use(prov)
                     t = _time_once(fn, dev, args.calls)
                     res[(name, prov)] = min(res.get((name, prov), float("inf")), t)
     finally:
         AF._eager_fast = fast
+        AF._CPP_QUANTIZE, AF._CPP_MIXTURE = nodes
     ops_res = _time_ops(x.detach(), w.detach(), dev, args)
     print(f"\n### Host time per quantizer call, fwd+bwd, {args.numel} elements on {dev} "
           f"(torch {torch.__version__}, {torch.get_num_threads()} threads)\n")
-    print("| call | registered µs | fast µs | registered / fast |")
-    print("|---|---:|---:|---:|")
+    if "fast" not in provs:
+        print("(no C++ autograd nodes: the extension is not loaded; `fast` = `fast-py`)\n")
+    best = provs[-1]
+    print("| call | " + " | ".join(f"{p} µs" for p in provs) + " | " +
+          " | ".join(f"{p} / {best}" for p in provs[:-1]) + " |")
+    print("|---|" + "---:|" * (2 * len(provs) - 1))
     for name in cases:
-        r, f = res[(name, "registered")], res[(name, "fast")]
-        print(f"| {name} | {r:.1f} | {f:.1f} | {r / f:.2f}x |")
+        ts = [res[(name, p)] for p in provs]
+        print(f"| {name} | " + " | ".join(f"{t:.1f}" for t in ts) + " | " +
+              " | ".join(f"{t / ts[-1]:.2f}x" for t in ts[:-1]) + " |")
     print(f"\n### One op alone, below autograd (the kernels' entry code), {args.numel} elements on {dev}\n")
     print("| op | µs per call |")
     print("|---|---:|")
