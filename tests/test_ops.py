@@ -362,6 +362,34 @@ def test_eager_fast_path_is_once_differentiable(monkeypatch, node):
         assert not gx.requires_grad
 
 
+@pytest.mark.parametrize("node", EAGER_NODES)
+def test_eager_nodes_keep_autograd_bookkeeping(monkeypatch, node):
+    """retain_graph, the freed-graph error, the in-place modification check on saved inputs and
+    tensor hooks behave as for any autograd node."""
+    _use_node(monkeypatch, node)
+    w = torch.softmax(torch.randn(8), 0).requires_grad_()
+    x = torch.randn(100, requires_grad=True)
+    y = AF.quantize_mixture(x, w, WEIGHT_CANDIDATES, 3)
+    assert _node_kind(y) == node
+    y.sum().backward(retain_graph=True)
+    g1 = x.grad.clone()
+    y.sum().backward()
+    torch.testing.assert_close(x.grad, 2 * g1, rtol=0, atol=0)
+    with pytest.raises(RuntimeError, match="backward through the graph a second time"):
+        y.sum().backward()
+    xx = torch.randn(100, requires_grad=True) * 1
+    y = AF.quantize(xx, "clip", 3)
+    with torch.no_grad():
+        xx.add_(1)
+    with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+        y.sum().backward()
+    x.grad = None
+    y = AF.quantize_mixture(x, w, WEIGHT_CANDIDATES, 3)
+    y.register_hook(lambda g: g * 2)
+    y.sum().backward()
+    torch.testing.assert_close(x.grad, 2 * g1, rtol=0, atol=0)
+
+
 def test_cpp_autograd_node_rejects_an_unknown_mode():
     if AF._CPP_MIXTURE is None:
         pytest.skip("the C++ autograd nodes need the extension")
