@@ -463,14 +463,16 @@ def quantize(
     mode = backends.resolve(backend, x.device, _needs(backend, "quantize", "quantize_backward"))
     if mode == "torch":
         return _torch_impl(x, None, bits_t, ints or ref.int_bits(bits_h, [info.id]), [info.id], per_channel, params)
+    if _CPP_QUANTIZE is not None and (_eager_fast(x, bits_t) if params is None else _eager_fast(x, params, bits_t)):
+        # statistics, forward op and (when needed) the autograd node in one call into C++
+        return _CPP_QUANTIZE(x, params, bits_t, bits_h, info.id, per_channel, _MODE_ID[_node_mode(mode, x, "q")],
+                             2 if mode == "triton" else 0)
     if params is None:
         params = _params_op(mode)(x.detach(), bits_h.detach(), [info.id], per_channel, _bits_grad(bits_t))
-    if _eager_fast(x, params, bits_t):
+    if _eager_fast(x, params, bits_t):  # without the extension: the same in Python
         node = _node_mode(mode, x, "q")
         if not _wants_grad(x, bits_t):  # eval / no_grad: the op alone, no autograd node
             return _below_autograd(_op_pair("q", node)[0])(x, params, bits_h, info.id, per_channel)
-        if _CPP_QUANTIZE is not None:
-            return _CPP_QUANTIZE(x, params, bits_t, bits_h, info.id, per_channel, _MODE_ID[node])
         return _QuantizeFn.apply(x, params, bits_t, info.id, per_channel, node, bits_h)
     if mode == "triton":
         return torch.ops.autoqnn.quantize_triton(x, params, bits_t, info.id, per_channel)
@@ -507,7 +509,8 @@ def quantize_mixture(
     K = len(infos)
     if weights.numel() != K or weights.dim() > 1:
         raise ValueError(f"weights must have shape [{K}] (one per scheme), got {list(weights.shape)}")
-    weights = weights.reshape(K)
+    if weights.dim() != 1:
+        weights = weights.reshape(K)
     _check_per_channel(x, per_channel)
     if params is not None:
         params = _check_params_arg(params, x, K, per_channel)
@@ -515,14 +518,17 @@ def quantize_mixture(
     mode = backends.resolve(backend, x.device, _needs(backend, "mixture", "mixture_backward"))
     if mode == "torch":
         return _torch_impl(x, weights, bits_t, ints or ref.int_bits(bits_h, sids), sids, per_channel, params)
+    if _CPP_MIXTURE is not None and (
+            _eager_fast(x, weights, bits_t) if params is None else _eager_fast(x, params, weights, bits_t)):
+        # statistics, forward op and (when needed) the autograd node in one call into C++
+        return _CPP_MIXTURE(x, params, weights, bits_t, bits_h, sids, per_channel,
+                            _MODE_ID[_node_mode(mode, x, "m")], 2 if mode == "triton" else 0)
     if params is None:
         params = _params_op(mode)(x.detach(), bits_h.detach(), sids, per_channel, _bits_grad(bits_t))
-    if _eager_fast(x, params, weights, bits_t):
+    if _eager_fast(x, params, weights, bits_t):  # without the extension: the same in Python
         node = _node_mode(mode, x, "m")
         if not _wants_grad(x, weights, bits_t):  # eval / no_grad: the op alone, no autograd node
             return _below_autograd(_op_pair("m", node)[0])(x, params, weights, bits_h, sids, per_channel)
-        if _CPP_MIXTURE is not None:
-            return _CPP_MIXTURE(x, params, weights, bits_t, bits_h, sids, per_channel, _MODE_ID[node])
         return _MixtureFn.apply(x, params, weights, bits_t, sids, per_channel, node, bits_h)
     if mode == "triton":
         return torch.ops.autoqnn.mixture_triton(x, params, weights, bits_t, sids, per_channel)

@@ -24,6 +24,8 @@
 #include <torch/library.h>
 
 #include <array>
+#include <initializer_list>
+#include <optional>
 #include <string>
 #include <tuple>
 
@@ -79,6 +81,38 @@ const OpPair<Fwd, Bwd>& pair_for(int64_t mode) {
       return p;
     }
   }
+}
+
+// The statistics op of a family: autoqnn::scheme_params (the dispatcher: C++ on CPU and CUDA) or,
+// for backend="triton", autoqnn::scheme_params_triton.
+using PFn = Tensor(const Tensor&, const Tensor&, at::IntArrayRef, bool, bool);
+
+const c10::TypedOperatorHandle<PFn>& params_op(bool triton) {
+  if (triton) {
+    static const auto op = find_op<PFn>("autoqnn::scheme_params_triton");
+    return op;
+  }
+  static const auto op = find_op<PFn>("autoqnn::scheme_params");
+  return op;
+}
+
+// params as given, or the statistics of x (below autograd: nothing to record) at the host bits.
+// ResQ's alpha_{b+1} is computed only when the bits will get a gradient (as functional._bits_grad).
+Tensor params_or_stats(const std::optional<Tensor>& params, const Tensor& x, const Tensor& bits,
+                       const Tensor& bits_h, at::IntArrayRef schemes, bool per_channel, int64_t params_mode) {
+  if (params.has_value() && params->defined()) return *params;
+  TORCH_CHECK_VALUE(params_mode == 0 || params_mode == 2, "autoqnn: params_mode must be 0 (ops) or 2 (triton), got ",
+                    params_mode);
+  const bool need_bits_grad = bits.requires_grad() && at::GradMode::is_enabled();
+  at::AutoDispatchBelowAutograd below;
+  return params_op(params_mode == 2).call(x, bits_h, schemes, per_channel, need_bits_grad);
+}
+
+bool any_requires_grad(std::initializer_list<const Tensor*> ts) {
+  if (!at::GradMode::is_enabled()) return false;
+  for (const Tensor* t : ts)
+    if (t->requires_grad()) return true;
+  return false;
 }
 
 // @once_differentiable: with create_graph=True and a grad_output that requires grad, the
@@ -158,9 +192,16 @@ struct QuantizeBackward : public torch::autograd::Function<QuantizeBackward> {
   }
 };
 
-Tensor quantize_autograd(const Tensor& x, const Tensor& params, const Tensor& bits, const Tensor& bits_h,
-                         int64_t scheme, bool per_channel, int64_t mode) {
-  return QuantizeBackward::apply(x, params, bits, bits_h, scheme, per_channel, check_mode(mode, "_quantize_autograd"));
+Tensor quantize_autograd(const Tensor& x, const std::optional<Tensor>& params_, const Tensor& bits,
+                         const Tensor& bits_h, int64_t scheme, bool per_channel, int64_t mode, int64_t params_mode) {
+  check_mode(mode, "_quantize_autograd");
+  const int64_t s[1] = {scheme};
+  const Tensor params = params_or_stats(params_, x, bits, bits_h, at::IntArrayRef(s, 1), per_channel, params_mode);
+  if (!any_requires_grad({&x, &bits})) {  // eval / no_grad / inference mode: the op alone
+    at::AutoDispatchBelowAutograd below;
+    return quantize_ops(mode).fwd.call(x, params, bits_h, scheme, per_channel);
+  }
+  return QuantizeBackward::apply(x, params, bits, bits_h, scheme, per_channel, mode);
 }
 
 // ---------------------------------------------------------------- mixture
@@ -212,15 +253,28 @@ struct MixtureBackward : public torch::autograd::Function<MixtureBackward> {
   }
 };
 
-Tensor mixture_autograd(const Tensor& x, const Tensor& params, const Tensor& weights, const Tensor& bits,
-                        const Tensor& bits_h, at::IntArrayRef schemes, bool per_channel, int64_t mode) {
-  return MixtureBackward::apply(x, params, weights, bits, bits_h, schemes, per_channel,
-                            check_mode(mode, "_mixture_autograd"));
+Tensor mixture_autograd(const Tensor& x, const std::optional<Tensor>& params_, const Tensor& weights,
+                        const Tensor& bits, const Tensor& bits_h, at::IntArrayRef schemes, bool per_channel,
+                        int64_t mode, int64_t params_mode) {
+  check_mode(mode, "_mixture_autograd");
+  const Tensor params = params_or_stats(params_, x, bits, bits_h, schemes, per_channel, params_mode);
+  if (!any_requires_grad({&x, &weights, &bits})) {  // eval / no_grad / inference mode: the op alone
+    at::AutoDispatchBelowAutograd below;
+    return mixture_ops(mode).fwd.call(x, params, weights, bits_h, schemes, per_channel);
+  }
+  return MixtureBackward::apply(x, params, weights, bits, bits_h, schemes, per_channel, mode);
 }
 
 }  // namespace autoqnn
 
 TORCH_LIBRARY_IMPL(autoqnn, Autograd, m) {
+  m.impl("_quantize_autograd", &autoqnn::quantize_autograd);
+  m.impl("_mixture_autograd", &autoqnn::mixture_autograd);
+}
+
+// Where the Autograd keys are excluded (torch.inference_mode) the call lands on a backend key: the
+// same entry, which then takes its no-grad branch.
+TORCH_LIBRARY_IMPL(autoqnn, CompositeExplicitAutograd, m) {
   m.impl("_quantize_autograd", &autoqnn::quantize_autograd);
   m.impl("_mixture_autograd", &autoqnn::mixture_autograd);
 }

@@ -1,6 +1,7 @@
 # SPDX-License-Identifier: MIT
 """The op layer: opcheck, torch.compile(fullgraph=True), parity of the custom-op path with the
 pure-PyTorch path (values and every gradient), backend selection, nothing K×N saved."""
+import contextlib
 import subprocess
 import sys
 
@@ -398,9 +399,11 @@ def test_cpp_autograd_node_rejects_an_unknown_mode():
     p = AF.scheme_params(x, WEIGHT_CANDIDATES, 3)
     w = torch.full((8,), 0.125)
     with pytest.raises(ValueError, match="mode must be"):
-        AF._CPP_MIXTURE(x, p, w, bt, bh, sids, False, 7)
+        AF._CPP_MIXTURE(x, p, w, bt, bh, sids, False, 7, 0)
     with pytest.raises(ValueError, match="mode must be"):
-        AF._CPP_QUANTIZE(x, p[:1], bt[:1], bh[:1], sids[0], False, -1)
+        AF._CPP_QUANTIZE(x, p[:1], bt[:1], bh[:1], sids[0], False, -1, 0)
+    with pytest.raises(ValueError, match="params_mode must be"):
+        AF._CPP_MIXTURE(x, None, w, bt, bh, sids, False, 0, 1)
 
 
 # ----------------------------------------------------------------------------- backends / env
@@ -456,32 +459,52 @@ def test_reference_params_shape_and_dtype():
     torch.testing.assert_close(s[0, 0], torch.tensor(35.0))
 
 
-def test_statistics_skip_alpha_b1_only_without_a_bits_gradient(monkeypatch):
+@pytest.mark.parametrize("node", EAGER_NODES)
+def test_statistics_skip_alpha_b1_only_without_a_bits_gradient(monkeypatch, node):
     """The functional API asks scheme_params for ResQ's α_{b+1} (one more statistics pass) only
-    when the bits receive a gradient; the bits gradient it then gives is the reference's."""
+    when the bits receive a gradient; the bits gradient it then gives is the reference's. (The
+    Python path's calls are spied on; the C++ entry's through the profiler's recorded inputs.)"""
+    _use_node(monkeypatch, node)
     seen = []
-    orig = AF._params_op
+    if node == "python":
+        orig = AF._params_op
 
-    def spy(mode):
-        op = orig(mode)
+        def spy(mode):
+            op = orig(mode)
 
-        def call(*args):
-            seen.append(args[4])
-            return op(*args)
+            def call(*args):
+                seen.append(args[4])
+                return op(*args)
 
-        return call
+            return call
 
-    monkeypatch.setattr(AF, "_params_op", spy)
+        monkeypatch.setattr(AF, "_params_op", spy)
+        record = contextlib.nullcontext
+    else:
+        from torch.profiler import profile
+
+        @contextlib.contextmanager
+        def record():
+            with profile(record_shapes=True) as prof:
+                yield
+            for e in prof.events():
+                if e.name == "autoqnn::scheme_params":
+                    inputs = getattr(e, "concrete_inputs", None)
+                    if not inputs or len(inputs) < 5 or not isinstance(inputs[4], bool):
+                        pytest.skip("this torch's profiler does not record the op's bool inputs")
+                    seen.append(inputs[4])
     x = torch.randn(3000, requires_grad=True)
     w = torch.softmax(torch.randn(8), 0).requires_grad_()
-    AF.quantize_mixture(x, w, WEIGHT_CANDIDATES, 3)  # integer bits
-    AF.quantize(x, "residual", 3)
+    with record():
+        AF.quantize_mixture(x, w, WEIGHT_CANDIDATES, 3)  # integer bits
+        AF.quantize(x, "residual", 3)
     assert seen == [False, False]
     bits = torch.tensor(3.0, requires_grad=True)
     seen.clear()
-    y = AF.quantize(x, "residual", bits)
-    with torch.no_grad():
-        AF.quantize(x, "residual", bits)
+    with record():
+        y = AF.quantize(x, "residual", bits)
+        with torch.no_grad():
+            AF.quantize(x, "residual", bits)
     assert seen == [True, False]
     gy = torch.randn(3000)
     (gb,) = torch.autograd.grad(y, [bits], gy)
@@ -491,9 +514,11 @@ def test_statistics_skip_alpha_b1_only_without_a_bits_gradient(monkeypatch):
     assert float(gb) != 0.0
 
 
-def test_eager_fast_path_without_grad_records_no_node():
-    """Under no_grad, or when no input requires grad, the fast path calls the op alone: the same
-    values as with autograd recording, and no graph node."""
+@pytest.mark.parametrize("node", EAGER_NODES)
+def test_eager_fast_path_without_grad_records_no_node(monkeypatch, node):
+    """Under no_grad, inference_mode, or when no input requires grad, the fast path calls the op
+    alone: the same values as with autograd recording, and no graph node."""
+    _use_node(monkeypatch, node)
     torch.manual_seed(6)
     x = torch.randn(5, 33, requires_grad=True)
     w = torch.softmax(torch.randn(8), 0).requires_grad_()
@@ -505,8 +530,13 @@ def test_eager_fast_path_without_grad_records_no_node():
         with torch.no_grad():
             y0 = fn(x, w, b)
         y1 = fn(x.detach(), w.detach(), b.detach())
-        for z in (y0, y1):
+        with torch.inference_mode():  # inference tensors skip the Autograd keys altogether
+            xi, wi, bi = x.detach().clone(), w.detach().clone(), b.detach().clone()
+            y2 = fn(xi, wi, bi)
+            y3 = fn(x, w, b)
+        assert y2.is_inference()
+        for z in (y0, y1, y2, y3):
             assert z.grad_fn is None and not z.requires_grad
             torch.testing.assert_close(z, y.detach(), rtol=0, atol=0, equal_nan=True)
         # one input requiring grad is enough to record the node
-        assert fn(x.detach(), w.detach(), b).grad_fn is not None
+        assert _node_kind(fn(x.detach(), w.detach(), b)) == node

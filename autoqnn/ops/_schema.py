@@ -100,18 +100,22 @@ for _name in GPU_TWIN_OPS:  # the C++ CUDA kernels' own names (no default kernel
     _lib.define(f"{_name}_cuda" + SCHEMAS[_name])
 
 
-#: the eager fast path's C++ autograd nodes (csrc/autograd.cpp; kernels for the Autograd key
-#: only, none without the extension): the forward op of a family called below autograd, with the
-#: registered formula as backward. ``bits_h`` is the host copy of ``bits`` that the ops read;
-#: ``mode`` picks the family: 0 = ``autoqnn::<op>``, 1 = ``<op>_cuda``, 2 = ``<op>_triton``.
-#: Private: not part of :data:`OPS` (no fake kernel: never traced, see functional._eager_fast).
+#: the eager fast path in C++ (csrc/autograd.cpp; kernels for the Autograd key and, for
+#: inference mode, CompositeExplicitAutograd; none without the extension): the statistics when
+#: ``params`` is None (``params_mode`` 0 = ``autoqnn::scheme_params``, 2 = ``scheme_params_triton``),
+#: then the forward op of a family called below autograd, recorded as a C++ node with the
+#: registered formula as backward when x, weights or bits need a gradient. ``bits_h`` is the host
+#: copy of ``bits`` that the ops read; ``mode`` picks the op family: 0 = ``autoqnn::<op>``,
+#: 1 = ``<op>_cuda``, 2 = ``<op>_triton``. Private: not part of :data:`OPS` (no fake kernel:
+#: never traced, see functional._eager_fast).
 AUTOGRAD_NODE_SCHEMAS = {
     "_quantize_autograd": (
-        "(Tensor x, Tensor params, Tensor bits, Tensor bits_h, int scheme, bool per_channel, int mode) -> Tensor"
+        "(Tensor x, Tensor? params, Tensor bits, Tensor bits_h, int scheme, bool per_channel, int mode, "
+        "int params_mode) -> Tensor"
     ),
     "_mixture_autograd": (
-        "(Tensor x, Tensor params, Tensor weights, Tensor bits, Tensor bits_h, int[] schemes, "
-        "bool per_channel, int mode) -> Tensor"
+        "(Tensor x, Tensor? params, Tensor weights, Tensor bits, Tensor bits_h, int[] schemes, "
+        "bool per_channel, int mode, int params_mode) -> Tensor"
     ),
 }
 for _name, _schema in AUTOGRAD_NODE_SCHEMAS.items():
