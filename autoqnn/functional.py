@@ -140,7 +140,9 @@ def _learned_bits(bits: torch.Tensor, infos) -> tuple[torch.Tensor, torch.Tensor
         return bt, bt
     if _on_host(bt):
         _check_finite_bits(bt, infos)
-        return bt, bt
+        # detached: the ops' copy is not a second differentiable input (compiled autograd failed
+        # to add the None gradient of that duplicate edge to the real one)
+        return bt, bt.detach()
     bh, _ = _bits_tensor(_bits_host(bits), infos)
     return bt, bh
 

@@ -391,6 +391,29 @@ def test_eager_nodes_keep_autograd_bookkeeping(monkeypatch, node):
     torch.testing.assert_close(x.grad, 2 * g1, rtol=0, atol=0)
 
 
+@pytest.mark.parametrize("node", EAGER_NODES + ["registered"])
+def test_eager_nodes_run_under_compiled_autograd(monkeypatch, node):
+    """A graph recorded in eager mode (the fast path's node, or the registered formula)
+    back-propagates under compiled autograd too, to the same gradients, learned bits included."""
+    ca = pytest.importorskip("torch._dynamo.compiled_autograd")
+    if not hasattr(ca, "_enable"):
+        pytest.skip("this torch has no compiled_autograd._enable")
+    _use_node(monkeypatch, node)
+    torch.manual_seed(7)
+    x = torch.randn(64, requires_grad=True)
+    w = torch.softmax(torch.randn(8), 0).requires_grad_()
+    b = torch.tensor(3.2, requires_grad=True)
+    y = AF.quantize_mixture(x, w, WEIGHT_CANDIDATES, b)
+    assert _node_kind(y) == node
+    ref_grads = torch.autograd.grad(y.pow(2).sum(), [x, w, b], retain_graph=True)
+    torch._dynamo.reset()
+    with ca._enable(torch.compile(backend="eager")):
+        y.pow(2).sum().backward()
+    torch._dynamo.reset()
+    for t, g in zip((x, w, b), ref_grads):
+        torch.testing.assert_close(t.grad, g, rtol=0, atol=0)
+
+
 def test_cpp_autograd_node_rejects_an_unknown_mode():
     if AF._CPP_MIXTURE is None:
         pytest.skip("the C++ autograd nodes need the extension")
