@@ -140,6 +140,13 @@ variable_list once_differentiable(variable_list out, const variable_list& grad_o
   return err.apply(std::move(fake));
 }
 
+// What both nodes' backward needs besides the saved tensors.
+void save_call(AutogradContext* ctx, bool per_channel, int64_t mode, const Tensor& bits) {
+  ctx->saved_data["per_channel"] = per_channel;
+  ctx->saved_data["mode"] = mode;
+  ctx->saved_data["bits_device"] = bits.device();
+}
+
 Tensor to_device(Tensor g, const c10::Device& device) {
   return g.device() == device ? g : g.to(device);
 }
@@ -167,9 +174,7 @@ struct QuantizeBackward : public torch::autograd::Function<QuantizeBackward> {
     }
     ctx->save_for_backward({x, params, bits_h});
     ctx->saved_data["scheme"] = scheme;
-    ctx->saved_data["per_channel"] = per_channel;
-    ctx->saved_data["mode"] = mode;
-    ctx->saved_data["bits_device"] = bits.device();
+    save_call(ctx, per_channel, mode, bits);
     return y;
   }
 
@@ -225,9 +230,7 @@ struct MixtureBackward : public torch::autograd::Function<MixtureBackward> {
     }
     ctx->save_for_backward({x, params, weights, bits_h});
     ctx->saved_data["schemes"] = schemes.vec();
-    ctx->saved_data["per_channel"] = per_channel;
-    ctx->saved_data["mode"] = mode;
-    ctx->saved_data["bits_device"] = bits.device();
+    save_call(ctx, per_channel, mode, bits);
     return y;
   }
 
