@@ -66,8 +66,9 @@ step report 110 $PY bench/report.py --device cuda --min-log2 ${REPORT_MIN_LOG2:-
 step train_step 48 $PY bench/bench_train_step.py --device cuda --providers float,qss-fused,qss-batched,qpl-fused,qpl-sync,qss-ref,qss-pruned2
 # does the batched weights op pay on a GPU (the issue asks to measure it)?
 step batched 20 $PY bench/bench_batched.py --device cuda
-# host time per quantizer call and per op alone (the C++ backward's unexplained host time)
-step host 20 $PY bench/bench_host.py --device cuda --rounds 5
+# host time per quantizer call (registered formula, Python fast path, C++ fast path: 3 providers,
+# hence 200 calls a round) and per op alone (the C++ backward's unexplained host time)
+step host 20 $PY bench/bench_host.py --device cuda --rounds 5 --calls 200
 # is the IEEE division a bottleneck, and is the exact reciprocal form bitwise x/s on the GPU too?
 step division 30 $PY bench/bench_division.py --device cuda --exhaustive
 # the issue's memory target: extra memory of the mixture backward per provider, x 16M fp32
