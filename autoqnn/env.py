@@ -47,7 +47,17 @@ def collect_env() -> dict:
         "kernels": {op: {d: backends.kernel_for(op, d) for d in devices} for op in OPS},
         "kernel_choice": _kernel_choice_status(cuda_ok),
         "threads": torch.get_num_threads(),
+        "eager_autograd": _eager_autograd(),
     }
+
+
+def _eager_autograd() -> str:
+    """Which autograd nodes the functional API's eager fast path records."""
+    from . import functional as AF  # noqa: PLC0415
+
+    if AF._CPP_MIXTURE is not None and AF._CPP_QUANTIZE is not None:
+        return "C++ nodes (autoqnn._C: csrc/autograd.cpp)"
+    return "Python autograd.Functions (no extension)"
 
 
 def _kernel_choice_status(cuda_ok: bool) -> dict:
@@ -86,6 +96,7 @@ def format_env(info: dict) -> str:
         )
     lines.append(f"backend      default {info['default_backend']!r} (set AUTOQNN_BACKEND to change)")
     lines.append(f"threads      {info['threads']}")
+    lines.append(f"autograd     eager quantizer calls record {info['eager_autograd']}")
     devs = list(next(iter(info["kernels"].values())).keys())
     w = max(len(o) for o in info["kernels"])
     lines.append("")

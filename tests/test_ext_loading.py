@@ -84,6 +84,12 @@ def test_disable_env_var_gives_reference_path():
         "st = e.ext_status()\n"
         "st['imported'] = 'autoqnn._C' in sys.modules\n"
         "st['stats'] = s.tolist()\n"
+        "import autoqnn.functional as AF\n"
+        "x = torch.randn(50, requires_grad=True); w = torch.full((8,), 0.125, requires_grad=True)\n"
+        "y = AF.quantize_mixture(x, w, AF.WEIGHT_CANDIDATES, 3); y.sum().backward()\n"
+        "st['node'] = type(y.grad_fn).__name__\n"
+        "st['cpp_nodes'] = [AF._CPP_QUANTIZE is None, AF._CPP_MIXTURE is None]\n"
+        "st['grads'] = [x.grad is not None, w.grad is not None]\n"
         "print(json.dumps(st))\n",
         AUTOQNN_DISABLE_EXT="1",
     )
@@ -93,6 +99,8 @@ def test_disable_env_var_gives_reference_path():
     assert "AUTOQNN_DISABLE_EXT" in st["LOAD_ERROR"]
     assert st["imported"] is False
     assert st["stats"] == [[2.0, 3.0, -1.0, 5.0, -2.0, 1.0, 2.0]]
+    # no C++ autograd nodes without the extension: the fast path records its Python Function
+    assert st["cpp_nodes"] == [True, True] and st["node"] == "_MixtureFnBackward" and st["grads"] == [True, True]
     # exactly one warning per process, saying why and what happens instead
     assert r.stderr.count(FALLBACK_MSG) == 1, r.stderr
     assert "AUTOQNN_DISABLE_EXT" in r.stderr

@@ -471,6 +471,8 @@ def test_env_report_runs():
     for op in autoqnn.ops.OPS:
         assert op in out.stdout
     assert "torch" in out.stdout and "autoqnn._C" in out.stdout
+    node = "C++ nodes" if AF._CPP_MIXTURE is not None else "Python autograd.Functions"
+    assert f"eager quantizer calls record {node}" in out.stdout
 
 
 def test_reference_params_shape_and_dtype():
