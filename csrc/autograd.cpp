@@ -1,22 +1,24 @@
 // SPDX-License-Identifier: MIT
-// The eager fast path's autograd nodes in C++: autoqnn::_quantize_autograd and
-// autoqnn::_mixture_autograd (schemas in autoqnn/ops/_schema.py, kernels registered here for the
-// Autograd alias key only). autoqnn/functional.py calls them in plain eager mode when grad is
-// needed; everything else (torch.compile, torch.func, dispatch modes, subclasses) keeps the
-// registered ops and their torch.library formulas.
+// The eager fast path in C++: autoqnn::_quantize_autograd and autoqnn::_mixture_autograd
+// (schemas in autoqnn/ops/_schema.py; kernels registered here for the Autograd alias key and, so
+// that inference tensors reach them, CompositeExplicitAutograd). autoqnn/functional.py calls them
+// in plain eager mode; everything else (torch.compile, torch.func, dispatch modes, subclasses)
+// keeps the registered ops and their torch.library formulas.
 //
-// Why: a Python torch.autograd.Function costs tens of µs of host time per call in its forward
-// and again in its backward, more than the kernels themselves take on weight-sized tensors; on a
-// GPU that host time is what a QSS step of ~40 quantizers waits for. A C++ node does the same
-// bookkeeping in a few µs.
+// One call does what functional.py's Python path does in several: the statistics when no params
+// are given (scheme_params, or scheme_params_triton; ResQ's alpha_{b+1} only when the bits get a
+// gradient), then the forward op of the chosen family ("mode": 0 = the dispatcher's
+// autoqnn::<op>, 1 = autoqnn::<op>_cuda, 2 = autoqnn::<op>_triton) below the autograd key with the
+// host copy of the bits (bits_h). When x, weights or bits need a gradient the call is recorded as
+// a torch::autograd::Function node whose backward is the registered formula
+// (_schema._quantize_bwd/_mixture_bwd); the gradient goes to `bits`, moved to bits' device.
+// Nothing of size K x N is saved: x, params, weights, bits_h. Like @once_differentiable, a
+// backward run with create_graph=True returns gradients whose grad_fn raises when differentiated
+// (torch's DelayedError), instead of silently wrong zeros.
 //
-// The nodes compute exactly what functional.py's _QuantizeFn/_MixtureFn compute (the formulas of
-// _schema._quantize_bwd/_mixture_bwd): the forward op and the backward op of the chosen family
-// ("mode": 0 = the dispatcher's autoqnn::<op>, 1 = autoqnn::<op>_cuda, 2 = autoqnn::<op>_triton),
-// called below the autograd key with the host copy of the bits (bits_h); the gradient goes to
-// `bits`, moved to bits' device. Nothing of size K x N is saved: x, params, weights, bits_h.
-// Like @once_differentiable, a backward run with create_graph=True returns gradients whose
-// grad_fn raises when differentiated (torch's DelayedError), instead of silently wrong zeros.
+// Why: a Python torch.autograd.Function and the Python glue around two op calls cost more host
+// time per call than the kernels take on weight-sized tensors; on a GPU that host time is what a
+// QSS step of ~40 quantizers waits for (bench/bench_host.py measures the three paths).
 #include <ATen/core/dispatch/Dispatcher.h>
 #include <c10/util/Exception.h>
 #include <torch/csrc/autograd/custom_function.h>
