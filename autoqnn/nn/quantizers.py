@@ -13,7 +13,6 @@ them.
 from __future__ import annotations
 
 import math
-import threading
 import warnings
 from typing import Optional, Sequence, Union
 
@@ -51,13 +50,45 @@ def _dist_world() -> int:
     return 1
 
 
-#: per-thread CPU generator for the Gumbel noise (re-seeded with (seed, block) at every draw;
-#: thread-local so that modules run from several threads cannot interleave seed and draw)
-_GUMBEL = threading.local()
-#: steps of Gumbel noise drawn at once: the noise of step s is row s % NOISE_BLOCK of the block
-#: s // NOISE_BLOCK, drawn from a generator seeded with (seed, block) and kept on the module's
-#: device. One draw and one host-to-device copy per NOISE_BLOCK steps instead of per step.
+#: steps of Gumbel noise an eager forward computes at once: the noise of step s is row
+#: s % NOISE_BLOCK of the block s // NOISE_BLOCK, kept on the module's device. One computation and
+#: one host-to-device copy per NOISE_BLOCK steps instead of per step.
 NOISE_BLOCK = 256
+
+_M32 = 0xFFFFFFFF
+
+
+def _mix32(v: torch.Tensor) -> torch.Tensor:
+    """A bijective 32-bit integer hash (xor-shift / multiply rounds) on int64 tensors holding values
+    in [0, 2^32); every product stays below 2^59, so int64 never overflows."""
+    v = v ^ (v >> 16)
+    v = (v * 0x45D9F3B) & _M32
+    v = v ^ (v >> 16)
+    v = (v * 0x45D9F3B) & _M32
+    return v ^ (v >> 16)
+
+
+def gumbel_noise(seed: torch.Tensor, steps: torch.Tensor, k: int) -> torch.Tensor:
+    """Gumbel(0, 1) noise as a pure function of (seed, step, candidate): float32 ``[*steps.shape, k]``
+    on ``steps``' device.
+
+    A counter-based generator: two 32-bit hashes of (seed, step, candidate) give a 48-bit uniform
+    u in (0, 1), and g = -log(-log u) in float64. It is made of plain tensor ops, so the eager
+    forward (a block of steps at a time) and a ``torch.compile``-d forward (one step, read from
+    the ``step`` buffer inside the graph: no Python counter, no recompile per step) compute the
+    same noise, on every device and every DDP rank.
+    """
+    seed = seed.to(device=steps.device, dtype=torch.int64)
+    t = steps.to(torch.int64)
+    h = _mix32(((seed >> 32) & _M32) ^ 0x3C6EF372)
+    h = _mix32(h ^ (seed & _M32))
+    h = _mix32(h ^ ((t >> 32) & _M32) ^ 0x7F4A7C15)
+    h = _mix32(h ^ (t & _M32)).unsqueeze(-1)
+    j = torch.arange(2 * k, device=steps.device, dtype=torch.int64)
+    u = _mix32(h ^ _mix32(j + 0x2545F491)) >> 8  # [..., 2k], 24 bits each
+    n = (u[..., 0::2] * (1 << 24) + u[..., 1::2]).to(torch.float64)  # exact: < 2^48
+    u01 = (n + 0.5) * (2.0 ** -48)  # in (0, 1): never 0 or 1
+    return u01.log().neg().log().neg().to(torch.float32)
 
 
 def _sync_params(params: torch.Tensor, sids: Sequence[int], bits: Sequence[int]) -> torch.Tensor:
@@ -131,9 +162,12 @@ class QuantizerBase(nn.Module):
             return y.transpose(0, self.channel_dim)
         return y
 
-    def _bits_on(self, bits: Sequence[int], device: torch.device) -> torch.Tensor:
+    def _bits_on(self, bits, device: torch.device) -> torch.Tensor:
         """``bits`` as a float tensor on ``device``, made once per (bits, device): a fresh
-        host-to-device copy every step would synchronise the GPU stream."""
+        host-to-device copy every step would synchronise the GPU stream. A tensor (the rounded
+        learned bits inside a compiled graph) is used as it is."""
+        if isinstance(bits, torch.Tensor):
+            return bits.to(device=device, dtype=torch.float32)
         cache = self.__dict__.setdefault("_bits_dev", {})
         key = (tuple(int(b) for b in bits), str(device))
         t = cache.get(key)
@@ -142,8 +176,7 @@ class QuantizerBase(nn.Module):
         return t
 
     @torch.no_grad()
-    def _update_ema(self, params: torch.Tensor, bits: Sequence[int]):
-        key = tuple(int(b) for b in bits)
+    def _update_ema(self, params: torch.Tensor, bits):
         eb = self.ema_bits
         p = params.to(self.ema_params.device, self.ema_params.dtype)
         m = self.ema_momentum
@@ -154,8 +187,19 @@ class QuantizerBase(nn.Module):
         # good: a compiled graph may write the buffer without bumping its version counter.
         compiling = torch.compiler.is_compiling()
         if compiling:
+            # Traced: every decision on the device (no Python flag to guard on, so the graph
+            # compiled at the first step is the one every later step runs).
             self._ema_fast_off = True
-        seen = None if compiling or self.__dict__.get("_ema_fast_off") else self.__dict__.get("_ema_seen")
+            bits_t = self._bits_on(bits, eb.device)
+            avg = self.ema_params.mul(m).add_(p, alpha=1.0 - m)
+            keep = self.ema_valid & (eb == bits_t).all()
+            self.ema_params.copy_(torch.where(keep, avg, p))
+            eb.copy_(bits_t)
+            self.ema_valid.fill_(True)
+            self._ema_ok = True
+            return
+        key = tuple(int(b) for b in bits)
+        seen = None if self.__dict__.get("_ema_fast_off") else self.__dict__.get("_ema_seen")
         if self._ema_ok and seen is not None and seen[0] == key and seen[1] is eb and seen[2] == eb._version:
             self.ema_params.mul_(m).add_(p, alpha=1.0 - m)
             return
@@ -172,13 +216,20 @@ class QuantizerBase(nn.Module):
             same = (eb == bits_t).all()
             self.ema_params.copy_(torch.where(same, avg, p))
             eb.copy_(bits_t)
-        if not compiling:
-            self._ema_seen = (key, eb, eb._version)
+        self._ema_seen = (key, eb, eb._version)
 
-    def _eval_params(self, bits: Sequence[int], x: torch.Tensor) -> Optional[torch.Tensor]:
+    def _eval_params(self, bits, x: torch.Tensor) -> Optional[torch.Tensor]:
         """EMA params for eval, or None (batch statistics) when they do not fit these bits."""
         if self.kind != "activation" or self.training or not self._ema_ok:
             return None
+        if torch.compiler.is_compiling():
+            # Traced: whether the EMA fits these bits is decided on the device (the eager
+            # version reads ema_bits on the host), so the batch statistics are computed too.
+            schemes = [scheme_info(s).name for s in self._sids]
+            batch = AF.scheme_params(x.detach(), schemes, bits, backend=self.backend, need_bits_grad=False)
+            ema = _fix_fixed_step(self.ema_params, self._sids, bits).to(batch.device, batch.dtype)
+            fits = (self.ema_valid & (self.ema_bits == self._bits_on(bits, self.ema_bits.device)).all())
+            return torch.where(fits.to(batch.device), ema, batch)
         if [int(b) for b in self.ema_bits.tolist()] != list(bits):
             if not getattr(self, "_warned_bits", False):
                 warnings.warn(
@@ -256,7 +307,12 @@ class Quantizer(QuantizerBase):
         xin = self._prep(x)
         params = None
         if self.kind == "activation":
-            b_int = [self.int_bits()]
+            if self.learn_bits and torch.compiler.is_compiling():
+                # traced: the integer bits stay a tensor in the graph (SPEC 4.1's clip(round(b)))
+                info = scheme_info(self._scheme)
+                b_int = self.bits.detach().round().clamp(info.min_bits, info.max_bits).reshape(1)
+            else:
+                b_int = [self.int_bits()]
             if self.training:
                 params = AF.scheme_params(xin.detach(), [self._scheme], b_int, backend=self.backend,
                                           need_bits_grad=self.learn_bits and torch.is_grad_enabled())
@@ -340,6 +396,7 @@ class SchemeMixture(QuantizerBase):
         super()._refresh_from_buffers()
         self._tau = float(self.tau)
         self._step = int(self.step)
+        self._step_stale = False
         self._seed = int(self.seed)
         self._bits = [int(b) for b in self.bits.tolist()]
         self._active = [k for k, a in enumerate(self.active.tolist()) if a]
@@ -361,6 +418,7 @@ class SchemeMixture(QuantizerBase):
     def set_step(self, step: int) -> None:
         """Set the Gumbel step counter (the trainer does this so all ranks agree)."""
         self._step = int(step)
+        self._step_stale = False
         self.step.fill_(self._step)
 
     def gumbel(self, step: Optional[int] = None) -> torch.Tensor:
@@ -368,29 +426,38 @@ class SchemeMixture(QuantizerBase):
         (a new tensor on the device of ``theta``)."""
         return self._noise(step).clone()
 
-    @torch.compiler.disable  # Python ints and a stateful generator: run it eagerly
     def _noise(self, step: Optional[int] = None) -> torch.Tensor:
-        """A read-only view of the step's row of the cached noise block."""
-        s = self._step if step is None else int(step)
+        """Eager: a read-only view of the step's row of the cached noise block."""
+        if step is None:
+            if self.__dict__.get("_step_stale"):  # a compiled forward advanced the step buffer
+                self.__dict__["_step"] = int(self.step)
+                self.__dict__["_step_stale"] = False
+            s = self._step
+        else:
+            s = int(step)
         block, row = divmod(s, NOISE_BLOCK)
         dev = self.theta.device
         key = (self._seed, block, dev)
         cached = self.__dict__.get("_noise_block")
         if cached is None or cached[0] != key:
-            gen = getattr(_GUMBEL, "gen", None)
-            if gen is None:
-                gen = _GUMBEL.gen = torch.Generator()
-            gen.manual_seed((self._seed * 1_000_003 + block) % (2**63 - 1))
-            u = torch.rand(NOISE_BLOCK, len(self.schemes), generator=gen, dtype=torch.float64)
-            g = u.clamp_(1e-20, 1.0 - 1e-12).log_().neg_().log_().neg_().to(torch.float32)  # -log(-log(u))
+            steps = torch.arange(block * NOISE_BLOCK, (block + 1) * NOISE_BLOCK, dtype=torch.int64)
+            g = gumbel_noise(torch.tensor(self._seed, dtype=torch.int64), steps, len(self.schemes))
             # non_blocking: a host-to-device copy without it synchronises the GPU stream
             cached = self.__dict__["_noise_block"] = (key, g.to(dev, non_blocking=True))
         return cached[1][row]
 
     def mixture_weights(self) -> torch.Tensor:
-        """m = softmax((θ + g)/τ) with fresh noise (training) — differentiable in θ. Pruned
-        candidates get weight 0 (their logits are dropped from the softmax)."""
-        logits = (self.theta + self._noise()) / self._tau
+        """m = softmax((θ + g)/τ) with this step's noise (training) — differentiable in θ. Pruned
+        candidates get weight 0 (their logits are dropped from the softmax).
+
+        Under ``torch.compile`` the noise and τ come from the ``step``, ``seed`` and ``tau``
+        buffers inside the graph (no Python counter to guard on); eagerly from their Python
+        copies and the cached noise block. Both give the same noise (:func:`gumbel_noise`)."""
+        if torch.compiler.is_compiling():
+            g = gumbel_noise(self.seed, self.step, len(self.schemes)).to(self.theta.device)
+            logits = (self.theta + g) / self.tau.to(self.theta.device)
+        else:
+            logits = (self.theta + self._noise()) / self._tau
         if len(self._active) < len(self.schemes):
             logits = logits.masked_fill(~self.active, float("-inf"))
         return torch.softmax(logits, 0)
@@ -472,7 +539,8 @@ class SchemeMixture(QuantizerBase):
                 self._update_ema(params, self._bits)
             else:
                 params = self._eval_params(self._bits, xin)
-        if not self.training and self.eval_selection == "argmax":
+        traced = torch.compiler.is_compiling()
+        if not self.training and self.eval_selection == "argmax" and not traced:
             k = self.chosen_index()
             pk = None if params is None else params[k : k + 1]
             y = AF.quantize(xin, self.schemes[k], self._bits[k], per_channel=self.per_channel,
@@ -480,13 +548,23 @@ class SchemeMixture(QuantizerBase):
             return self._unprep(y)
         if self.training:
             w = self.mixture_weights()
-            self.__dict__["_step"] = self._step + 1  # skip nn.Module.__setattr__ (per forward)
-            self.step.fill_(self._step)
+            if traced:  # the graph advances the buffer; eager re-reads it
+                self.step.add_(1)
+                self._step_stale = True
+            else:
+                self.__dict__["_step"] = self._step + 1  # skip nn.Module.__setattr__ (per forward)
+                self.step.fill_(self._step)
         else:
-            logits = self.theta / self._tau
+            logits = self.theta / (self.tau.to(self.theta.device) if traced else self._tau)
             if len(self._active) < len(self.schemes):
                 logits = logits.masked_fill(~self.active, float("-inf"))
-            w = torch.softmax(logits, 0)
+            if self.eval_selection == "argmax":
+                # traced: the argmax stays on the device, as one-hot mixture weights (the K
+                # candidates are evaluated; every q_k is finite or NaN where x is, so the sum
+                # is exactly q_argmax)
+                w = torch.nn.functional.one_hot(logits.detach().argmax(), len(self.schemes)).to(logits.dtype)
+            else:
+                w = torch.softmax(logits, 0)
         schemes, bits = self.schemes, self._bits
         if len(self._active) < len(self.schemes):  # pruned: evaluate the live candidates only
             idx = self._active
