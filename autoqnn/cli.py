@@ -154,7 +154,7 @@ def build_configs(args) -> tuple:
         v = getattr(args, flag, None)
         if v is not None:
             raw["run"][key] = v
-    for flag in ("seed", "device", "deterministic"):
+    for flag in ("seed", "device", "deterministic", "compile"):
         v = getattr(args, flag, None)
         if v not in (None, False):
             raw[flag] = v
@@ -624,6 +624,8 @@ def _search_opts(p: argparse.ArgumentParser) -> None:
     p.add_argument("--device", help="auto, cpu, cuda, cuda:1 ...")
     p.add_argument("--seed", type=int)
     p.add_argument("--deterministic", action="store_true")
+    p.add_argument("--compile", nargs="?", const=True, metavar="BACKEND",
+                   help="torch.compile the training steps (default backend: inductor)")
     p.add_argument("--no-export", action="store_true", help="skip the packed/ONNX export")
     _common(p)
 

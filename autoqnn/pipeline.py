@@ -100,6 +100,12 @@ class SearchConfig:
     # Same results (bit-identical on CPU); off by default: on CPU it saves nothing measurable per
     # step, and the batched CUDA kernels, where it should pay, are not yet verified on a GPU
     batch_weights: bool = False
+    # torch.compile the training step's forward (and with it the backward) in every training
+    # phase: False, True (Inductor) or a torch.compile backend name. The quantizers trace into
+    # the graph without breaks and without a recompile per step (the Gumbel noise, temperature
+    # and EMA decisions are read from buffers in the graph); evaluation stays eager.
+    compile: Any = False
+    compile_mode: Optional[str] = None  # torch.compile(mode=...): "reduce-overhead", "max-autotune", ...
 
     def __post_init__(self):
         if isinstance(self.quant, dict):
@@ -140,6 +146,22 @@ class SearchConfig:
             raise ValueError("SearchConfig.size_budget_bytes must be positive")
         if not isinstance(self.batch_weights, bool):
             raise ValueError(f"SearchConfig.batch_weights must be True or False, got {self.batch_weights!r}")
+        if not isinstance(self.compile, (bool, str)) or self.compile == "":
+            raise ValueError(f"SearchConfig.compile must be True, False or a torch.compile backend name, "
+                             f"got {self.compile!r}")
+        if isinstance(self.compile, str):
+            known = _compile_backends()
+            if known and self.compile not in known:
+                raise ValueError(f"SearchConfig.compile: unknown torch.compile backend {self.compile!r}; "
+                                 f"known: {', '.join(known)}")
+        modes = (None, "default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
+        if self.compile_mode not in modes:
+            raise ValueError(f"SearchConfig.compile_mode must be one of {modes}, got {self.compile_mode!r}")
+        if self.compile_mode is not None and self.compile not in (True, "inductor"):
+            raise ValueError("SearchConfig.compile_mode applies to the Inductor backend: set compile=True")
+        if self.compile and self.batch_weights:
+            raise ValueError("SearchConfig.batch_weights and compile cannot be combined: the batched weight "
+                             "call runs eagerly before the forward, which a compiled forward does not do")
         if self.resume not in (None, "auto") and not isinstance(self.resume, (str, os.PathLike)):
             raise ValueError("SearchConfig.resume must be None, 'auto' or a checkpoint path")
         return self
@@ -159,6 +181,26 @@ class SearchConfig:
         if "quant" in d and isinstance(d["quant"], dict):
             d["quant"] = QuantConfig.from_dict(d["quant"])
         return cls(**d)
+
+
+def _compile_backends() -> List[str]:
+    """torch.compile backend names (debug ones such as ``aot_eager`` included); [] when torch
+    cannot list them."""
+    try:
+        import torch._dynamo  # noqa: PLC0415
+
+        return sorted(set(torch._dynamo.list_backends(exclude_tags=())) | {"inductor"})
+    except Exception:  # noqa: BLE001 - listing is a convenience for the error message
+        return []
+
+
+def _compiled(net: nn.Module, cfg: SearchConfig) -> nn.Module:
+    """``net`` under ``torch.compile`` as ``cfg.compile`` says (``net`` itself when it is off)."""
+    if not cfg.compile:
+        return net
+    backend = "inductor" if cfg.compile is True else cfg.compile
+    kw = {"mode": cfg.compile_mode} if cfg.compile_mode is not None else {}
+    return torch.compile(net, backend=backend, **kw)
 
 
 def _as_search_config(config) -> SearchConfig:
@@ -1162,7 +1204,7 @@ def _search(model: nn.Module, train_data, val_data, cfg, *, loss_fn: Callable, c
         if epochs == 0:
             return
         t0 = time.perf_counter()
-        train_net = wrap(net)
+        train_net = _compiled(wrap(net), cfg)
         opt = _Optim(net, cfg, phase)
         if opt_state is not None:
             opt.load_state_dict(opt_state)

@@ -10,7 +10,11 @@ QPL phase runs them); ``qpl-sync`` is ``qpl-fused`` without that block (every qu
 its learned bits on the host: a stream sync each on a GPU); ``qss-pruned2`` is the fused QSS step after candidate pruning left 2 candidates
 per vertex (what pruning saves late in a search); ``qss-batched`` is ``qss-fused`` with every weight
 vertex quantized in one batched call per step (:class:`autoqnn.nn.WeightBatcher`; what
-``SearchConfig.batch_weights`` switches on). Issue #5's goal: QSS-fused <= 1.5x float on CPU, <= 1.3x on GPU.
+``SearchConfig.batch_weights`` switches on). ``float-compiled``, ``qss-compiled`` and ``qpl-compiled``
+run the same steps with the model under ``torch.compile`` (Inductor; ``--compile-mode`` passes a mode
+such as ``reduce-overhead``), as ``SearchConfig(compile=True)`` does: the quantizers trace into one
+graph. They are not in the default list (Inductor compiles for a minute or two first). Issue #5's
+goal: QSS-fused <= 1.5x float on CPU, <= 1.3x on GPU.
 
     python bench/bench_train_step.py                 # CPU: VGG-like (width 16) on 28x28, batch 128
     python bench/bench_train_step.py --device cuda   # GPU: ResNet-18 at 224 px, batch 128
@@ -31,7 +35,12 @@ from autoqnn.config import QuantConfig
 from autoqnn.nn import bits_on_host
 from autoqnn.pipeline import SearchConfig, fix_schemes, precision_loss, prepare
 
-PROVIDERS = ["float", "qss-ref", "qss-fused", "qss-batched", "qss-pruned2", "qpl-ref", "qpl-fused", "qpl-sync"]
+DEFAULT_PROVIDERS = ["float", "qss-ref", "qss-fused", "qss-batched", "qss-pruned2", "qpl-ref", "qpl-fused", "qpl-sync"]
+COMPILED_PROVIDERS = ["float-compiled", "qss-compiled", "qpl-compiled"]
+PROVIDERS = DEFAULT_PROVIDERS + COMPILED_PROVIDERS
+#: torch.compile(mode=..., backend=...) for the *-compiled providers (main() sets them)
+COMPILE_MODE = None
+COMPILE_BACKEND = "inductor"
 
 
 def make_model(device: str):
@@ -45,6 +54,9 @@ def make_model(device: str):
 
 
 def make_step(provider: str, device: str):
+    compiled = provider.endswith("-compiled")
+    if compiled:
+        provider = {"float-compiled": "float", "qss-compiled": "qss-fused", "qpl-compiled": "qpl-fused"}[provider]
     torch.manual_seed(0)
     model, shape, classes = make_model(device)
     model = model.to(device)
@@ -76,10 +88,14 @@ def make_step(provider: str, device: str):
     opt = torch.optim.SGD(model.parameters(), lr=1e-3, momentum=0.9)
 
     host_bits = qpl and provider != "qpl-sync"
+    fwd = model
+    if compiled:
+        kw = {"mode": COMPILE_MODE} if COMPILE_MODE else {}
+        fwd = torch.compile(model, backend=COMPILE_BACKEND, **kw)
 
     def step():
         with bits_on_host(model) if host_bits else contextlib.nullcontext():
-            loss = F.cross_entropy(model(x), y)
+            loss = F.cross_entropy(fwd(x), y)
             if qpl:
                 loss = loss + precision_loss(model)
             opt.zero_grad(set_to_none=True)
@@ -122,9 +138,15 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     ap.add_argument("--rounds", type=int, default=5)
-    ap.add_argument("--providers", default=",".join(PROVIDERS),
-                    help=f"comma-separated subset of {','.join(PROVIDERS)} (float is always measured)")
+    ap.add_argument("--providers", default=",".join(DEFAULT_PROVIDERS),
+                    help=f"comma-separated subset of {','.join(PROVIDERS)} (float is always measured; "
+                         "default: all but the compiled ones)")
+    ap.add_argument("--compile-mode", help="torch.compile mode for the *-compiled providers (e.g. reduce-overhead)")
+    ap.add_argument("--compile-backend", default="inductor",
+                    help="torch.compile backend for the *-compiled providers (default inductor)")
     args = ap.parse_args(argv)
+    global COMPILE_MODE, COMPILE_BACKEND
+    COMPILE_MODE, COMPILE_BACKEND = args.compile_mode, args.compile_backend
     provs = [p.strip() for p in args.providers.split(",") if p.strip()]
     bad = sorted(set(provs) - set(PROVIDERS))
     if bad:
@@ -133,13 +155,18 @@ def main(argv=None) -> int:
     model, shape, _ = make_model(args.device)
     print(f"\n{type(model).__name__} batch {list(shape)} on {args.device} "
           f"(torch {torch.__version__}, {torch.get_num_threads()} threads, autoqnn {autoqnn.__version__})\n")
-    print("| step | median ms | vs float |")
-    print("|---|---:|---:|", flush=True)
-    base = None
+    if "float-compiled" in provs:  # measured second: the compiled rows get a ratio to it too
+        provs = ["float", "float-compiled"] + [p for p in provs if p not in ("float", "float-compiled")]
+    print("| step | median ms | vs float | vs float-compiled |")
+    print("|---|---:|---:|---:|", flush=True)
+    base = base_c = None
     for p in provs:  # one row at a time: a run cut short still reports what it measured
         t = time_step(make_step(p, args.device), args.device, args.rounds)
         base = t if base is None else base
-        print(f"| {p} | {t * 1e3:.1f} | {t / base:.2f}x |", flush=True)
+        if p == "float-compiled":
+            base_c = t
+        rc = f"{t / base_c:.2f}x" if base_c is not None else ""
+        print(f"| {p} | {t * 1e3:.1f} | {t / base:.2f}x | {rc} |", flush=True)
     return 0
 
 

@@ -34,6 +34,19 @@ def test_batched_upper_bound_table():
     assert all(float(c) > 0 for c in cells[3:6])
 
 
+def test_train_step_table_with_compiled_providers():
+    # aot_eager: the compiled path (one graph per model) without Inductor's minutes of codegen
+    out = _run("bench/bench_train_step.py", "--providers", "float-compiled,qss-fused,qss-compiled,qpl-compiled",
+               "--rounds", "1", "--compile-backend", "aot_eager")
+    rows = [line for line in out.splitlines() if line.startswith("| ") and "---" not in line][1:]
+    assert [r.split("|")[1].strip() for r in rows] == ["float", "float-compiled", "qss-fused", "qss-compiled",
+                                                       "qpl-compiled"], out
+    for r in rows:
+        cells = [c.strip() for c in r.strip().strip("|").split("|")]
+        assert float(cells[1]) > 0 and cells[2].endswith("x")
+        assert cells[3].endswith("x") == (cells[0] != "float"), r
+
+
 def test_host_time_table():
     out = _run("bench/bench_host.py", "--calls", "3", "--rounds", "1")
     rows = [line for line in out.splitlines() if line.startswith("| AF.") or line.startswith("| SchemeMixture")]

@@ -230,3 +230,103 @@ def test_inductor_step_close_to_eager():
             assert int(a.step) == int(b.step) == 1
         if a.kind == "activation":
             torch.testing.assert_close(a.ema_params, b.ema_params, rtol=1e-3, atol=1e-5)
+
+
+# ----------------------------------------------------------------------------- the pipeline
+def _search(compile_opt, tmp_path=None):
+    import autoqnn
+    from autoqnn.data import load_fashion_mnist
+
+    torch.manual_seed(0)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)  # the shipped-subset notice
+        train, val = load_fashion_mnist("train", limit=256), load_fashion_mnist("test", limit=128)
+    model = nn.Sequential(
+        nn.Conv2d(1, 6, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2),
+        nn.Conv2d(6, 8, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2),
+        nn.Flatten(), nn.Linear(8 * 7 * 7, 32), nn.ReLU(), nn.Linear(32, 10))
+    cfg = SearchConfig(float_epochs=1, search_epochs=2, precision_epochs=1, finetune_epochs=1, batch_size=64,
+                       optimizer="adam", lr=3e-3, weight_target=2.0, act_target=2.0, seed=0,
+                       compile=compile_opt, quant=QuantConfig(exclude_first_last=False))
+    return autoqnn.search(model, train, val, cfg, quiet=True)
+
+
+def test_search_with_compile_makes_the_same_decisions_as_eager(monkeypatch):
+    eager = _search(False)
+    real, calls = torch.compile, []
+
+    def spy(model, **kw):
+        calls.append(kw)
+        return real(model, **kw)
+
+    monkeypatch.setattr(torch, "compile", spy)
+    comp = _search("aot_eager")
+    assert calls == [{"backend": "aot_eager"}] * 4  # one per training phase
+    assert [(p.name, p.scheme, p.bits) for p in comp.plan] == [(p.name, p.scheme, p.bits) for p in eager.plan]
+    assert comp.quant_accuracy == eager.quant_accuracy and comp.float_accuracy == eager.float_accuracy
+    le = [h["train_loss"] for h in eager.history if "train_loss" in h]
+    lc = [h["train_loss"] for h in comp.history if "train_loss" in h]
+    assert lc == le
+    assert comp.config["compile"] == "aot_eager" and eager.config["compile"] is False
+
+
+def test_compile_options_are_validated():
+    with pytest.raises(ValueError, match="unknown torch.compile backend 'nope'"):
+        SearchConfig(compile="nope")
+    with pytest.raises(ValueError, match="compile must be True, False"):
+        SearchConfig(compile=3)
+    with pytest.raises(ValueError, match="compile_mode must be one of"):
+        SearchConfig(compile=True, compile_mode="fastest")
+    with pytest.raises(ValueError, match="applies to the Inductor backend"):
+        SearchConfig(compile="aot_eager", compile_mode="reduce-overhead")
+    with pytest.raises(ValueError, match="batch_weights and compile cannot be combined"):
+        SearchConfig(compile=True, batch_weights=True)
+    c = SearchConfig(compile=True, compile_mode="reduce-overhead")
+    assert SearchConfig.from_dict(c.to_dict()).to_dict() == c.to_dict()
+
+
+def test_cli_compile_flag_reaches_the_config():
+    from autoqnn.cli import build_configs, build_parser
+
+    args = build_parser().parse_args(["search", "--compile"])
+    assert build_configs(args)[1].compile is True
+    args = build_parser().parse_args(["search", "--compile", "aot_eager"])
+    assert build_configs(args)[1].compile == "aot_eager"
+    args = build_parser().parse_args(["search"])
+    assert build_configs(args)[1].compile is False
+
+
+# ----------------------------------------------------------------------------- on a GPU
+cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+
+
+@cuda
+@pytest.mark.parametrize("make", [_qss_model, _qpl_model], ids=["qss", "qpl"])
+def test_cuda_compiled_steps_equal_eager_in_one_graph(make):
+    """The same as the CPU tests with the model and the data on the GPU: the traced step runs the
+    device's kernels (the CUDA or Triton ops, the in-graph noise) and equals the eager step."""
+    qpl = make is _qpl_model
+    m = make().cuda()
+
+    def run(compiled, backend=None):
+        mm = copy.deepcopy(m)
+        opt = torch.optim.SGD(mm.parameters(), lr=0.05, momentum=0.9)
+        fwd = torch.compile(mm, fullgraph=True, backend=backend) if compiled else mm
+        x, y = (t.cuda() for t in _data())
+        out = []
+        for _ in range(3):
+            opt.zero_grad(set_to_none=True)
+            loss = F.cross_entropy(fwd(x), y) + (precision_loss(mm) if qpl else 0)
+            loss.backward()
+            opt.step()
+            out.append(loss.detach())
+        return mm, torch.stack(out)
+
+    ref, le = run(False)
+    graphs = _Graphs()
+    got, lc = run(True, graphs)
+    assert graphs.n == 1
+    assert torch.equal(le, lc)
+    _assert_same_state(ref, got)
+    _, li = run(True, "inductor")  # Inductor: one graph too (fullgraph), close to eager
+    torch.testing.assert_close(li, le, rtol=0.05, atol=0.05)

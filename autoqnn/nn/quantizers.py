@@ -346,7 +346,7 @@ class SchemeMixture(QuantizerBase):
         tau: initial temperature (buffer; set it with :meth:`set_temperature`).
         eval_selection: at eval, ``"argmax"`` quantizes with the chosen scheme only, ``"soft"``
             uses softmax(θ/τ) without noise.
-        seed: Gumbel noise seed; noise for step t comes from a generator seeded with (seed, t), so
+        seed: Gumbel noise seed; the noise of step t is a pure function of (seed, t) (:func:`gumbel_noise`), so
             every DDP rank and every member of a coarse group draws the same noise.
 
     Example:
