@@ -38,19 +38,23 @@ from autoqnn.pipeline import SearchConfig, fix_schemes, precision_loss, prepare
 DEFAULT_PROVIDERS = ["float", "qss-ref", "qss-fused", "qss-batched", "qss-pruned2", "qpl-ref", "qpl-fused", "qpl-sync"]
 COMPILED_PROVIDERS = ["float-compiled", "qss-compiled", "qpl-compiled"]
 PROVIDERS = DEFAULT_PROVIDERS + COMPILED_PROVIDERS
+#: batch size override (main() sets it from --batch; None: 128). A tiny batch makes the step's
+#: compute negligible, so on a CPU the step time is the host time a GPU step would pay.
+BATCH = None
 #: torch.compile(mode=..., backend=...) for the *-compiled providers (main() sets them)
 COMPILE_MODE = None
 COMPILE_BACKEND = "inductor"
 
 
 def make_model(device: str):
+    b = BATCH or 128
     if device == "cuda":
         import torchvision
 
-        return torchvision.models.resnet18(num_classes=1000), (128, 3, 224, 224), 1000
+        return torchvision.models.resnet18(num_classes=1000), (b, 3, 224, 224), 1000
     from autoqnn.models import build_model
 
-    return build_model("vgglike-small"), (128, 1, 28, 28), 10
+    return build_model("vgglike-small"), (b, 1, 28, 28), 10
 
 
 def make_step(provider: str, device: str):
@@ -144,9 +148,13 @@ def main(argv=None) -> int:
     ap.add_argument("--compile-mode", help="torch.compile mode for the *-compiled providers (e.g. reduce-overhead)")
     ap.add_argument("--compile-backend", default="inductor",
                     help="torch.compile backend for the *-compiled providers (default inductor)")
+    ap.add_argument("--batch", type=int, help="batch size (default 128); e.g. 2 on a CPU measures the host "
+                                               "time per step, what a host-bound GPU step pays")
     args = ap.parse_args(argv)
-    global COMPILE_MODE, COMPILE_BACKEND
-    COMPILE_MODE, COMPILE_BACKEND = args.compile_mode, args.compile_backend
+    if args.batch is not None and args.batch < 1:
+        ap.error("--batch must be >= 1")
+    global COMPILE_MODE, COMPILE_BACKEND, BATCH
+    COMPILE_MODE, COMPILE_BACKEND, BATCH = args.compile_mode, args.compile_backend, args.batch
     provs = [p.strip() for p in args.providers.split(",") if p.strip()]
     bad = sorted(set(provs) - set(PROVIDERS))
     if bad:

@@ -37,7 +37,8 @@ def test_batched_upper_bound_table():
 def test_train_step_table_with_compiled_providers():
     # aot_eager: the compiled path (one graph per model) without Inductor's minutes of codegen
     out = _run("bench/bench_train_step.py", "--providers", "float-compiled,qss-fused,qss-compiled,qpl-compiled",
-               "--rounds", "1", "--compile-backend", "aot_eager")
+               "--rounds", "1", "--compile-backend", "aot_eager", "--batch", "4")
+    assert "batch [4, 1, 28, 28]" in out
     rows = [line for line in out.splitlines() if line.startswith("| ") and "---" not in line][1:]
     assert [r.split("|")[1].strip() for r in rows] == ["float", "float-compiled", "qss-fused", "qss-compiled",
                                                        "qpl-compiled"], out
