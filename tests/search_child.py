@@ -20,6 +20,7 @@ def main() -> int:
     ap.add_argument("--out", required=True)
     ap.add_argument("--kill-at", type=int, default=-1)
     ap.add_argument("--resume", action="store_true")
+    ap.add_argument("--compile", help="SearchConfig.compile backend (e.g. aot_eager)")
     args = ap.parse_args()
     torch.set_num_threads(1)
     if "RANK" in os.environ:
@@ -39,6 +40,7 @@ def main() -> int:
     cfg = autoqnn.SearchConfig(search_epochs=2, precision_epochs=2, finetune_epochs=1, batch_size=32,
                                weight_target=2.5, act_target=2.5, bits_lr=0.05, seed=3, checkpoint_dir=args.ckpt,
                                checkpoint_every_steps=2, resume="auto" if args.resume else None,
+                               compile=args.compile or False,
                                quant=QuantConfig(exclude_first_last=False))
 
     def killer(event, info):

@@ -43,11 +43,14 @@ def test_sigkill_mid_epoch_then_resume_matches_uninterrupted(tmp_path):
             assert ra == pytest.approx(rb, abs=1e-4)
 
 
-def test_two_process_ddp_gloo_ranks_agree(tmp_path):
-    port = 29500 + (os.getpid() % 2000)
+@pytest.mark.parametrize("compiled", [False, True], ids=["eager", "compiled"])
+def test_two_process_ddp_gloo_ranks_agree(tmp_path, compiled):
+    """Also with SearchConfig(compile=...): the DDP-wrapped step under torch.compile (aot_eager),
+    activation statistics all-reduced inside the compiled forward."""
+    port = 29500 + (os.getpid() % 2000) + (2000 if compiled else 0)
     out = tmp_path / "ddp.json"
     r = _run(["-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(port), CHILD,
-              "--ckpt", str(tmp_path / "ck"), "--out", str(out)])
+              "--ckpt", str(tmp_path / "ck"), "--out", str(out), *(["--compile", "aot_eager"] if compiled else [])])
     assert r.returncode == 0, (r.stdout[-2000:], r.stderr[-4000:])
     a = json.loads(out.read_text())
     b = json.loads(Path(str(out) + ".rank1").read_text())
