@@ -185,7 +185,25 @@ def test_compiled_qpl_steps_equal_eager_in_one_graph():
     _assert_same_state(ref, got)
 
 
-@pytest.mark.parametrize("make", [_qss_model, _qpl_model], ids=["qss", "qpl"])
+def _fixed_model():
+    """The fine-tuning phase's model: one scheme per vertex, fixed integer bits."""
+    m = _qss_model()
+    fix_schemes(m, learn_bits=False)
+    return m.train()
+
+
+def test_compiled_finetune_steps_equal_eager_in_one_graph():
+    m = _fixed_model()
+    assert all(not q.learn_bits for _, q in quantizers(m))
+    ref, le = _steps(m, 3, compiled=False)
+    graphs = _Graphs()
+    got, lc = _steps(m, 3, compiled=True, backend=graphs)
+    assert graphs.n == 1
+    assert torch.equal(le, lc)
+    _assert_same_state(ref, got)
+
+
+@pytest.mark.parametrize("make", [_qss_model, _qpl_model, _fixed_model], ids=["qss", "qpl", "fixed"])
 def test_compiled_eval_equals_eager(make):
     m, _ = _steps(make(), 2, compiled=False, qpl=make is _qpl_model)
     m.eval()
