@@ -348,3 +348,32 @@ def test_cuda_compiled_steps_equal_eager_in_one_graph(make):
     _assert_same_state(ref, got)
     _, li = run(True, "inductor")  # Inductor: one graph too (fullgraph), close to eager
     torch.testing.assert_close(li, le, rtol=0.05, atol=0.05)
+
+
+@pytest.mark.parametrize("kind", ["weight", "activation"])
+@pytest.mark.parametrize("pruned", [False, True], ids=["all", "pruned"])
+def test_compiled_argmax_eval_equals_eager_with_non_finite_inputs(kind, pruned):
+    """Traced, eval's argmax is a one-hot mixture over the K candidates: with ±Inf and NaN in x
+    it must still give exactly the chosen candidate's values (every candidate maps ±Inf to a
+    finite level and NaN to NaN, so the zero weights add exact zeros)."""
+    q = SchemeMixture(kind=kind, seed=1)
+    K = len(q.schemes)
+    with torch.no_grad():
+        q.theta.copy_(torch.linspace(-1, 1, K).roll(3))  # argmax: not the first candidate
+    if pruned:
+        q.update_pruning(threshold=0.99, patience=1)  # keeps only the argmax...
+        q.active[0] = True  # ...and one more
+        q._refresh_from_buffers()
+    g = torch.Generator().manual_seed(5)
+    x = torch.randn(8, 33, generator=g)
+    if kind == "activation":
+        x = x.abs()
+        q.train()
+        q(x)  # EMA statistics from finite data
+    x[0, :3] = torch.tensor([float("inf"), float("nan"), -float("inf") if kind == "weight" else 0.0])
+    q.eval()
+    with torch.no_grad():
+        want = q(x)
+        got = torch.compile(copy.deepcopy(q), fullgraph=True, backend="aot_eager")(x)
+    assert torch.equal(got.isnan(), want.isnan())
+    assert torch.equal(torch.nan_to_num(got), torch.nan_to_num(want))

@@ -562,7 +562,10 @@ class SchemeMixture(QuantizerBase):
                 # traced: the argmax stays on the device, as one-hot mixture weights (the K
                 # candidates are evaluated; every q_k is finite or NaN where x is, so the sum
                 # is exactly q_argmax)
-                w = torch.nn.functional.one_hot(logits.detach().argmax(), len(self.schemes)).to(logits.dtype)
+                th = self.theta.detach()  # argmax of θ itself, as chosen_index (θ/τ could round ties)
+                if len(self._active) < len(self.schemes):
+                    th = th.masked_fill(~self.active, float("-inf"))
+                w = torch.nn.functional.one_hot(th.argmax(), len(self.schemes)).to(logits.dtype)
             else:
                 w = torch.softmax(logits, 0)
         schemes, bits = self.schemes, self._bits
