@@ -28,6 +28,7 @@ from .pipeline import (  # noqa: F401
     SearchConfig,
     SearchResult,
     clamp_bits_,
+    compile_model,
     finalize,
     fix_schemes,
     on_epoch_end,
@@ -59,5 +60,6 @@ __all__ = [
     "clamp_bits_",
     "finalize",
     "search",
+    "compile_model",
     "__version__",
 ]

@@ -12,8 +12,8 @@ per vertex (what pruning saves late in a search); ``qss-batched`` is ``qss-fused
 vertex quantized in one batched call per step (:class:`autoqnn.nn.WeightBatcher`; what
 ``SearchConfig.batch_weights`` switches on). ``float-compiled``, ``qss-compiled`` and ``qpl-compiled``
 run the same steps with the model under ``torch.compile`` (Inductor; ``--compile-mode`` passes a mode
-such as ``reduce-overhead``), as ``SearchConfig(compile=True)`` does: the quantizers trace into one
-graph. They are not in the default list (Inductor compiles for a minute or two first). Issue #5's
+such as ``reduce-overhead``): the float model with plain ``torch.compile``, the quantized ones with
+``autoqnn.compile_model`` as ``SearchConfig(compile=True)`` does (the quantizers trace into one graph). They are not in the default list (Inductor compiles for a minute or two first). Issue #5's
 goal: QSS-fused <= 1.5x float on CPU, <= 1.3x on GPU.
 
     python bench/bench_train_step.py                 # CPU: VGG-like (width 16) on 28x28, batch 128
@@ -93,9 +93,11 @@ def make_step(provider: str, device: str):
 
     host_bits = qpl and provider != "qpl-sync"
     fwd = model
-    if compiled:
+    if compiled and provider == "float":  # what a user compiles a float model with
         kw = {"mode": COMPILE_MODE} if COMPILE_MODE else {}
         fwd = torch.compile(model, backend=COMPILE_BACKEND, **kw)
+    elif compiled:  # what SearchConfig(compile=...) does
+        fwd = autoqnn.compile_model(model, backend=COMPILE_BACKEND, mode=COMPILE_MODE)
 
     def step():
         with bits_on_host(model) if host_bits else contextlib.nullcontext():
@@ -150,6 +152,8 @@ def main(argv=None) -> int:
                     help="torch.compile backend for the *-compiled providers (default inductor)")
     ap.add_argument("--batch", type=int, help="batch size (default 128); e.g. 2 on a CPU measures the host "
                                                "time per step, what a host-bound GPU step pays")
+    ap.add_argument("--no-interleave", dest="interleave", action="store_false",
+                    help="skip the second, interleaved measurement")
     args = ap.parse_args(argv)
     if args.batch is not None and args.batch < 1:
         ap.error("--batch must be >= 1")
@@ -165,16 +169,38 @@ def main(argv=None) -> int:
           f"(torch {torch.__version__}, {torch.get_num_threads()} threads, autoqnn {autoqnn.__version__})\n")
     if "float-compiled" in provs:  # measured second: the compiled rows get a ratio to it too
         provs = ["float", "float-compiled"] + [p for p in provs if p not in ("float", "float-compiled")]
-    print("| step | median ms | vs float | vs float-compiled |")
-    print("|---|---:|---:|---:|", flush=True)
-    base = base_c = None
-    for p in provs:  # one row at a time: a run cut short still reports what it measured
-        t = time_step(make_step(p, args.device), args.device, args.rounds)
-        base = t if base is None else base
-        if p == "float-compiled":
-            base_c = t
+    def table(title, times):
+        print(f"\n{title}\n")
+        print("| step | median ms | vs float | vs float-compiled |")
+        print("|---|---:|---:|---:|", flush=True)
+
+    def row(p, t, times):
+        base, base_c = times.get("float"), times.get("float-compiled")
         rc = f"{t / base_c:.2f}x" if base_c is not None else ""
         print(f"| {p} | {t * 1e3:.1f} | {t / base:.2f}x | {rc} |", flush=True)
+
+    # 1) one provider after the other, a row as soon as it is measured (a run cut short still
+    #    reports what it measured); 2) every provider's step in turn, round after round, so that
+    #    a machine whose speed drifts (shared CPUs) biases no provider: the ratios to trust.
+    table("One provider after the other:", {})
+    steps, seq = {}, {}
+    for p in provs:
+        steps[p] = make_step(p, args.device)
+        seq[p] = time_step(steps[p], args.device, args.rounds)
+        row(p, seq[p], seq)
+    if args.interleave and len(steps) > 1:
+        ts = {p: [] for p in provs}
+        for _ in range(args.rounds):
+            for p, step in steps.items():
+                _sync(args.device)
+                t0 = time.perf_counter()
+                step()
+                _sync(args.device)
+                ts[p].append(time.perf_counter() - t0)
+        med = {p: sorted(v)[len(v) // 2] for p, v in ts.items()}
+        table(f"Interleaved ({args.rounds} rounds, each provider's step in turn):", med)
+        for p in provs:
+            row(p, med[p], med)
     return 0
 
 

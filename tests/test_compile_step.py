@@ -238,7 +238,9 @@ def test_inductor_step_close_to_eager():
     x, _ = _data()
     with torch.no_grad():  # the training-mode forward (noise, batch statistics, EMA), no backward graph
         ref = m(x)
-        got = torch.compile(mc, fullgraph=True)(x)
+        import autoqnn
+
+        got = autoqnn.compile_model(mc, fullgraph=True)(x)
     # the quantizers round, so a float reordering upstream can move an element by one level;
     # nearly all outputs agree closely
     close = torch.isclose(got, ref, rtol=1e-3, atol=1e-3).float().mean().item()
@@ -279,7 +281,7 @@ def test_search_with_compile_makes_the_same_decisions_as_eager(monkeypatch):
 
     monkeypatch.setattr(torch, "compile", spy)
     comp = _search("aot_eager")
-    assert calls == [{"backend": "aot_eager"}] * 4  # one per training phase
+    assert calls == [{"backend": "aot_eager", "fullgraph": False}] * 4  # one per training phase
     assert [(p.name, p.scheme, p.bits) for p in comp.plan] == [(p.name, p.scheme, p.bits) for p in eager.plan]
     assert comp.quant_accuracy == eager.quant_accuracy and comp.float_accuracy == eager.float_accuracy
     le = [h["train_loss"] for h in eager.history if "train_loss" in h]
@@ -301,6 +303,31 @@ def test_compile_options_are_validated():
         SearchConfig(compile=True, batch_weights=True)
     c = SearchConfig(compile=True, compile_mode="reduce-overhead")
     assert SearchConfig.from_dict(c.to_dict()).to_dict() == c.to_dict()
+
+
+def test_compile_model_passes_mode_and_layout_options(monkeypatch):
+    import autoqnn
+
+    real, calls = torch.compile, []
+
+    def spy(model, **kw):
+        calls.append(kw)
+        return real(model, **kw)
+
+    monkeypatch.setattr(torch, "compile", spy)
+    net = nn.Linear(2, 2)
+    autoqnn.compile_model(net)
+    autoqnn.compile_model(net, mode="max-autotune-no-cudagraphs", layout_optimization=False)
+    autoqnn.compile_model(net, backend="aot_eager", fullgraph=True)
+    assert calls[0] == {"backend": "inductor", "fullgraph": False}
+    assert calls[1]["options"]["layout_optimization"] is False and calls[1]["options"]["max_autotune"] is True
+    assert calls[2] == {"backend": "aot_eager", "fullgraph": True}
+    with pytest.raises(ValueError, match="apply to the Inductor backend"):
+        autoqnn.compile_model(net, backend="aot_eager", mode="reduce-overhead")
+    with pytest.raises(ValueError, match="apply to the Inductor backend"):
+        autoqnn.compile_model(net, backend="aot_eager", layout_optimization=False)
+    with pytest.raises(ValueError, match="compile mode must be one of"):
+        autoqnn.compile_model(net, mode="warp-speed")
 
 
 def test_cli_compile_flag_reaches_the_config():
