@@ -99,7 +99,11 @@ def make_step(provider: str, device: str):
     elif compiled:  # what SearchConfig(compile=...) does
         fwd = autoqnn.compile_model(model, backend=COMPILE_BACKEND, mode=COMPILE_MODE)
 
+    graphs = compiled and COMPILE_MODE in ("reduce-overhead", "max-autotune")
+
     def step():
+        if graphs:  # CUDA graphs: a new iteration (the last one's outputs may be overwritten)
+            torch.compiler.cudagraph_mark_step_begin()
         with bits_on_host(model) if host_bits else contextlib.nullcontext():
             loss = F.cross_entropy(fwd(x), y)
             if qpl:

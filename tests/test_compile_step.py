@@ -404,3 +404,31 @@ def test_compiled_argmax_eval_equals_eager_with_non_finite_inputs(kind, pruned):
         got = torch.compile(copy.deepcopy(q), fullgraph=True, backend="aot_eager")(x)
     assert torch.equal(got.isnan(), want.isnan())
     assert torch.equal(torch.nan_to_num(got), torch.nan_to_num(want))
+
+
+@cuda
+def test_cuda_reduce_overhead_qss_step_close_to_eager():
+    """``compile_mode="reduce-overhead"``: Inductor's CUDA graphs, partitioned around what they
+    cannot hold (the ops' bits are a CPU tensor, read on the host while the launches are set up;
+    fixed during QSS, so a replay is right). This checks the step runs under them and computes
+    what the eager step does; whether the partitions pay is the compiled_step benchmark's job."""
+    import autoqnn
+
+    m = _qss_model().cuda()
+
+    def run(mode):
+        mm = copy.deepcopy(m)
+        opt = torch.optim.SGD(mm.parameters(), lr=0.05, momentum=0.9)
+        fwd = autoqnn.compile_model(mm, mode=mode) if mode else mm
+        x, y = (t.cuda() for t in _data())
+        out = []
+        for _ in range(4):
+            torch.compiler.cudagraph_mark_step_begin()
+            opt.zero_grad(set_to_none=True)
+            loss = F.cross_entropy(fwd(x), y)
+            loss.backward()
+            opt.step()
+            out.append(loss.detach().clone())  # a graph replay reuses its output memory
+        return torch.stack(out)
+
+    torch.testing.assert_close(run("reduce-overhead"), run(None), rtol=0.05, atol=0.05)

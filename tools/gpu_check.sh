@@ -9,7 +9,7 @@
 #   OUT=/tmp/out bash tools/gpu_check.sh                       # everything, ~9 min at most
 #   BUDGET=300 STEPS="build env tests" bash tools/gpu_check.sh  # a subset
 set -uo pipefail
-STEPS=${STEPS:-"build env raise tests tune report train_step batched host division memory compiled_step profile batched_triton"}
+STEPS=${STEPS:-"build env raise tests tune report train_step batched host division memory compiled_step profile batched_triton compiled_cudagraphs"}
 BUDGET=${BUDGET:-560}
 PY=${PY:-python3}
 cd "$(dirname "$0")/.."
@@ -81,10 +81,14 @@ step compiled_step 150 $PY bench/bench_train_step.py --device cuda --rounds 5 --
   --providers float,float-compiled,qss-fused,qss-compiled,qpl-fused,qpl-compiled
 step profile 30 $PY bench/profile_step.py --device cuda --log2 12 24
 step batched_triton 20 $PY bench/bench_batched.py --device cuda --backend triton
+# CUDA graphs (Inductor's reduce-overhead, partitioned around the ops' CPU bits): last, it only
+# runs when time is left (or alone: STEPS="build compiled_cudagraphs")
+step compiled_cudagraphs 120 $PY bench/bench_train_step.py --device cuda --rounds 5 --no-interleave \
+  --compile-mode reduce-overhead --providers float,float-compiled,qss-fused,qss-compiled
 
 tar -czf "$OUT/gpu-check.tar.gz" -C "$OUT" logs && rm -rf "$LOGS"
 tar -xzf "$OUT/gpu-check.tar.gz" -O logs/summary.txt 2>/dev/null
-for f in raise tests tune report train_step batched host division memory compiled_step batched_triton; do
+for f in raise tests tune report train_step batched host division memory compiled_step batched_triton compiled_cudagraphs; do
   echo "---- $f"
   if [ "$f" = raise ]; then tar -xzf "$OUT/gpu-check.tar.gz" -O logs/raise.log 2>/dev/null | tail -n 50; continue; fi
   tar -xzf "$OUT/gpu-check.tar.gz" -O "logs/$f.log" 2>/dev/null | grep -v "^DEBUG " | grep -E "^\||passed|failed|error|Error|^FAILED|^ERROR|^###|^==" | tail -n 120
