@@ -432,3 +432,24 @@ def test_cuda_reduce_overhead_qss_step_close_to_eager():
         return torch.stack(out)
 
     torch.testing.assert_close(run("reduce-overhead"), run(None), rtol=0.05, atol=0.05)
+
+
+def test_compiled_qss_after_pruning_recompiles_once_and_equals_eager():
+    """Candidate pruning changes which candidates a vertex evaluates (a Python-side list): the
+    compiled model traces again once, then follows the pruned mixture exactly."""
+    m = _qss_model()
+    mc = copy.deepcopy(m)
+    graphs = _Graphs()
+    fwd = torch.compile(mc, fullgraph=True, backend=graphs)
+    x, _ = _data()
+    assert torch.equal(fwd(x), m(x))
+    for mod in (m, mc):
+        for _, q in quantizers(mod):
+            if isinstance(q, SchemeMixture):
+                with torch.no_grad():
+                    q.theta.copy_(torch.arange(len(q.schemes), dtype=torch.float32))
+                q.update_pruning(threshold=0.3, patience=1)
+    assert any(len(q._active) < len(q.schemes) for _, q in quantizers(mc) if isinstance(q, SchemeMixture))
+    for _ in range(2):
+        assert torch.equal(fwd(x), m(x))
+    assert graphs.n == 2
