@@ -26,6 +26,16 @@ from autoqnn.nn.quantizers import NOISE_BLOCK, gumbel_noise
 from autoqnn.pipeline import SearchConfig, fix_schemes, precision_loss, prepare, set_step
 
 
+@pytest.fixture(autouse=True)
+def _fresh_dynamo():
+    """Each test starts from empty Dynamo caches: every test compiles new instances of the same
+    classes, and their entries would add up to Dynamo's recompile limit (8 per code object) over
+    the file, which fullgraph=True turns into an error."""
+    torch._dynamo.reset()
+    yield
+    torch._dynamo.reset()
+
+
 class Net(nn.Module):
     """Small, but with what matters: convs and linears (weight + activation vertices), BN, ReLU."""
 
