@@ -132,10 +132,29 @@ def _bits_host(bits: torch.Tensor) -> torch.Tensor:
     return _read_bits_host(bits)
 
 
-def _learned_bits(bits: torch.Tensor, infos) -> tuple[torch.Tensor, torch.Tensor]:
+def _check_bits_host(bits_host, bits) -> None:
+    """``bits_host`` (see :func:`quantize`): a real CPU tensor with ``bits``' number of values,
+    given only with learned (tensor) bits."""
+    if not isinstance(bits, torch.Tensor):
+        raise TypeError("bits_host is a host copy of learned (tensor) bits; bits is not a tensor")
+    if not isinstance(bits_host, torch.Tensor):
+        raise TypeError(f"bits_host must be a tensor, got {type(bits_host).__name__}")
+    if bits_host.device.type != "cpu":
+        raise ValueError(f"bits_host must be a CPU tensor (the host copy the kernels read), got one on "
+                         f"{bits_host.device}")
+    if bits_host.numel() != bits.numel() or bits_host.dim() != bits.dim():
+        raise ValueError(f"bits_host has shape {list(bits_host.shape)}, bits has {list(bits.shape)}")
+
+
+def _learned_bits(bits: torch.Tensor, infos, bits_host: Optional[torch.Tensor] = None
+                  ) -> tuple[torch.Tensor, torch.Tensor]:
     """(the [K] float bits tensor that receives the gradient, the same values as a CPU tensor
-    that the ops read). Checked finite on the host copy: no extra read."""
+    that the ops read: ``bits_host`` when the caller keeps one). Checked finite on the host
+    copy: no extra read."""
     bt, _ = _bits_tensor(bits, infos, check_finite=False)
+    if bits_host is not None:
+        bh, _ = _bits_tensor(bits_host.detach(), infos, check_finite=not torch.compiler.is_compiling())
+        return bt, bh
     if torch.compiler.is_compiling():  # traced: the graph's ops read the bits themselves
         return bt, bt
     if _on_host(bt):
@@ -216,13 +235,16 @@ def _resolve_cached(schemes: tuple, bits_key: tuple):
 _CACHEABLE_SCHEME_TYPES = frozenset((str, int))
 
 
-def _resolve(schemes, bits: BitsArg):
+def _resolve(schemes, bits: BitsArg, bits_host: Optional[torch.Tensor] = None):
     """(scheme infos, ids, float bits tensor [K], the same values as a CPU tensor for the ops
     (see :func:`_learned_bits`; the tensor itself for integer bits), integer bits or None
-    when they are learned values). Training loops call
+    when they are learned values). ``bits_host``: the caller's host copy of learned bits
+    (:func:`quantize`). Training loops call
     the functional API with the same schemes and integer bits thousands of times: those
     resolutions are cached (host time per call matters on GPUs, where the kernels are short).
     The cached bits tensor is shared read-only by every call that hits the entry."""
+    if bits_host is not None:
+        _check_bits_host(bits_host, bits)
     key = _hashable_bits(bits)
     if not isinstance(schemes, (str, bytes)):
         schemes = tuple(schemes)  # once: a generator can be read only once
@@ -235,17 +257,17 @@ def _resolve(schemes, bits: BitsArg):
         return list(infos), list(sids), bits_t, bits_t, list(ints)
     infos = [scheme_info(s) for s in schemes]
     if isinstance(bits, torch.Tensor):
-        bits_t, bits_h = _learned_bits(bits, infos)
+        bits_t, bits_h = _learned_bits(bits, infos, bits_host)
         return infos, [i.id for i in infos], bits_t, bits_h, None
     bits_t, ints = _bits_tensor(bits, infos)
     return infos, [i.id for i in infos], bits_t, bits_t, ints
 
 
-def _mixture_candidates(schemes, bits: BitsArg):
+def _mixture_candidates(schemes, bits: BitsArg, bits_host: Optional[torch.Tensor] = None):
     """:func:`_resolve` for a mixture: at least one candidate, no duplicates."""
     if isinstance(schemes, (str, bytes)):
         raise TypeError(f"schemes must be a sequence of scheme names, got the string {schemes!r}")
-    infos, sids, bits_t, bits_h, ints = _resolve(schemes, bits)
+    infos, sids, bits_t, bits_h, ints = _resolve(schemes, bits, bits_host)
     if not infos:
         raise ValueError("schemes must name at least one candidate")
     if len(set(sids)) != len(infos):
@@ -394,6 +416,53 @@ class _MixtureFn(torch.autograd.Function):
         return _schema._mixture_bwd(ctx, gy, _below_autograd(ctx.bwd), ctx.bits_device) + (None, None)
 
 
+def _ops_for(kind: str, mode: str):
+    """(forward, backward) op overloads as :func:`_op_pair`, without its cache (traceable)."""
+    ns = torch.ops.autoqnn
+    base = "quantize" if kind == "q" else "mixture"
+    suffix = {"cuda": "_cuda", "triton": "_triton"}.get(mode, "")
+    return getattr(ns, base + suffix).default, getattr(ns, base + "_backward" + suffix).default
+
+
+class _HostBitsQuantizeFn(torch.autograd.Function):
+    """quantize whose ops read ``bits_h``, the caller's host copy of learned ``bits``
+    (``bits_host=``); ``bits`` gets the gradient. The form torch.compile traces: the graph then
+    takes the host copy as an input, and no op in it reads the device bits (a GPU stream sync
+    per op otherwise)."""
+
+    @staticmethod
+    def forward(x, params, bits, bits_h, scheme, per_channel, mode):
+        return _ops_for("q", mode)[0](x, params, bits_h, scheme, per_channel)
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        x, params, bits, bits_h, scheme, per_channel, mode = inputs
+        ctx.save_for_backward(x, params, bits_h)
+        ctx.scheme, ctx.per_channel, ctx.mode, ctx.bits_device = scheme, per_channel, mode, bits.device
+
+    @staticmethod
+    def backward(ctx, gy):
+        return _schema._quantize_bwd(ctx, gy, _ops_for("q", ctx.mode)[1], ctx.bits_device) + (None, None)
+
+
+class _HostBitsMixtureFn(torch.autograd.Function):
+    """mixture with host-copy bits, as :class:`_HostBitsQuantizeFn`."""
+
+    @staticmethod
+    def forward(x, params, weights, bits, bits_h, schemes, per_channel, mode):
+        return _ops_for("m", mode)[0](x, params, weights, bits_h, schemes, per_channel)
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        x, params, weights, bits, bits_h, schemes, per_channel, mode = inputs
+        ctx.save_for_backward(x, params, weights, bits_h)
+        ctx.schemes, ctx.per_channel, ctx.mode, ctx.bits_device = schemes, per_channel, mode, bits.device
+
+    @staticmethod
+    def backward(ctx, gy):
+        return _schema._mixture_bwd(ctx, gy, _ops_for("m", ctx.mode)[1], ctx.bits_device) + (None, None)
+
+
 # Where the extension is loaded, the fast path is one call into C++ (csrc/autograd.cpp): the
 # statistics (unless params are given), the forward op below autograd and, when something needs
 # a gradient, the same node as the Functions above as a C++ torch::autograd::Function. The
@@ -439,6 +508,7 @@ def quantize(
     per_channel: bool = False,
     backend: Optional[str] = None,
     params: Optional[torch.Tensor] = None,
+    bits_host: Optional[torch.Tensor] = None,
 ) -> torch.Tensor:
     """Quantize ``x`` with one scheme; differentiable (straight-through estimator).
 
@@ -454,13 +524,19 @@ def quantize(
             ``triton``; an unavailable explicit backend raises ``BackendUnavailableError``.
         params: precomputed scales ``[1, C, NUM_PARAMS]`` (e.g. EMA statistics of an activation
             quantizer at eval time) instead of the statistics of ``x``.
+        bits_host: with learned (tensor) ``bits`` on a GPU, a CPU tensor of their shape holding
+            values with the same ``clip(round(·))`` (the caller keeps it current). The kernels
+            read it instead of the device tensor, which costs a stream sync per read; ``bits``
+            still receives the gradient. Inside ``torch.compile`` this is the only way to keep
+            the sync out of the graph (:func:`autoqnn.nn.refresh_host_bits` keeps such copies
+            for a model's quantizers). Stale values quantize with the wrong bits: nothing checks.
 
     Returns:
         A tensor of ``x``'s shape and dtype (contiguous).
     """
     check_input(x)
     _check_per_channel(x, per_channel)
-    (info,), _, bits_t, bits_h, ints = _resolve((scheme,), bits)
+    (info,), _, bits_t, bits_h, ints = _resolve((scheme,), bits, bits_host)
     if params is not None:
         params = _check_params_arg(params, x, 1, per_channel)
     backend = backends.check_backend_name(backend)  # $AUTOQNN_BACKEND read once
@@ -478,6 +554,10 @@ def quantize(
         if not _wants_grad(x, bits_t):  # eval / no_grad: the op alone, no autograd node
             return _below_autograd(_op_pair("q", node)[0])(x, params, bits_h, info.id, per_channel)
         return _QuantizeFn.apply(x, params, bits_t, info.id, per_channel, node, bits_h)
+    if bits_host is not None:  # traced (or a tensor subclass): the ops read the host copy
+        if _wants_grad(bits_t):
+            return _HostBitsQuantizeFn.apply(x, params, bits_t, bits_h, info.id, per_channel, mode)
+        return _ops_for("q", mode)[0](x, params, bits_h, info.id, per_channel)
     if mode == "triton":
         return torch.ops.autoqnn.quantize_triton(x, params, bits_t, info.id, per_channel)
     if mode == "cuda":
@@ -494,6 +574,7 @@ def quantize_mixture(
     per_channel: bool = False,
     backend: Optional[str] = None,
     params: Optional[torch.Tensor] = None,
+    bits_host: Optional[torch.Tensor] = None,
 ) -> torch.Tensor:
     """The QSS soft mixture ``Σ_k weights[k]·q_k(x)`` (SPEC 3), differentiable in ``x``
     (Σ_k w_k·STE_k), ``weights`` (⟨∂L/∂y, q_k(x)⟩) and ``bits``.
@@ -505,11 +586,12 @@ def quantize_mixture(
         bits: ``None`` (defaults), one int (every multi-bit candidate; Binary/Ternary/
             Quaternary keep 1/2/2 bits), one int per candidate, or a float tensor, 0-d or
             ``[K]`` (learned bits, clipped into each scheme's range in the forward).
-        per_channel, backend, params: as in :func:`quantize` (params is ``[K, C, NUM_PARAMS]``).
+        per_channel, backend, params, bits_host: as in :func:`quantize` (params is
+            ``[K, C, NUM_PARAMS]``; bits_host has learned ``bits``' shape).
     """
     check_input(x)
     check_input(weights, "weights")
-    infos, sids, bits_t, bits_h, ints = _mixture_candidates(schemes, bits)
+    infos, sids, bits_t, bits_h, ints = _mixture_candidates(schemes, bits, bits_host)
     K = len(infos)
     if weights.numel() != K or weights.dim() > 1:
         raise ValueError(f"weights must have shape [{K}] (one per scheme), got {list(weights.shape)}")
@@ -534,6 +616,10 @@ def quantize_mixture(
         if not _wants_grad(x, weights, bits_t):  # eval / no_grad: the op alone, no autograd node
             return _below_autograd(_op_pair("m", node)[0])(x, params, weights, bits_h, sids, per_channel)
         return _MixtureFn.apply(x, params, weights, bits_t, sids, per_channel, node, bits_h)
+    if bits_host is not None:  # traced (or a tensor subclass): the ops read the host copy
+        if _wants_grad(bits_t):
+            return _HostBitsMixtureFn.apply(x, params, weights, bits_t, bits_h, sids, per_channel, mode)
+        return _ops_for("m", mode)[0](x, params, weights, bits_h, sids, per_channel)
     if mode == "triton":
         return torch.ops.autoqnn.mixture_triton(x, params, weights, bits_t, sids, per_channel)
     if mode == "cuda":

@@ -34,7 +34,7 @@ from torch import nn
 
 from . import qag as _qag
 from .config import QuantConfig
-from .nn import Quantizer, QuantizerBase, SchemeMixture, WeightBatcher, bits_on_host
+from .nn import Quantizer, QuantizerBase, SchemeMixture, WeightBatcher, bits_on_host, use_host_bits
 from .nn import quantizers as _iter_quantizers
 from .schemes import scheme_info
 
@@ -207,21 +207,32 @@ def compile_model(model: nn.Module, *, backend: str = "inductor", mode: Optional
     Inductor may keep convolution activations channels-last; the quantizer ops take the
     contiguous layout, so it then copies each quantized activation to it and back. On the
     2-core CPU, turning it off measured no difference (interleaved: QSS step 40.8 vs 40.4 ms).
+
+    Learned bitwidths (QPL): the compiled module's forward first copies every learned bitwidth
+    of ``model`` to the host in one transfer (:func:`autoqnn.nn.use_host_bits`), and the graph's
+    kernels read those copies: one stream sync per step on a GPU instead of one in each op.
     """
     if mode not in _COMPILE_MODES:
         raise ValueError(f"compile mode must be one of {_COMPILE_MODES}, got {mode!r}")
     if backend != "inductor":
         if mode is not None or layout_optimization is not None:
             raise ValueError(f"compile mode and layout_optimization apply to the Inductor backend, not {backend!r}")
-        return torch.compile(model, backend=backend, fullgraph=fullgraph)
+        return _with_host_bits(torch.compile(model, backend=backend, fullgraph=fullgraph), model)
     from torch._inductor import list_mode_options  # noqa: PLC0415
 
     options = dict(list_mode_options(mode)) if mode else {}
     if layout_optimization is not None:
         options["layout_optimization"] = bool(layout_optimization)
     if not options:
-        return torch.compile(model, backend="inductor", fullgraph=fullgraph)
-    return torch.compile(model, backend="inductor", fullgraph=fullgraph, options=options)
+        return _with_host_bits(torch.compile(model, backend="inductor", fullgraph=fullgraph), model)
+    return _with_host_bits(torch.compile(model, backend="inductor", fullgraph=fullgraph, options=options), model)
+
+
+def _with_host_bits(compiled: nn.Module, model: nn.Module) -> nn.Module:
+    """``compiled`` with :func:`autoqnn.nn.use_host_bits` hooks when ``model`` learns bitwidths."""
+    if any(isinstance(q, Quantizer) and q.learn_bits for _, q in _iter_quantizers(model)):
+        use_host_bits(compiled, model)
+    return compiled
 
 
 def _compiled(net: nn.Module, cfg: SearchConfig) -> nn.Module:
@@ -337,7 +348,7 @@ def _bits_value(q: QuantizerBase, ste: bool = True) -> torch.Tensor:
     if isinstance(q, Quantizer):
         if q.learn_bits:
             b = q.bits
-            bi = float(q.int_bits())
+            bi = q._rounded_bits().to(b.dtype)  # on b's device: no host read (a GPU sync)
             return b + (bi - b).detach() if ste else b
         return torch.tensor(float(q.int_bits()))
     # a mixture: the expected bits under softmax(θ) (differentiable in θ)
@@ -1257,8 +1268,9 @@ def _search(model: nn.Module, train_data, val_data, cfg, *, loss_fn: Callable, c
                     if cfg.temperature_per_step:
                         set_temperature(net, cfg.quant.temperature(epoch + i / steps, epochs))
                 # QPL: the learned bits read on the host once per step, in one transfer (not in
-                # every quantizer call: each read would synchronise a GPU's stream)
-                with bits_on_host(net) if phase == "precision" else contextlib.nullcontext():
+                # every quantizer call: each read would synchronise a GPU's stream); a compiled
+                # step does that itself (compile_model)
+                with bits_on_host(net) if phase == "precision" and not cfg.compile else contextlib.nullcontext():
                     out = train_net(x)
                     loss = loss_fn(out, y)
                     total = loss

@@ -21,9 +21,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from autoqnn.config import QuantConfig
-from autoqnn.nn import SchemeMixture, quantizers
+from autoqnn.nn import Quantizer, SchemeMixture, quantizers
 from autoqnn.nn.quantizers import NOISE_BLOCK, gumbel_noise
-from autoqnn.pipeline import SearchConfig, fix_schemes, precision_loss, prepare, set_step
+from autoqnn.pipeline import SearchConfig, compile_model, fix_schemes, precision_loss, prepare, set_step
 
 
 @pytest.fixture(autouse=True)
@@ -85,9 +85,14 @@ class _Graphs:
 
 
 def _steps(model, n, *, compiled, qpl=False, start_step=None, backend=None):
+    """n SGD steps on a copy of ``model``: eager, under ``torch.compile`` (``compiled=True``) or
+    under ``autoqnn.compile_model`` (``compiled="compile_model"``, with its host-bits hooks)."""
     model = copy.deepcopy(model)
     opt = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
-    fwd = torch.compile(model, fullgraph=True, backend=backend) if compiled else model
+    if compiled == "compile_model":
+        fwd = compile_model(model, backend=backend or "aot_eager", fullgraph=True)
+    else:
+        fwd = torch.compile(model, fullgraph=True, backend=backend) if compiled else model
     x, y = _data()
     losses = []
     if start_step is not None:
@@ -193,6 +198,131 @@ def test_compiled_qpl_steps_equal_eager_in_one_graph():
     assert graphs.n == 1
     assert torch.equal(le, lc)
     _assert_same_state(ref, got)
+
+
+def _learned(model):
+    return [q for _, q in quantizers(model) if getattr(q, "learn_bits", False)]
+
+
+class _TwoLearned(nn.Module):
+    """A linear layer with a learned-bits weight quantizer and a learned-bits activation one."""
+
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.fc = nn.Linear(16, 5)
+        self.qw = Quantizer("clip", 3, learn_bits=True)
+        self.qa = Quantizer("fixed", 4, learn_bits=True, kind="activation")
+
+    def forward(self, x):
+        return F.linear(self.qa(x.flatten(1)[:, :16]), self.qw(self.fc.weight), self.fc.bias)
+
+
+def test_compile_model_qpl_steps_equal_eager_in_one_graph_with_host_bits():
+    """compile_model's QPL step: the hooks copy the learned bits to the host before each forward
+    and the graph's ops read those copies; the steps still equal eager bit for bit, in one graph
+    (a copy is refreshed in place, so it stays the same graph input)."""
+    m = _qpl_model()
+    ref, le = _steps(m, 4, compiled=False, qpl=True)
+    graphs = _Graphs()
+    got, lc = _steps(m, 4, compiled="compile_model", qpl=True, backend=graphs)
+    assert graphs.n == 1
+    assert torch.equal(le, lc)
+    _assert_same_state(ref, got)
+    qs = _learned(got)
+    assert qs
+    for q in qs:  # the copies hold the bits of the last forward; disarmed after it
+        assert q._bits_mirror.device.type == "cpu"
+        assert q.__dict__["_host_armed"] is False
+    # the last forward came before the last optimizer step: refresh to compare with the bits now
+    from autoqnn.nn import refresh_host_bits
+
+    assert refresh_host_bits(got) == len(qs)
+    for q in qs:
+        assert float(q._bits_mirror) == q.int_bits()
+
+
+def test_compiled_graph_quantizes_with_the_host_copies(monkeypatch):
+    """The graph's ops read the host copies, not the device bits: with the refresh skipped, a
+    changed learned bitwidth goes unseen (the documented contract of a stale copy), and with
+    the refresh it is seen, in the same graph. A plain torch.compile of the same model (copies
+    disarmed) reads the device bits."""
+    import autoqnn.nn as qnn
+
+    m = _TwoLearned().eval()
+    x, _ = _data()
+    graphs = _Graphs()
+    cm = compile_model(m, backend=graphs, fullgraph=True)
+    with torch.no_grad():
+        before = m(x)
+        assert torch.equal(cm(x), before)
+        w = [q for q in _learned(m) if q.kind == "weight"][0]
+        old = w.int_bits()
+        new = old - 1 if old > 2 else old + 1
+        w.bits.fill_(float(new))
+        after = m(x)
+        assert not torch.equal(after, before)
+        monkeypatch.setattr(qnn, "refresh_host_bits", lambda model: 0)
+        assert torch.equal(cm(x), before)  # stale copy: the old bits
+        monkeypatch.undo()
+        assert torch.equal(cm(x), after)
+        assert graphs.n == 1
+        w.__dict__["_bits_mirror"].fill_(float(old))  # stale, but disarmed: not read
+        assert torch.equal(torch.compile(m, backend="aot_eager", fullgraph=True)(x), after)
+
+
+def test_host_bits_hooks_serve_an_eager_forward_too():
+    """Armed copies are read by eager quantizer calls as well (a Dynamo fallback runs them
+    eagerly inside the hooked forward): same values and gradients as without them."""
+    from autoqnn.nn import use_host_bits
+
+    m = _TwoLearned()
+    m2 = copy.deepcopy(m)
+
+    class Wrap(nn.Module):
+        def __init__(self, inner):
+            super().__init__()
+            self.inner = inner
+
+        def forward(self, x):
+            return self.inner(x)
+
+    wrapped = Wrap(m)
+    h = use_host_bits(wrapped, m)
+    x, y = _data()
+    F.cross_entropy(wrapped(x), y).backward()
+    F.cross_entropy(m2(x), y).backward()
+    for (n, a), (_, b) in zip(m.named_parameters(), m2.named_parameters()):
+        assert torch.equal(a.grad, b.grad), n
+    assert all(q.__dict__["_host_armed"] is False for q in _learned(m))
+    for handle in h:
+        handle.remove()
+
+
+def test_refresh_host_bits_keeps_unchanged_copies_and_rejects_non_finite_bits():
+    from autoqnn.nn import refresh_host_bits, use_host_bits
+
+    m = _TwoLearned()
+    qs = _learned(m)
+    assert refresh_host_bits(m) == len(qs) == 2
+    first = [q._bits_mirror for q in qs]
+    v0 = [q._bits_mirror._version for q in qs]
+    with torch.no_grad():
+        qs[0].bits.add_(0.2)  # same integer bits: the copy is not touched
+        qs[1].bits.fill_(float(qs[1].int_bits()) + 1.0)
+    refresh_host_bits(m)
+    assert all(q._bits_mirror is t for q, t in zip(qs, first))
+    assert qs[0]._bits_mirror._version == v0[0]
+    assert qs[1]._bits_mirror._version > v0[1]
+    assert float(qs[1]._bits_mirror) == qs[1].int_bits()
+    with torch.no_grad():
+        qs[0].bits.fill_(float("nan"))
+    refresh_host_bits(m)
+    assert torch.isnan(qs[0]._bits_mirror)
+    use_host_bits(m, m)  # hooks on the model itself: an eager forward with armed copies
+    with pytest.raises(ValueError, match="finite"):
+        m(_data()[0])
+    assert qs[0].__dict__["_host_armed"] is False  # disarmed although the forward raised
 
 
 def _fixed_model():
@@ -463,3 +593,44 @@ def test_compiled_qss_after_pruning_recompiles_once_and_equals_eager():
     for _ in range(2):
         assert torch.equal(fwd(x), m(x))
     assert graphs.n == 2
+
+
+@cuda
+def test_cuda_compile_model_qpl_step_does_not_sync(monkeypatch):
+    """On a GPU, compile_model's QPL step: after warm-up, forward, precision loss and backward
+    cause no stream sync except the one host-bits refresh per step (run here with sync debug off),
+    because the graph's ops read the host copies of the learned bits."""
+    import autoqnn.nn as qnn
+
+    m = _qpl_model().cuda()
+    cm = compile_model(m, backend="aot_eager", fullgraph=True)
+    x, y = (t.cuda() for t in _data())
+    opt = torch.optim.SGD(m.parameters(), lr=0.05)
+
+    def step():
+        opt.zero_grad(set_to_none=True)
+        (F.cross_entropy(cm(x), y) + precision_loss(m)).backward()
+        opt.step()
+
+    for _ in range(2):  # compile, caches of small device constants
+        step()
+    real = qnn.refresh_host_bits
+
+    def refresh(model):
+        torch.cuda.set_sync_debug_mode(0)
+        try:
+            return real(model)
+        finally:
+            torch.cuda.set_sync_debug_mode("warn")
+
+    monkeypatch.setattr(qnn, "refresh_host_bits", refresh)
+    torch.cuda.synchronize()
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        torch.cuda.set_sync_debug_mode("warn")
+        try:
+            step()
+        finally:
+            torch.cuda.set_sync_debug_mode(0)
+    syncs = [str(w.message) for w in caught if "synchroniz" in str(w.message)]
+    assert syncs == [], syncs[:3]

@@ -28,7 +28,7 @@ __all__ = [
     "Quantizer", "SchemeMixture", "QuantizerBase", "QConv1d", "QConv2d", "QConv3d",
     "QConvTranspose1d", "QConvTranspose2d", "QConvTranspose3d", "QLinear", "QUANT_LAYERS",
     "FLOAT_TO_QUANT", "QuantLayerMixin", "QMultiheadAttention", "quantizers", "set_quant_enabled", "WeightBatcher",
-    "bits_on_host",
+    "bits_on_host", "refresh_host_bits", "use_host_bits",
 ]
 
 
@@ -57,3 +57,60 @@ def bits_on_host(model: nn.Module):
         opt.step()
     """
     return _AF.bits_on_host(*[q.bits for _, q in quantizers(model) if isinstance(q, Quantizer) and q.learn_bits])
+
+
+def _learned_bit_quantizers(model: nn.Module) -> list:
+    return [q for _, q in quantizers(model) if isinstance(q, Quantizer) and q.learn_bits]
+
+
+def refresh_host_bits(model: nn.Module) -> int:
+    """Give every learned bitwidth of ``model`` a host copy of its ``clip(round(b))``, read in
+    one device-to-host transfer per device (one stream sync), and return how many there are.
+
+    The copies are what a model compiled by :func:`autoqnn.compile_model` quantizes with: its
+    forward calls this first, so the graph's ops read the bits on the host instead of
+    synchronising the GPU stream in each of them. A copy whose value did not change is left
+    as it is (the same tensor, unmodified: a backward still to come keeps what it saved)."""
+    import torch  # noqa: PLC0415
+
+    qs = _learned_bit_quantizers(model)
+    by_device: dict = {}
+    for q in qs:
+        by_device.setdefault(q.bits.device, []).append(q)
+    with torch.no_grad():
+        for group in by_device.values():
+            # integers (or NaN/±Inf): exact in float64, whatever the bits' dtype
+            vals = torch.stack([q._rounded_bits().reshape(-1).double() for q in group]).to("cpu")
+            for q, v in zip(group, vals):
+                v = v.reshape(q.bits.shape)
+                cur = q.__dict__.get("_bits_mirror")
+                if cur is None or cur.shape != v.shape:
+                    q.__dict__["_bits_mirror"] = v.clone()
+                elif not torch.equal(cur, v):  # NaN never equals: copied again (the ops reject it)
+                    cur.copy_(v)
+    return len(qs)
+
+
+def _set_host_armed(model: nn.Module, armed: bool) -> None:
+    for q in _learned_bit_quantizers(model):
+        q.__dict__["_host_armed"] = armed
+
+
+def use_host_bits(compiled: nn.Module, model: nn.Module):
+    """Hooks on ``compiled`` (``torch.compile(model)`` or any module that runs ``model``):
+    before each forward, :func:`refresh_host_bits` of ``model`` and arm the copies; after it
+    (also when it raises), disarm them. While armed, ``model``'s learned-bits quantizers hand
+    the kernels the host copies (``bits_host``), eagerly and in a traced graph, which then
+    takes them as inputs. Disarmed, they read the device bits as before (a graph traced
+    disarmed is a different graph: Dynamo guards on the flag). Returns the two hook handles.
+
+    The hooks run outside the compiled region (they are ``compiled``'s, not ``model``'s)."""
+    def arm(_mod, _args):
+        refresh_host_bits(model)
+        _set_host_armed(model, True)
+
+    def disarm(_mod, _args, _out):
+        _set_host_armed(model, False)
+
+    return (compiled.register_forward_pre_hook(arm),
+            compiled.register_forward_hook(disarm, always_call=True))

@@ -218,15 +218,17 @@ class QuantizerBase(nn.Module):
             eb.copy_(bits_t)
         self._ema_seen = (key, eb, eb._version)
 
-    def _eval_params(self, bits, x: torch.Tensor) -> Optional[torch.Tensor]:
-        """EMA params for eval, or None (batch statistics) when they do not fit these bits."""
+    def _eval_params(self, bits, x: torch.Tensor, bits_ops=None) -> Optional[torch.Tensor]:
+        """EMA params for eval, or None (batch statistics) when they do not fit these bits.
+        ``bits_ops``: the same bits on the host, for the statistics op (traced, learned bits)."""
         if self.kind != "activation" or self.training or not self._ema_ok:
             return None
         if torch.compiler.is_compiling():
             # Traced: whether the EMA fits these bits is decided on the device (the eager
             # version reads ema_bits on the host), so the batch statistics are computed too.
             schemes = [scheme_info(s).name for s in self._sids]
-            batch = AF.scheme_params(x.detach(), schemes, bits, backend=self.backend, need_bits_grad=False)
+            batch = AF.scheme_params(x.detach(), schemes, bits if bits_ops is None else bits_ops,
+                                     backend=self.backend, need_bits_grad=False)
             ema = _fix_fixed_step(self.ema_params, self._sids, bits).to(batch.device, batch.dtype)
             fits = (self.ema_valid & (self.ema_bits == self._bits_on(bits, self.ema_bits.device)).all())
             return torch.where(fits.to(batch.device), ema, batch)
@@ -287,10 +289,24 @@ class Quantizer(QuantizerBase):
 
     def int_bits(self) -> int:
         """The integer bitwidth the forward uses (reads a learned value: a host sync on GPU,
-        except inside :func:`autoqnn.nn.bits_on_host`)."""
+        except inside :func:`autoqnn.nn.bits_on_host` and a forward of :func:`autoqnn.compile_model`)."""
         if self.learn_bits:
-            return clamp_bits(self._scheme, float(AF._bits_host(self.bits)))
+            hb = self._armed_host_bits()
+            return clamp_bits(self._scheme, float(AF._bits_host(self.bits) if hb is None else hb))
         return self._bits_int
+
+    def _armed_host_bits(self) -> Optional[torch.Tensor]:
+        """The host copy of the learned bits kept by :func:`refresh_host_bits`, while armed
+        (during a forward of a model compiled by :func:`autoqnn.compile_model`), else None."""
+        if self.learn_bits and self.__dict__.get("_host_armed", False):
+            return self.__dict__["_bits_mirror"]
+        return None
+
+    def _rounded_bits(self) -> torch.Tensor:
+        """clip(round(b)) of the learned bits, on their device (NaN/±Inf kept: the ops reject them)."""
+        info = scheme_info(self._scheme)
+        b = self.bits.detach()
+        return torch.where(torch.isfinite(b), b.round().clamp(info.min_bits, info.max_bits), b)
 
     @torch.no_grad()
     def clamp_bits_(self) -> None:
@@ -304,24 +320,29 @@ class Quantizer(QuantizerBase):
             return x
         self._record(x)
         bits_arg = self.bits if self.learn_bits else self._bits_int
+        host = self._armed_host_bits()  # learned bits' host copy (compile_model), or None
         xin = self._prep(x)
         params = None
         if self.kind == "activation":
+            b_ops = None  # the bits the statistics op reads, when not b_int
             if self.learn_bits and torch.compiler.is_compiling():
-                # traced: the integer bits stay a tensor in the graph (SPEC 4.1's clip(round(b)))
+                # traced: the integer bits stay a tensor in the graph (SPEC 4.1's clip(round(b)));
+                # on the device for the EMA's decisions, the host copy (if kept) for the ops
                 info = scheme_info(self._scheme)
                 b_int = self.bits.detach().round().clamp(info.min_bits, info.max_bits).reshape(1)
+                b_ops = None if host is None else host.reshape(1)
             else:
                 b_int = [self.int_bits()]
             if self.training:
-                params = AF.scheme_params(xin.detach(), [self._scheme], b_int, backend=self.backend,
+                params = AF.scheme_params(xin.detach(), [self._scheme], b_int if b_ops is None else b_ops,
+                                          backend=self.backend,
                                           need_bits_grad=self.learn_bits and torch.is_grad_enabled())
                 params = _sync_params(params, self._sids, b_int)
                 self._update_ema(params, b_int)
             else:
-                params = self._eval_params(b_int, xin)
+                params = self._eval_params(b_int, xin, b_ops)
         y = AF.quantize(xin, self._scheme, bits_arg, per_channel=self.per_channel,
-                        backend=self.backend, params=params)
+                        backend=self.backend, params=params, bits_host=host)
         return self._unprep(y)
 
     def extra_repr(self) -> str:
