@@ -297,3 +297,64 @@ def test_cuda_learned_bits_step_inside_bits_on_host_does_not_sync(backend):
     torch.testing.assert_close(y, y_ref, rtol=0, atol=0)
     for a, c in zip(g, g_ref):
         torch.testing.assert_close(a, c)
+
+
+# ----------------------------------------------------------------------------- bits_host=
+def _bits_host_calls(backend):
+    return (
+        lambda x, w, b, h: AF.quantize_mixture(x, w, WEIGHT_CANDIDATES, b, per_channel=True, backend=backend,
+                                               bits_host=h),
+        lambda x, w, b, h: AF.quantize(x, "residual", b, backend=backend, bits_host=h),
+    )
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("compiled", [False, True], ids=["eager", "compiled"])
+def test_bits_host_argument_reads_no_bits_and_matches(reads, backend, compiled):
+    """quantize/quantize_mixture(bits_host=): the kernels read the given host copy (no read of
+    the learned tensor, also inside torch.compile, where the graph takes the copy as an input),
+    with the same values and gradients as without it."""
+    if compiled and backend != "auto":  # what the nn modules trace; the torch formulation reads
+        # learned bits as Python ints, an explicit backend queries the dispatcher: graph breaks
+        pytest.skip("traced with backend='auto' only")
+    torch.manual_seed(0)
+    x = torch.randn(6, 41, requires_grad=True)
+    w = torch.softmax(torch.randn(8), 0).requires_grad_()
+    b = torch.tensor(3.4, requires_grad=True)
+    h = torch.tensor(3.0)  # clip(round(3.4)): the same integer bits
+    gy = torch.randn(6, 41)
+    for fn in _bits_host_calls(backend):
+        y0 = fn(x, w, b, None)
+        g0 = torch.autograd.grad(y0, [x, w, b], gy, allow_unused=True)
+        f = torch.compile(fn, backend="aot_eager", fullgraph=True) if compiled else fn
+        del reads[:]
+        y = f(x, w, b, h)
+        g = torch.autograd.grad(y, [x, w, b], gy, allow_unused=True)
+        assert reads == []
+        torch.testing.assert_close(y, y0, rtol=0, atol=0)
+        for a, c in zip(g, g0):
+            if c is None:
+                assert a is None
+            else:
+                torch.testing.assert_close(a, c, rtol=0, atol=0)
+        # the copy is what the kernels use: stale values quantize with those bits
+        y5 = f(x, w, b, torch.tensor(5.0))
+        torch.testing.assert_close(y5, fn(x, w, torch.tensor(5.0), None), rtol=0, atol=0)
+
+
+def test_bits_host_argument_is_validated():
+    x = torch.randn(10)
+    b = torch.tensor(3.0, requires_grad=True)
+    with pytest.raises(TypeError, match="learned"):
+        AF.quantize(x, "clip", 3, bits_host=torch.tensor(3.0))
+    with pytest.raises(TypeError, match="bits_host must be a tensor"):
+        AF.quantize(x, "clip", b, bits_host=3.0)
+    with pytest.raises(ValueError, match="CPU tensor"):
+        AF.quantize(x, "clip", b, bits_host=torch.tensor(3.0, device="meta"))
+    with pytest.raises(ValueError, match="shape"):
+        AF.quantize(x, "clip", b, bits_host=torch.tensor([3.0, 3.0]))
+    with pytest.raises(ValueError, match="finite"):
+        AF.quantize(x, "clip", b, bits_host=torch.tensor(float("nan")))
+    with pytest.raises(ValueError, match="shape"):
+        AF.quantize_mixture(x, torch.full((2,), 0.5), ["clip", "pot"], torch.tensor([3.0, 3.0]),
+                            bits_host=torch.tensor(3.0))
