@@ -325,6 +325,33 @@ def test_refresh_host_bits_keeps_unchanged_copies_and_rejects_non_finite_bits():
     assert qs[0].__dict__["_host_armed"] is False  # disarmed although the forward raised
 
 
+_EXPLICIT = ["torch"] + (["cpp"] if __import__("autoqnn")._ext.HAS_EXT else [])
+
+
+@pytest.mark.parametrize("backend", _EXPLICIT)
+@pytest.mark.parametrize("kind", ["weight", "activation", "mixture"])
+def test_explicit_backends_trace_in_one_graph(backend, kind):
+    """Quantizers with an explicit backend trace without a break too (the check that the backend
+    has its kernels queries the dispatcher once, at trace time) and equal eager."""
+    torch.manual_seed(0)
+    if kind == "mixture":
+        q = SchemeMixture(backend=backend)
+    else:
+        q = Quantizer("clip", 3, kind=kind, backend=backend)
+    q.train()
+    q2 = copy.deepcopy(q)
+    x = torch.randn(6, 20, requires_grad=True)
+    graphs = _Graphs()
+    cq = torch.compile(q2, backend=graphs, fullgraph=True)
+    for _ in range(2):
+        y, y2 = q(x), cq(x)
+        assert torch.equal(y, y2)
+        g = torch.autograd.grad(y.square().sum(), x)[0]
+        g2 = torch.autograd.grad(y2.square().sum(), x)[0]
+        assert torch.equal(g, g2)
+    assert graphs.n == 1
+
+
 def _fixed_model():
     """The fine-tuning phase's model: one scheme per vertex, fixed integer bits."""
     m = _qss_model()

@@ -330,6 +330,14 @@ register_autograd_for("quantize_cuda", "quantize_backward_cuda", kind="quantize"
 register_autograd_for("mixture_cuda", "mixture_backward_cuda", kind="mixture")
 
 
+def _constant_under_trace(fn):
+    """``fn`` called at trace time and its result kept as a constant of the graph (Dynamo cannot
+    trace the dispatcher query; the kernels registered do not change between steps)."""
+    deco = getattr(torch.compiler, "assume_constant_result", None)
+    return deco(fn) if deco is not None else fn
+
+
+@_constant_under_trace
 def has_kernel(op: str, dispatch_key: str) -> bool:
     """Whether ``autoqnn::op`` has a kernel registered directly for ``dispatch_key``
     (``"CPU"``/``"CUDA"``), i.e. one that beats the ``default`` reference there."""
