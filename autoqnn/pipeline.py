@@ -211,6 +211,8 @@ def compile_model(model: nn.Module, *, backend: str = "inductor", mode: Optional
     Learned bitwidths (QPL): the compiled module's forward first copies every learned bitwidth
     of ``model`` to the host in one transfer (:func:`autoqnn.nn.use_host_bits`), and the graph's
     kernels read those copies: one stream sync per step on a GPU instead of one in each op.
+    CUDA graphs (``reduce-overhead``, ``max-autotune``) are then turned off, with a warning: a
+    replay reruns the kernels with the bits they were captured with, and learned bits change.
     """
     if mode not in _COMPILE_MODES:
         raise ValueError(f"compile mode must be one of {_COMPILE_MODES}, got {mode!r}")
@@ -221,6 +223,11 @@ def compile_model(model: nn.Module, *, backend: str = "inductor", mode: Optional
     from torch._inductor import list_mode_options  # noqa: PLC0415
 
     options = dict(list_mode_options(mode)) if mode else {}
+    if options.get("triton.cudagraphs") and _learns_bits(model):
+        warnings.warn(f"compile_model: mode={mode!r} would capture CUDA graphs, whose replays keep the "
+                      "integer bits of the capture; this model learns its bitwidths, so it is compiled "
+                      "without CUDA graphs", RuntimeWarning, stacklevel=2)
+        options["triton.cudagraphs"] = False
     if layout_optimization is not None:
         options["layout_optimization"] = bool(layout_optimization)
     if not options:
@@ -228,9 +235,13 @@ def compile_model(model: nn.Module, *, backend: str = "inductor", mode: Optional
     return _with_host_bits(torch.compile(model, backend="inductor", fullgraph=fullgraph, options=options), model)
 
 
+def _learns_bits(model: nn.Module) -> bool:
+    return any(isinstance(q, Quantizer) and q.learn_bits for _, q in _iter_quantizers(model))
+
+
 def _with_host_bits(compiled: nn.Module, model: nn.Module) -> nn.Module:
     """``compiled`` with :func:`autoqnn.nn.use_host_bits` hooks when ``model`` learns bitwidths."""
-    if any(isinstance(q, Quantizer) and q.learn_bits for _, q in _iter_quantizers(model)):
+    if _learns_bits(model):
         use_host_bits(compiled, model)
     return compiled
 

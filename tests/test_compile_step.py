@@ -497,6 +497,26 @@ def test_compile_model_passes_mode_and_layout_options(monkeypatch):
         autoqnn.compile_model(net, mode="warp-speed")
 
 
+def test_compile_model_turns_cuda_graphs_off_for_learned_bits(monkeypatch):
+    """A CUDA graph replay keeps the bits of its capture: compile_model compiles a model with
+    learned bitwidths without CUDA graphs (warning), and leaves them on for fixed bits."""
+    import autoqnn
+
+    calls = []
+    monkeypatch.setattr(torch, "compile", lambda model, **kw: calls.append(kw) or model)
+    with pytest.warns(RuntimeWarning, match="without CUDA graphs"):
+        autoqnn.compile_model(_TwoLearned(), mode="reduce-overhead")
+    assert calls[-1]["options"]["triton.cudagraphs"] is False
+    with pytest.warns(RuntimeWarning, match="without CUDA graphs"):
+        autoqnn.compile_model(_TwoLearned(), mode="max-autotune")
+    assert calls[-1]["options"]["triton.cudagraphs"] is False and calls[-1]["options"]["max_autotune"]
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        autoqnn.compile_model(_fixed_model(), mode="reduce-overhead")
+        autoqnn.compile_model(_TwoLearned(), mode="max-autotune-no-cudagraphs")
+    assert calls[-2]["options"]["triton.cudagraphs"] is True
+
+
 def test_cli_compile_flag_reaches_the_config():
     from autoqnn.cli import build_configs, build_parser
 
