@@ -82,7 +82,7 @@ def refresh_host_bits(model: nn.Module) -> int:
             # integers (or NaN/±Inf): exact in float64, whatever the bits' dtype
             vals = torch.stack([q._rounded_bits().reshape(-1).double() for q in group]).to("cpu")
             for q, v in zip(group, vals):
-                v = v.reshape(q.bits.shape)
+                v = v.reshape(q.bits.shape).to(q.bits.dtype)  # exact: integers, NaN or ±Inf
                 cur = q.__dict__.get("_bits_mirror")
                 if cur is None or cur.shape != v.shape:
                     q.__dict__["_bits_mirror"] = v.clone()
