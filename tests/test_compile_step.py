@@ -262,7 +262,7 @@ def test_compiled_graph_quantizes_with_the_host_copies(monkeypatch):
         w.bits.fill_(float(new))
         after = m(x)
         assert not torch.equal(after, before)
-        monkeypatch.setattr(qnn, "refresh_host_bits", lambda model: 0)
+        monkeypatch.setattr(qnn, "_refresh", lambda qs: None)  # the hooks' refresh
         assert torch.equal(cm(x), before)  # stale copy: the old bits
         monkeypatch.undo()
         assert torch.equal(cm(x), after)
@@ -297,6 +297,22 @@ def test_host_bits_hooks_serve_an_eager_forward_too():
     assert all(q.__dict__["_host_armed"] is False for q in _learned(m))
     for handle in h:
         handle.remove()
+
+
+def test_quantizer_added_after_the_hooks_reads_its_device_bits():
+    """The hooks serve the learned-bits quantizers present when they were installed; one that
+    replaces them later (fix_schemes after compile_model) is never armed: correct, unsynced."""
+    from autoqnn.nn import use_host_bits
+
+    m = _TwoLearned().eval()
+    use_host_bits(m, m)
+    m.qw = Quantizer("pot", 3, learn_bits=True)
+    x, _ = _data()
+    with torch.no_grad():
+        y = m(x)
+        assert "_host_armed" not in m.qw.__dict__ and "_bits_mirror" not in m.qw.__dict__
+        m.qw.bits.fill_(4.0)
+        assert not torch.equal(m(x), y)
 
 
 def test_refresh_host_bits_keeps_unchanged_copies_and_rejects_non_finite_bits():
@@ -661,16 +677,16 @@ def test_cuda_compile_model_qpl_step_does_not_sync(monkeypatch):
 
     for _ in range(2):  # compile, caches of small device constants
         step()
-    real = qnn.refresh_host_bits
+    real = qnn._refresh  # what the hooks call
 
-    def refresh(model):
+    def refresh(qs):
         torch.cuda.set_sync_debug_mode(0)
         try:
-            return real(model)
+            return real(qs)
         finally:
             torch.cuda.set_sync_debug_mode("warn")
 
-    monkeypatch.setattr(qnn, "refresh_host_bits", refresh)
+    monkeypatch.setattr(qnn, "_refresh", refresh)
     torch.cuda.synchronize()
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")

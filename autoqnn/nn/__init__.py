@@ -71,9 +71,14 @@ def refresh_host_bits(model: nn.Module) -> int:
     forward calls this first, so the graph's ops read the bits on the host instead of
     synchronising the GPU stream in each of them. A copy whose value did not change is left
     as it is (the same tensor, unmodified: a backward still to come keeps what it saved)."""
+    qs = _learned_bit_quantizers(model)
+    _refresh(qs)
+    return len(qs)
+
+
+def _refresh(qs: list) -> None:
     import torch  # noqa: PLC0415
 
-    qs = _learned_bit_quantizers(model)
     by_device: dict = {}
     for q in qs:
         by_device.setdefault(q.bits.device, []).append(q)
@@ -81,36 +86,35 @@ def refresh_host_bits(model: nn.Module) -> int:
         for group in by_device.values():
             # integers (or NaN/±Inf): exact in float64, whatever the bits' dtype
             vals = torch.stack([q._rounded_bits().reshape(-1).double() for q in group]).to("cpu")
-            for q, v in zip(group, vals):
-                v = v.reshape(q.bits.shape).to(q.bits.dtype)  # exact: integers, NaN or ±Inf
+            for q, v in zip(group, vals.tolist()):
                 cur = q.__dict__.get("_bits_mirror")
-                if cur is None or cur.shape != v.shape:
-                    q.__dict__["_bits_mirror"] = v.clone()
-                elif not torch.equal(cur, v):  # NaN never equals: copied again (the ops reject it)
-                    cur.copy_(v)
-    return len(qs)
-
-
-def _set_host_armed(model: nn.Module, armed: bool) -> None:
-    for q in _learned_bit_quantizers(model):
-        q.__dict__["_host_armed"] = armed
+                if cur is None or cur.shape != q.bits.shape or cur.dtype != q.bits.dtype:
+                    q.__dict__["_bits_mirror"] = torch.tensor(v[0], dtype=q.bits.dtype).reshape(q.bits.shape)
+                elif cur.item() != v[0]:  # NaN never equals: written again (the ops reject it)
+                    cur.fill_(v[0])
 
 
 def use_host_bits(compiled: nn.Module, model: nn.Module):
     """Hooks on ``compiled`` (``torch.compile(model)`` or any module that runs ``model``):
-    before each forward, :func:`refresh_host_bits` of ``model`` and arm the copies; after it
-    (also when it raises), disarm them. While armed, ``model``'s learned-bits quantizers hand
-    the kernels the host copies (``bits_host``), eagerly and in a traced graph, which then
-    takes them as inputs. Disarmed, they read the device bits as before (a graph traced
-    disarmed is a different graph: Dynamo guards on the flag). Returns the two hook handles.
+    before each forward, refresh the host copies of ``model``'s learned bitwidths
+    (:func:`refresh_host_bits`) and arm them; after it (also when it raises), disarm them.
+    While armed, those quantizers hand the kernels the host copies (``bits_host``), eagerly and
+    in a traced graph, which then takes them as inputs. Disarmed, they read the device bits as
+    before (a graph traced disarmed is a different graph: Dynamo guards on the flag). The
+    quantizers are the learned-bits ones of ``model`` now; one added later (``fix_schemes``
+    after this call) is never armed and reads its device bits. Returns the two hook handles.
 
     The hooks run outside the compiled region (they are ``compiled``'s, not ``model``'s)."""
+    qs = _learned_bit_quantizers(model)
+
     def arm(_mod, _args):
-        refresh_host_bits(model)
-        _set_host_armed(model, True)
+        _refresh(qs)
+        for q in qs:
+            q.__dict__["_host_armed"] = True
 
     def disarm(_mod, _args, _out):
-        _set_host_armed(model, False)
+        for q in qs:
+            q.__dict__["_host_armed"] = False
 
     return (compiled.register_forward_pre_hook(arm),
             compiled.register_forward_hook(disarm, always_call=True))
