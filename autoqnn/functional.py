@@ -153,7 +153,9 @@ def _learned_bits(bits: torch.Tensor, infos, bits_host: Optional[torch.Tensor] =
     copy: no extra read."""
     bt, _ = _bits_tensor(bits, infos, check_finite=False)
     if bits_host is not None:
-        bh, _ = _bits_tensor(bits_host.detach(), infos, check_finite=not torch.compiler.is_compiling())
+        # in the learned bits' dtype: the backward ops return grad_bits in the dtype of the bits
+        # they read (a bf16 copy would round the gradient)
+        bh, _ = _bits_tensor(bits_host.detach().to(bt.dtype), infos, check_finite=not torch.compiler.is_compiling())
         return bt, bh
     if torch.compiler.is_compiling():  # traced: the graph's ops read the bits themselves
         return bt, bt

@@ -342,6 +342,22 @@ def test_bits_host_argument_reads_no_bits_and_matches(reads, backend, compiled):
         torch.testing.assert_close(y5, fn(x, w, torch.tensor(5.0), None), rtol=0, atol=0)
 
 
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float64, torch.int64])
+def test_bits_host_in_any_dtype_gives_the_same_gradient(dtype):
+    """A host copy in another dtype (integers are exact in each) quantizes alike and leaves the
+    bitwidth gradient in the learned bits' precision."""
+    torch.manual_seed(0)
+    x = torch.randn(50, requires_grad=True)
+    b = torch.tensor(3.2, requires_grad=True)
+    y0 = AF.quantize(x, "clip", b)
+    g0 = torch.autograd.grad(y0.square().sum(), [x, b])
+    y = AF.quantize(x, "clip", b, bits_host=torch.tensor(3, dtype=dtype))
+    g = torch.autograd.grad(y.square().sum(), [x, b])
+    assert torch.equal(y, y0)
+    assert torch.equal(g[0], g0[0]) and torch.equal(g[1], g0[1])
+    assert g[1].dtype == b.dtype
+
+
 def test_bits_host_argument_is_validated():
     x = torch.randn(10)
     b = torch.tensor(3.0, requires_grad=True)
