@@ -368,6 +368,26 @@ def test_explicit_backends_trace_in_one_graph(backend, kind):
     assert graphs.n == 1
 
 
+@pytest.mark.parametrize("make", [_qss_model, _qpl_model], ids=["qss", "qpl"])
+def test_compiled_step_with_changing_batch_size_recompiles_once(make):
+    """A last, smaller batch (or any new batch size): Dynamo recompiles once with a dynamic batch
+    dimension (the fake kernels and the quantizers' Python take symbolic sizes), then serves
+    every size from that graph; values and gradients equal eager throughout."""
+    m = make()
+    m2 = copy.deepcopy(m)
+    graphs = _Graphs()
+    cm = compile_model(m, backend=graphs)
+    x, y = _data(32)
+    for n in (16, 12, 8, 16, 5):
+        out, ref = cm(x[:n]), m2(x[:n])
+        assert torch.equal(out, ref), n
+        F.cross_entropy(out, y[:n]).backward()
+        F.cross_entropy(ref, y[:n]).backward()
+    assert graphs.n == 2
+    for (name, a), (_, b) in zip(m.named_parameters(), m2.named_parameters()):
+        assert torch.equal(a.grad, b.grad), name
+
+
 def _fixed_model():
     """The fine-tuning phase's model: one scheme per vertex, fixed integer bits."""
     m = _qss_model()
