@@ -113,3 +113,35 @@ def test_scheme_params_cuda_without_bits_grad(shape, per_channel):
                 ref_fn=lambda g: ref.scheme_params_ref(x, bb, sids, per_channel, g))
             torch.testing.assert_close(nb.cpu(), OPS.scheme_params(x.cpu(), bb, sids, per_channel, False),
                                        rtol=2e-5, atol=1e-7)
+
+
+def test_scheme_params_cuda_one_launch_passes_equal_the_two_stage_ones(tmp_path):
+    """Each statistics pass is one launch (the row's last block finalizes it); the partial +
+    finalize launches (AUTOQNN_CUDA_STATS_TWO_STAGE=1, read once per process: a subprocess
+    here) merge the same partials in the same order, so both give the same scales bit for bit,
+    for uniform rows with many chunks and for batched ragged rows with an empty one."""
+    import os
+    import subprocess
+    import sys
+
+    script = tmp_path / "params.py"
+    script.write_text(
+        "import sys, torch\n"
+        "import autoqnn  # noqa: F401  (registers the ops)\n"
+        "g = torch.Generator().manual_seed(3)\n"
+        "x = (torch.randn(3, 40000, generator=g) * 2).cuda()\n"
+        "b = torch.full((8,), 3.0)\n"
+        "out = [torch.ops.autoqnn.scheme_params(x, b, list(range(8)), pc, True).cpu() for pc in (False, True)]\n"
+        "flat = x.reshape(-1)[:50000].contiguous()\n"
+        "off = [0, 9000, 9000, 50000]\n"
+        "out.append(torch.ops.autoqnn.scheme_params_batched(flat, off, torch.full((3, 8), 4.0), list(range(8)), True)"
+        ".cpu())\n"
+        "torch.save(out, sys.argv[1])\n")
+    res = {}
+    for mode in ("0", "1"):
+        path = tmp_path / f"out{mode}.pt"
+        env = dict(os.environ, AUTOQNN_CUDA_STATS_TWO_STAGE=mode)
+        subprocess.run([sys.executable, str(script), str(path)], check=True, env=env, timeout=300)
+        res[mode] = torch.load(path, weights_only=True)
+    for one, two in zip(res["0"], res["1"]):
+        assert torch.equal(one, two)

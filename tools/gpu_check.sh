@@ -9,7 +9,7 @@
 #   OUT=/tmp/out bash tools/gpu_check.sh                       # everything, ~9 min at most
 #   BUDGET=300 STEPS="build env tests" bash tools/gpu_check.sh  # a subset
 set -uo pipefail
-STEPS=${STEPS:-"build env raise tests tune report train_step batched host division memory compiled_step profile batched_triton compiled_cudagraphs"}
+STEPS=${STEPS:-"build env raise tests tune report train_step batched host division memory compiled_step profile stats_two_stage batched_triton compiled_cudagraphs"}
 BUDGET=${BUDGET:-560}
 PY=${PY:-python3}
 cd "$(dirname "$0")/.."
@@ -80,6 +80,10 @@ step memory 30 $PY bench/bench_memory.py --device cuda
 step compiled_step 150 $PY bench/bench_train_step.py --device cuda --rounds 5 --no-interleave \
   --providers float,float-compiled,qss-fused,qss-compiled,qpl-fused,qpl-compiled
 step profile 30 $PY bench/profile_step.py --device cuda --log2 12 24
+# A/B of scheme_params's passes: one launch each (default, in the report step's statistics table)
+# against partial + finalize launches
+step stats_two_stage 25 env AUTOQNN_CUDA_STATS_TWO_STAGE=1 $PY bench/report.py --device cuda --stats-only \
+  --no-compile --no-resnet18 --min-log2 12 --max-log2 24 --rounds 5
 step batched_triton 20 $PY bench/bench_batched.py --device cuda --backend triton
 # CUDA graphs (Inductor's reduce-overhead, partitioned around the ops' CPU bits): last, it only
 # runs when time is left (or alone: STEPS="build compiled_cudagraphs")

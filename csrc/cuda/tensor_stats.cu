@@ -14,8 +14,11 @@
 // a handful of launches from C++): pass 1 = the statistics above, whose finalize kernel also
 // writes each row's mean, mean|x| and Ternary threshold; then each dependent pass (pass 2 = sigma
 // (two-pass, as torch.std) + Ternary's masked mean + ResQ alpha_2; pass 3 = Quaternary + alpha_3;
-// pass q >= 4 = alpha_q) as block partials + a finalize kernel that writes the values the next
-// pass compares against; last, one thread per row writes every candidate's scales.
+// pass q >= 4 = alpha_q) as block partials, finalized by each row's last block in the same launch
+// (one launch per pass; a ticket counter per row decides which block is last), which writes
+// the values the next pass compares against; last, one thread per row writes every candidate's
+// scales. Launches: one zero fill, one per pass, the scales (5 at 3 bits, against 8 for partial +
+// finalize kernels, which AUTOQNN_CUDA_STATS_TWO_STAGE=1 still selects).
 #include <ATen/ATen.h>
 #include <c10/cuda/CUDAException.h>
 #include <c10/cuda/CUDAGuard.h>
@@ -25,6 +28,7 @@
 
 #include <algorithm>
 #include <cmath>
+#include <cstdlib>
 #include <limits>
 #include <type_traits>
 #include <vector>
@@ -137,14 +141,39 @@ struct Cands {
 
 // Pass 1 finalize: block c merges row c's partials into acc1[c] (min/max 0 without finite
 // elements, as tensor_stats) and writes the row values the dependent passes need.
+//
+// Each statistics pass of scheme_params is one launch by default: every block publishes its chunk
+// partial and takes a ticket from its row's counter; the block whose ticket completes the row
+// (whichever it is) merges the row's partials in chunk order, exactly as the two-stage finalize
+// kernels do (same values, bit for bit), and finalizes the row. The partials written by other
+// blocks are read through L2 (ld.global.cg): they were fenced before the tickets were taken.
+// AUTOQNN_CUDA_STATS_TWO_STAGE=1 selects the partial + finalize launches instead (A/B, fallback).
+__device__ __forceinline__ Acc load_partial(const Acc* p) {
+  return {__ldcg(&p->n), __ldcg(&p->s1), __ldcg(&p->sx), __ldcg(&p->s2),
+          __ldcg(&p->mn), __ldcg(&p->mx), __ldcg(&p->ma)};
+}
+
+// Thread 0 stores this block's partial, fences it and takes a ticket; true in every thread of
+// the block whose ticket is the row's last (every thread must call it).
+template <typename A>
+__device__ bool publish_partial(A* __restrict__ slot, const A& v, unsigned* __restrict__ ticket,
+                                int64_t row_chunks) {
+  __shared__ bool last_block;
+  if (threadIdx.x == 0) {
+    *slot = v;
+    __threadfence();
+    last_block = atomicAdd(ticket, 1u) + 1u == static_cast<unsigned>(row_chunks);
+  }
+  __syncthreads();
+  return last_block;
+}
+
 template <typename T>
-__global__ void __launch_bounds__(kThreads)
-    params_pass1_finalize_kernel(const Acc* __restrict__ part, RowMap m, Acc* __restrict__ acc1 /* [C] */,
-                                 T* __restrict__ rp /* [C, kRowSlots] */) {
-  const int64_t c = blockIdx.x;
+__device__ void pass1_finalize_row(const Acc* __restrict__ part, const RowMap& m, int64_t c,
+                                   Acc* __restrict__ acc1 /* [C] */, T* __restrict__ rp /* [C, kRowSlots] */) {
   const int64_t first = m.first(c), nch = m.chunks(c);
   Acc acc = Acc::identity();
-  for (int64_t j = threadIdx.x; j < nch; j += kThreads) acc.merge(part[first + j]);
+  for (int64_t j = threadIdx.x; j < nch; j += kThreads) acc.merge(load_partial(part + first + j));
   acc = block_reduce(acc);
   if (threadIdx.x != 0) return;
   if (!(acc.n > 0.0)) acc.mn = acc.mx = acc.ma = 0.0;
@@ -158,13 +187,38 @@ __global__ void __launch_bounds__(kThreads)
   r[4] = mean_abs;  // alpha_1
 }
 
-// One dependent pass: block b sums its chunk.
+template <typename T>
+__global__ void __launch_bounds__(kThreads)
+    params_pass1_finalize_kernel(const Acc* __restrict__ part, RowMap m, Acc* __restrict__ acc1 /* [C] */,
+                                 T* __restrict__ rp /* [C, kRowSlots] */) {
+  pass1_finalize_row(part, m, blockIdx.x, acc1, rp);
+}
+
+// Pass 1 in one launch: stats_partial_kernel's chunk partial, then the row's last block finalizes.
 template <typename scalar_t, typename T>
 __global__ void __launch_bounds__(kThreads)
-    params_dep_partial_kernel(const scalar_t* __restrict__ x, RowMap m, const T* __restrict__ rp, bool var,
-                              bool ter, bool quat, int res, Dep* __restrict__ part) {
-  const int64_t b = blockIdx.x;
-  const ChunkSpan ch = m.chunk(b);
+    params_pass1_kernel(const scalar_t* __restrict__ x, Acc* __restrict__ part, RowMap m,
+                        unsigned* __restrict__ tickets /* [C] */, Acc* __restrict__ acc1, T* __restrict__ rp) {
+  const ChunkSpan ch = m.chunk(blockIdx.x);
+  const scalar_t* row = x + ch.start;
+  Acc acc = Acc::identity();
+  for_each_strided(row, ch.len, [&](scalar_t v) { acc.add(stats::to_double(v)); });
+  acc = block_reduce(acc);
+  if (publish_partial(part + blockIdx.x, acc, tickets + ch.row, m.chunks(ch.row))) {
+    pass1_finalize_row(part, m, ch.row, acc1, rp);
+  }
+}
+
+__device__ __forceinline__ Dep load_partial(const Dep* p) {
+  Dep d;
+  for (int i = 0; i < 6; ++i) d.v[i] = __ldcg(&p->v[i]);
+  return d;
+}
+
+// One dependent pass: the sums of this block's chunk, reduced over the block.
+template <typename scalar_t, typename T>
+__device__ Dep dep_chunk_sums(const scalar_t* __restrict__ x, const ChunkSpan& ch, const T* __restrict__ rp,
+                              bool var, bool ter, bool quat, int res) {
   const int64_t c = ch.row;
   const int64_t len = ch.len;
   const scalar_t* row = x + ch.start;
@@ -199,20 +253,27 @@ __global__ void __launch_bounds__(kThreads)
       d.v[5] += fin ? static_cast<double>(aa) : 0.0;
     }
   });
-  d = block_reduce(d);
-  if (threadIdx.x == 0) part[b] = d;
+  return block_reduce(d);
+}
+
+// One dependent pass: block b sums its chunk.
+template <typename scalar_t, typename T>
+__global__ void __launch_bounds__(kThreads)
+    params_dep_partial_kernel(const scalar_t* __restrict__ x, RowMap m, const T* __restrict__ rp, bool var,
+                              bool ter, bool quat, int res, Dep* __restrict__ part) {
+  const Dep d = dep_chunk_sums(x, m.chunk(blockIdx.x), rp, var, ter, quat, res);
+  if (threadIdx.x == 0) part[blockIdx.x] = d;
 }
 
 // Dependent pass q finalize: block c merges row c's partials into out[c] and writes what later
 // passes need (q == 2: sigma and the Quaternary step; res > 0: alpha_{res+1}).
 template <typename T>
-__global__ void __launch_bounds__(kThreads)
-    params_dep_finalize_kernel(const Dep* __restrict__ part, RowMap m, const Acc* __restrict__ acc1, int q,
-                               int res, T* __restrict__ rp, Dep* __restrict__ out /* [C] */) {
-  const int64_t c = blockIdx.x;
+__device__ void dep_finalize_row(const Dep* __restrict__ part, const RowMap& m, int64_t c,
+                                 const Acc* __restrict__ acc1, int q, int res, T* __restrict__ rp,
+                                 Dep* __restrict__ out /* [C] */) {
   const int64_t first = m.first(c), nch = m.chunks(c);
   Dep d = Dep::zero();
-  for (int64_t j = threadIdx.x; j < nch; j += kThreads) d.merge(part[first + j]);
+  for (int64_t j = threadIdx.x; j < nch; j += kThreads) d.merge(load_partial(part + first + j));
   d = block_reduce(d);
   if (threadIdx.x != 0) return;
   out[c] = d;
@@ -224,6 +285,26 @@ __global__ void __launch_bounds__(kThreads)
     r[2] = static_cast<T>(kQuaternaryLambda) * sigma;
   }
   if (res > 0) r[4 + res] = static_cast<T>(n > 0.0 ? d.v[5] / n : 0.0);
+}
+
+template <typename T>
+__global__ void __launch_bounds__(kThreads)
+    params_dep_finalize_kernel(const Dep* __restrict__ part, RowMap m, const Acc* __restrict__ acc1, int q,
+                               int res, T* __restrict__ rp, Dep* __restrict__ out /* [C] */) {
+  dep_finalize_row(part, m, blockIdx.x, acc1, q, res, rp, out);
+}
+
+// A dependent pass in one launch: the chunk sums, then the row's last block finalizes.
+template <typename scalar_t, typename T>
+__global__ void __launch_bounds__(kThreads)
+    params_dep_kernel(const scalar_t* __restrict__ x, RowMap m, T* __restrict__ rp, bool var, bool ter, bool quat,
+                      int res, Dep* __restrict__ part, unsigned* __restrict__ tickets /* [C] */,
+                      const Acc* __restrict__ acc1, int q, Dep* __restrict__ out) {
+  const ChunkSpan ch = m.chunk(blockIdx.x);
+  const Dep d = dep_chunk_sums(x, ch, rp, var, ter, quat, res);
+  if (publish_partial(part + blockIdx.x, d, tickets + ch.row, m.chunks(ch.row))) {
+    dep_finalize_row(part, m, ch.row, acc1, q, res, rp, out);
+  }
 }
 
 // Every candidate's scales, one thread per row (csrc/cpu/quantize.cpp::fill_params, last loop).
@@ -281,6 +362,15 @@ __global__ void params_write_kernel(const Acc* __restrict__ acc1, const T* __res
   }
 }
 
+// AUTOQNN_CUDA_STATS_TWO_STAGE=1: scheme_params's passes as partial + finalize launches (read once).
+bool two_stage_stats() {
+  static const bool two = [] {
+    const char* v = std::getenv("AUTOQNN_CUDA_STATS_TWO_STAGE");
+    return v != nullptr && v[0] == '1';
+  }();
+  return two;
+}
+
 // The candidates' ids, integer bits (int_bits, shared with the CPU kernel) and ClipQ/PotQ lambdas.
 Cands params_cands(const at::Tensor& bits, at::IntArrayRef schemes) {
   TORCH_CHECK_VALUE(schemes.size() <= static_cast<size_t>(kNumSchemes), "autoqnn::scheme_params: at most ",
@@ -316,40 +406,65 @@ void launch_scheme_params(const at::Tensor& xc, const RowMap& m, int64_t nb_, co
   TORCH_CHECK(blocks <= std::numeric_limits<int32_t>::max() && C <= std::numeric_limits<int32_t>::max(),
               "autoqnn::scheme_params: tensor too large for the CUDA kernel");
   const auto bytes = xc.options().dtype(at::kByte);
-  // scratch: partials (reused by every pass), per-row pass-1 accumulators, dependent sums
-  at::Tensor scratch = at::empty({static_cast<int64_t>(blocks * std::max(sizeof(Acc), sizeof(Dep)) +
-                                                       C * (sizeof(Acc) + 3 * sizeof(Dep)))},
-                                 bytes);
-  uint8_t* base = scratch.mutable_data_ptr<uint8_t>();
-  void* part = base;
-  Acc* acc1 = reinterpret_cast<Acc*>(base + blocks * std::max(sizeof(Acc), sizeof(Dep)));
-  Dep* p2 = reinterpret_cast<Dep*>(reinterpret_cast<uint8_t*>(acc1) + C * sizeof(Acc));
+  const int last = std::max(need_quat ? 3 : 2, res_alphas);
+  const bool one_launch = !two_stage_stats();
+  // partials (reused by every pass), not initialised
+  at::Tensor part_buf = at::empty({static_cast<int64_t>(std::max<int64_t>(blocks, 1) *
+                                                        std::max(sizeof(Acc), sizeof(Dep)))},
+                                  bytes);
+  void* part = part_buf.mutable_data_ptr();
+  // zeroed in one fill: per-row pass-1 accumulators, dependent sums, the row values rp and, for
+  // the one-launch passes, a ticket counter per (pass, row). A row without chunks (an empty
+  // row of the batched ops) is never finalized there: zeros are what finalizing it would write.
+  const int64_t ticket_rows = one_launch ? last : 0;
+  const int64_t state_bytes = C * static_cast<int64_t>(sizeof(Acc) + 3 * sizeof(Dep) + kRowSlots * sizeof(T)) +
+                              ticket_rows * C * static_cast<int64_t>(sizeof(unsigned));
+  at::Tensor state = at::zeros({state_bytes}, bytes);
+  uint8_t* base = state.mutable_data_ptr<uint8_t>();
+  Acc* acc1 = reinterpret_cast<Acc*>(base);
+  Dep* p2 = reinterpret_cast<Dep*>(base + C * sizeof(Acc));
   Dep* p3 = p2 + C;
   Dep* p_later = p3 + C;  // sums of passes q >= 4 (only their alpha is used, through rp)
-  at::Tensor rp = at::zeros({C, kRowSlots}, xc.options().dtype(out.scalar_type()));
-  T* rpp = rp.mutable_data_ptr<T>();
+  T* rpp = reinterpret_cast<T*>(p_later + C);
+  unsigned* tickets = reinterpret_cast<unsigned*>(rpp + C * kRowSlots);  // [last][C]: pass 1 uses row 0
   const scalar_t* xp = xc.const_data_ptr<scalar_t>();
   const unsigned nb = static_cast<unsigned>(blocks), nc = static_cast<unsigned>(C);
 
-  if (nb > 0) {
-    stats_partial_kernel<scalar_t><<<nb, kThreads, 0, stream>>>(xp, static_cast<Acc*>(part), m);
+  if (one_launch) {
+    if (nb > 0) {
+      params_pass1_kernel<scalar_t, T><<<nb, kThreads, 0, stream>>>(xp, static_cast<Acc*>(part), m, tickets, acc1,
+                                                                    rpp);
+      C10_CUDA_KERNEL_LAUNCH_CHECK();
+    }
+  } else {
+    if (nb > 0) {
+      stats_partial_kernel<scalar_t><<<nb, kThreads, 0, stream>>>(xp, static_cast<Acc*>(part), m);
+      C10_CUDA_KERNEL_LAUNCH_CHECK();
+    }
+    params_pass1_finalize_kernel<T><<<nc, kThreads, 0, stream>>>(static_cast<Acc*>(part), m, acc1, rpp);
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   }
-  params_pass1_finalize_kernel<T><<<nc, kThreads, 0, stream>>>(static_cast<Acc*>(part), m, acc1, rpp);
-  C10_CUDA_KERNEL_LAUNCH_CHECK();
-  const int last = std::max(need_quat ? 3 : 2, res_alphas);
   for (int q = 2; q <= last; ++q) {
     const bool res = res_alphas >= q;
     if (q == 2 && !(need_sigma || need_ter || res)) continue;
     if (q >= 3 && !res && !(q == 3 && need_quat)) continue;
     const int steps = res ? q - 1 : 0;
     TORCH_INTERNAL_ASSERT(steps <= kMaxResSteps);
+    Dep* sums = q == 2 ? p2 : (q == 3 ? p3 : p_later);
+    if (one_launch) {
+      if (nb > 0) {
+        params_dep_kernel<scalar_t, T><<<nb, kThreads, 0, stream>>>(
+            xp, m, rpp, q == 2, q == 2 && need_ter, q == 3 && need_quat, steps, static_cast<Dep*>(part),
+            tickets + (q - 1) * C, acc1, q, sums);
+        C10_CUDA_KERNEL_LAUNCH_CHECK();
+      }
+      continue;
+    }
     if (nb > 0) {
       params_dep_partial_kernel<scalar_t, T><<<nb, kThreads, 0, stream>>>(
           xp, m, rpp, q == 2, q == 2 && need_ter, q == 3 && need_quat, steps, static_cast<Dep*>(part));
       C10_CUDA_KERNEL_LAUNCH_CHECK();
     }
-    Dep* sums = q == 2 ? p2 : (q == 3 ? p3 : p_later);
     params_dep_finalize_kernel<T><<<nc, kThreads, 0, stream>>>(static_cast<Dep*>(part), m, acc1, q, steps, rpp,
                                                               sums);
     C10_CUDA_KERNEL_LAUNCH_CHECK();

@@ -128,7 +128,7 @@ def main(argv=None) -> int:
         dtype = getattr(torch, dn)
         lo = dtype == torch.bfloat16
         sum_tol = None if args.exact_sums else (2e-2 if lo else 1e-4)
-        for shape, pc in [((1,), False), ((769,), False), ((5125,), False), ((6, 3, 3, 3), True), ((7, 130), True)]:
+        for shape, pc in [((1,), False), ((769,), False), ((5125,), False), ((12293,), False), ((6, 3, 3, 3), True), ((7, 130), True)]:
             for sids in (W, A, [scheme_id("residual")], [scheme_id("clip")]):
                 x = (torch.randn(shape) * 2).to(dtype)
                 if x.numel() > 5:

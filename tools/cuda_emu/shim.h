@@ -5,9 +5,10 @@
 // Deterministic, and fast enough for tensors of a few thousand elements.
 //
 // Checks beyond the values (see compare.py):
-// - the order in which a block's threads run between two barriers is selectable (emu_set_order:
-//   0 in thread order, 1 reversed, 2 shuffled): a kernel whose result depends on it reads shared
-//   memory another thread writes in the same barrier interval (a missing __syncthreads);
+// - the order in which a block's threads run between two barriers, and the order of the blocks,
+//   is selectable (emu_set_order: 0 in index order, 1 reversed, 2 shuffled): a kernel whose
+//   result depends on it reads shared memory another thread writes in the same barrier interval
+//   (a missing __syncthreads), or depends on which block finishes a grid reduction;
 // - shared memory, static and dynamic, starts every block filled with 0xFF bytes (NaN in floating
 //   point): a slot read before this block wrote it shows as NaN;
 // - dynamic shared memory is a heap buffer of exactly the launch's size: under AddressSanitizer
@@ -64,6 +65,19 @@ inline void __syncthreads() {  // back to the scheduler; it resumes this thread 
   swapcontext(&g_block->ctx[g_block->cur], &g_block->sched);
 }
 
+// Blocks run one at a time, so a device-wide fence orders nothing further and an atomic is a
+// plain read-modify-write; __ldcg (a load through L2 only) is a plain load.
+inline void __threadfence() {}
+inline unsigned atomicAdd(unsigned* p, unsigned v) {
+  const unsigned old = *p;
+  *p = old + v;
+  return old;
+}
+template <typename T>
+inline T __ldcg(const T* p) {
+  return *p;
+}
+
 #define C10_CUDA_KERNEL_LAUNCH_CHECK() \
   do {                                 \
   } while (0)
@@ -98,7 +112,12 @@ struct EmuLaunch {
     g_block = &blk;
     std::vector<int64_t> order(b);
     std::mt19937 rng(12345);
-    for (int64_t bi = 0; bi < g; ++bi) {
+    // blocks in the same order as threads (a GPU promises none: a kernel whose result depends
+    // on which block runs first or last shows up as a difference between the orders)
+    std::vector<int64_t> blocks(g);
+    for (int64_t bi = 0; bi < g; ++bi) blocks[bi] = g_emu_order == 1 ? g - 1 - bi : bi;
+    if (g_emu_order == 2) std::shuffle(blocks.begin(), blocks.end(), rng);
+    for (int64_t bi : blocks) {
       blockIdx.x = static_cast<unsigned>(bi);
       std::fill(blk.done.begin(), blk.done.end(), 0);
       g_dyn_smem.reset(new unsigned char[smem ? smem : 1]);  // exactly the launch's size
