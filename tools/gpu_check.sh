@@ -92,7 +92,7 @@ step compiled_cudagraphs 120 $PY bench/bench_train_step.py --device cuda --round
 
 tar -czf "$OUT/gpu-check.tar.gz" -C "$OUT" logs && rm -rf "$LOGS"
 tar -xzf "$OUT/gpu-check.tar.gz" -O logs/summary.txt 2>/dev/null
-for f in raise tests tune report train_step batched host division memory compiled_step batched_triton compiled_cudagraphs; do
+for f in raise tests tune report train_step batched host division memory compiled_step stats_two_stage batched_triton compiled_cudagraphs; do
   echo "---- $f"
   if [ "$f" = raise ]; then tar -xzf "$OUT/gpu-check.tar.gz" -O logs/raise.log 2>/dev/null | tail -n 50; continue; fi
   tar -xzf "$OUT/gpu-check.tar.gz" -O "logs/$f.log" 2>/dev/null | grep -v "^DEBUG " | grep -E "^\||passed|failed|error|Error|^FAILED|^ERROR|^###|^==" | tail -n 120
