@@ -123,25 +123,32 @@ def _sign0(v):
 
 
 @triton.jit
-def _pot_magnitude(a, LMAX: tl.constexpr, IS64: tl.constexpr):
-    """2^l (½ for l = 0) with l = clip(round(log2 a), 0, LMAX) from the bit pattern of a ≥ 0;
-    Inf/NaN → LMAX (the reference's frexp test, exactly)."""
+def _pot_level(a, LMAX: tl.constexpr, IS64: tl.constexpr):
+    """l = clip(round(log2 a), 0, LMAX) (int32) from the bit pattern of a ≥ 0; Inf/NaN → LMAX
+    (the reference's frexp test, exactly). Non-decreasing in a (the levels kernels rely on it)."""
     if IS64:
         bits = a.to(tl.int64, bitcast=True)
         e = ((bits >> 52) & 0x7FF).to(tl.int32)
         m = bits & 0xFFFFFFFFFFFFF
         lv = e - 1023 + (m >= 0x6A09E667F3BCD).to(tl.int32)
         lv = tl.where(e == 2047, LMAX, lv)
-        lv = tl.minimum(tl.maximum(lv, 0), LMAX)
-        eb = tl.where(lv == 0, 1022, lv + 1023).to(tl.int64)
-        mag = (eb << 52).to(tl.float64, bitcast=True)
     else:
         bits = a.to(tl.int32, bitcast=True)
         e = (bits >> 23) & 0xFF
         m = bits & 0x7FFFFF
         lv = e - 127 + (m > 0x3504F3).to(tl.int32)
         lv = tl.where(e == 255, LMAX, lv)
-        lv = tl.minimum(tl.maximum(lv, 0), LMAX)
+    return tl.minimum(tl.maximum(lv, 0), LMAX)
+
+
+@triton.jit
+def _pot_magnitude(a, LMAX: tl.constexpr, IS64: tl.constexpr):
+    """2^l (½ for l = 0) with l = ``_pot_level(a)``, built from exponent bits."""
+    lv = _pot_level(a, LMAX, IS64)
+    if IS64:
+        eb = tl.where(lv == 0, 1022, lv + 1023).to(tl.int64)
+        mag = (eb << 52).to(tl.float64, bitcast=True)
+    else:
         eb = tl.where(lv == 0, 126, lv + 127)
         mag = (eb << 23).to(tl.float32, bitcast=True)
     return mag
