@@ -20,18 +20,19 @@ import torch
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
 CASES = HERE / "triton_cases.py"
+LEVELS_CASES = HERE / "triton_levels_cases.py"
 
 pytestmark = pytest.mark.skipif(
     importlib.util.find_spec("triton") is None, reason="triton is not installed"
 )
 
 
-def _run_cases(interpret: bool) -> None:
+def _run_cases(interpret: bool, cases: Path = CASES) -> None:
     env = dict(os.environ)
     env.pop("TRITON_INTERPRET", None)
     if interpret:
         env["TRITON_INTERPRET"] = "1"
-    cmd = [sys.executable, "-m", "pytest", str(CASES), "-q", "-p", "no:cacheprovider", "-rfE"]
+    cmd = [sys.executable, "-m", "pytest", str(cases), "-q", "-p", "no:cacheprovider", "-rfE"]
     r = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=1200)
     out = r.stdout + "\n" + r.stderr
     # keep the failure report readable: drop torch's debug trace lines
@@ -50,6 +51,18 @@ def test_triton_kernels_interpreter():
 def test_triton_kernels_cuda():
     """Every case compiled for and run on the GPU."""
     _run_cases(interpret=False)
+
+
+def test_triton_levels_interpreter():
+    """The levels-table output pass equals the arithmetic kernels bit for bit (interpreter)."""
+    _run_cases(interpret=True, cases=LEVELS_CASES)
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_triton_levels_cuda():
+    """The same, compiled for and run on the GPU."""
+    _run_cases(interpret=False, cases=LEVELS_CASES)
 
 
 # Compiles the kernels for a real GPU (sm_90) without one: the interpreter checks neither Triton's
@@ -121,6 +134,28 @@ _COMPILE = textwrap.dedent(r"""
         build(S._params_kernel, {"st_ptr": "*fp64", "rp_ptr": cd, "sig_ptr": cd, "p2_ptr": "*fp64",
               "p3_ptr": "*fp64", "sid_ptr": "*i32", "bits_ptr": "*i32", "lam_ptr": "*fp64", "out_ptr": cd,
               "C": "i32", "BSTRIDE": "i32", "RES_TOP": "i32"}, {"K": 8, "IS64": is64}, f"stats-params-{t}")
+    from autoqnn.triton_kernels import levels as L
+    for sids, bits, xdt in (([0, 1, 2, 3, 4, 5, 6, 7], [1, 2, 2, 3, 3, 3, 3, 3], "fp32"),
+                            ([3, 4, 5, 6, 7], [8, 8, 8, 8, 4], "bf16"), ([6], [3], "fp16")):
+        K, tag = len(sids), f"levels-{xdt}-{len(sids)}"
+        pl = L.plan(sids, bits)
+        P = pl["P"]
+        sb = {k: v for k, v in M._constexprs(sids, bits, True).items() if not k.startswith("CB")}
+        build(L._levels_steps_kernel, {"p_ptr": "*fp32", "u_ptr": "*fp32", "C": "i32"},
+              {**sb, **pl["consts"], "NREAL": pl["NREAL"], "P": P}, f"{tag}-steps")
+        build(L._levels_sort_kernel, {"u_ptr": "*fp32", "t_ptr": "*fp32"},
+              {"P": P, "BI": min(P, 64), "BJ": min(P, 256)}, f"{tag}-sort")
+        build(L._levels_values_kernel, {"t_ptr": "*fp32", "p_ptr": "*fp32", "w_ptr": "*fp32", "v_ptr": "*fp32",
+              "C": "i32"}, {**M._constexprs(sids, bits, True), "K": K, "HAS_W": K > 1, "P": P,
+              "BV": min(P, 256)}, f"{tag}-values")
+        build(L._levels_fwd_kernel, {"x_ptr": "*" + xdt, "t_ptr": "*fp32", "v_ptr": "*fp32", "y_ptr": "*" + xdt,
+              "N": "i32", "NBLK": "i32"}, {"K": K, "P": P, "LOG2P": P.bit_length() - 1, "BLOCK": 1024},
+              f"{tag}-lookup-fwd")
+        cb = {k: v for k, v in M._constexprs(sids, bits, True).items() if not k.startswith("B")}
+        build(L._levels_bwd_kernel, {"g_ptr": "*" + xdt, "x_ptr": "*" + xdt, "t_ptr": "*fp32", "v_ptr": "*fp32",
+              "p_ptr": "*fp32", "gx_ptr": "*" + xdt, "part_ptr": "*fp32", "N": "i32", "C": "i32", "NBLK": "i32"},
+              {**cb, "K": K, "NEED_W": K > 1, "NEED_B": True, "P": P, "LOG2P": P.bit_length() - 1,
+               "BLOCK": 1024}, f"{tag}-lookup-bwd")
     print(json.dumps({"ok": res}))
 """)
 
@@ -140,7 +175,7 @@ def test_kernels_compile_for_gpu():
         assert st["fma"] == 0, (tag, st)  # enable_fp_fusion=False: products rounded on their own
         assert st["div_approx"] == 0, (tag, st)  # IEEE division only
         assert st["atom"] == 0, (tag, st)  # deterministic partial sums
-        if "fp64" not in tag and not tag.startswith("stats-"):
+        if "fp64" not in tag and not tag.startswith(("stats-", "levels-")) or tag.endswith(("-steps", "-values")):
             assert st["div_rn_f32"] > 0, (tag, st)
 
 

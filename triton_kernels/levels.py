@@ -47,6 +47,7 @@ import triton
 import triton.language as tl
 
 from .mixture import (
+    INTERPRET,
     MAX_CANDIDATES,
     NUM_PARAMS,
     _block_of,
@@ -71,9 +72,9 @@ ENV = "AUTOQNN_TRITON_LEVELS"
 #: costs three small launches and O(P²) comparisons per row; it pays only on long rows)
 AUTO_MIN_ROW = 1 << 16
 
-_KEY_POS_INF = 0x7F800000  # float32 bit patterns as keys ordered like the floats
-_KEY_NEG_INF = -0x7F800000 - 1
-_FLT_MAX = 3.4028234663852886e38
+_KEY_POS_INF = tl.constexpr(0x7F800000)  # float32 bit patterns as keys ordered like the floats
+_KEY_NEG_INF = tl.constexpr(-0x7F800000 - 1)
+_FLT_MAX = tl.constexpr(3.4028234663852886e38)
 
 
 # ----------------------------------------------------------------------------- codes
@@ -298,9 +299,8 @@ def _segment(t_row, x, LOG2P: tl.constexpr):
     """#{t ∈ t_row[0..P−2] : t ≤ x} for sorted t (branchless; NaN x → 0)."""
     pos = tl.zeros(x.shape, tl.int32)
     for s in tl.static_range(LOG2P):
-        step: tl.constexpr = 1 << (LOG2P - 1 - s)
-        t = tl.load(t_row + pos + (step - 1))
-        pos = tl.where(t <= x, pos + step, pos)
+        t = tl.load(t_row + pos + ((1 << (LOG2P - 1 - s)) - 1))
+        pos = tl.where(t <= x, pos + (1 << (LOG2P - 1 - s)), pos)
     return pos
 
 
@@ -410,19 +410,20 @@ def eligible(x: torch.Tensor) -> bool:
 
 
 def choose(x: torch.Tensor, C: int, method: Optional[str] = None) -> bool:
-    """Whether a call takes the levels path: ``method`` (``"levels"``, ``"arith"``) or else
-    ``AUTOQNN_TRITON_LEVELS``: ``0`` (default: the arithmetic kernels), ``1`` (levels wherever
-    :func:`eligible`), ``auto`` (levels for eligible rows of at least ``AUTO_MIN_ROW`` elements)."""
+    """Whether a call takes the levels path. ``method``: ``"levels"`` (an error for an input that
+    is not :func:`eligible`) or ``"arith"``; ``None`` reads ``AUTOQNN_TRITON_LEVELS``: ``0``
+    (default: the arithmetic kernels), ``1`` (levels for every eligible input, the arithmetic
+    kernels for the rest) or ``auto`` (levels for eligible inputs whose rows have at least
+    ``AUTO_MIN_ROW`` elements)."""
     if method is None:
         env = os.environ.get(ENV, "0").strip().lower()
         if env in ("", "0", "off", "false", "no"):
             return False
         if env in ("1", "on", "true", "yes"):
-            method = "levels"
-        elif env == "auto":
-            return eligible(x) and C >= 1 and x.numel() // max(C, 1) >= AUTO_MIN_ROW
-        else:
-            raise ValueError(f"{ENV} must be 0, 1 or auto, got {env!r}")
+            return eligible(x)
+        if env == "auto":
+            return eligible(x) and x.numel() // max(int(C), 1) >= AUTO_MIN_ROW
+        raise ValueError(f"{ENV} must be 0, 1 or auto, got {env!r}")
     if method == "arith":
         return False
     if method != "levels":
@@ -453,9 +454,10 @@ def build_tables(params: torch.Tensor, weights: Optional[torch.Tensor], bits_int
     s_b = {k: v_ for k, v_ in sk.items() if not k.startswith("CB")}
     _wrap(_levels_steps_kernel)[(C, K)](p, u, C, **s_b, **pl["consts"], NREAL=pl["NREAL"], P=P,
                                          num_warps=4, enable_fp_fusion=False)
-    bi, bj = min(P, 64), min(P, 256)
+    # the interpreter pays per program: whole rows there
+    bi, bj = (P, min(P, 256)) if INTERPRET else (min(P, 64), min(P, 256))
     _wrap(_levels_sort_kernel)[(C, P // bi)](u, t, P=P, BI=bi, BJ=bj, num_warps=4)
-    bv = min(P, 256)
+    bv = P if INTERPRET else min(P, 256)
     _wrap(_levels_values_kernel)[(C, triton.cdiv(P, bv))](
         t, p, w, v, C, **sk, K=K, HAS_W=weights is not None, P=P, BV=bv, num_warps=4,
         enable_fp_fusion=False,

@@ -58,6 +58,7 @@ IMPORT_ERROR: str | None = None
 AVAILABLE = False
 
 kernels = None
+levels_kernels = None
 try:
     import triton  # noqa: F401
 except ModuleNotFoundError:
@@ -68,6 +69,7 @@ else:
     try:
         from ..triton_kernels import mixture as kernels
         from ..triton_kernels import stats as stats_kernels
+        from ..triton_kernels import levels as levels_kernels
     except Exception as e:  # pragma: no cover - broken installation
         IMPORT_ERROR = f"autoqnn.triton_kernels cannot be imported ({type(e).__name__}: {e})"
         kernels = None
@@ -183,10 +185,21 @@ def _mixture_batched_backward_impl(grad_y, x, offsets, params, weights, bits, sc
     return gx, gw.contiguous(), gb.contiguous()
 
 
+def _use_levels(x, per_channel) -> bool:
+    """The levels-table output pass (``triton_kernels/levels.py``) instead of the arithmetic one,
+    as ``AUTOQNN_TRITON_LEVELS`` says (default: never); the results are the same bit for bit."""
+    if levels_kernels is None:
+        return False
+    C = int(x.shape[0]) if (per_channel and x.dim() > 0) else 1
+    return levels_kernels.choose(x, C)
+
+
 def _quantize_impl(x, params, bits, scheme, per_channel):
     _check_device(x)
     ref._check_params(x, params, 1, per_channel)
     (b,) = ref.int_bits(bits, [scheme])
+    if _use_levels(x, per_channel):
+        return levels_kernels.mixture_fwd_levels(x, params, None, [b], [int(scheme)], per_channel)
     return kernels.quantize_fwd(x, params, b, int(scheme), per_channel)
 
 
@@ -194,7 +207,11 @@ def _quantize_backward_impl(grad_y, x, params, bits, scheme, per_channel, need_b
     _check_device(x)
     ref._check_params(x, params, 1, per_channel)
     (b,) = ref.int_bits(bits, [scheme])
-    gx, gb = kernels.quantize_bwd(grad_y, x, params, b, int(scheme), per_channel, need_bits_grad)
+    if _use_levels(x, per_channel):
+        gx, _, gb = levels_kernels.mixture_bwd_levels(grad_y, x, params, None, [b], [int(scheme)], per_channel,
+                                                      False, need_bits_grad)
+    else:
+        gx, gb = kernels.quantize_bwd(grad_y, x, params, b, int(scheme), per_channel, need_bits_grad)
     # grad_bits on x's device (see _schema)
     gb = torch.zeros_like(bits) if gb is None else gb.to(x.device, bits.dtype).reshape(bits.shape)
     return gx, gb
@@ -205,6 +222,8 @@ def _mixture_impl(x, params, weights, bits, schemes, per_channel):
     schemes = [int(s) for s in schemes]
     ref._check_params(x, params, len(schemes), per_channel)
     b_int = ref.int_bits(bits, schemes)
+    if _use_levels(x, per_channel):
+        return levels_kernels.mixture_fwd_levels(x, params, weights, b_int, schemes, per_channel)
     return kernels.mixture_fwd(x, params, weights, b_int, schemes, per_channel)
 
 
@@ -216,9 +235,8 @@ def _mixture_backward_impl(
     K = len(schemes)
     ref._check_params(x, params, K, per_channel)
     b_int = ref.int_bits(bits, schemes)
-    gx, gw, gb = kernels.mixture_bwd(
-        grad_y, x, params, weights, b_int, schemes, per_channel, need_weights_grad, need_bits_grad
-    )
+    bwd = levels_kernels.mixture_bwd_levels if _use_levels(x, per_channel) else kernels.mixture_bwd
+    gx, gw, gb = bwd(grad_y, x, params, weights, b_int, schemes, per_channel, need_weights_grad, need_bits_grad)
     if gw is None:
         gw = torch.zeros(K, dtype=weights.dtype, device=weights.device)
     gw = gw.to(weights.device, weights.dtype).reshape(weights.shape)
