@@ -10,7 +10,8 @@ w.r.t. x and the mixture weights) for every provider on the same inputs.
 
 Providers: ``eager`` (pure-PyTorch reference: the naive 8-quantizer loop), ``compiled``
 (``torch.compile`` of it), ``cpp`` (CPU) / ``cuda`` and ``triton`` (GPU) autoqnn kernels,
-``auto`` on GPUs (the default backend: per op and size the faster of the two, from the table
+``triton-levels`` on request (``--providers``: the Triton ops with ``AUTOQNN_TRITON_LEVELS=1``,
+the levels-table output pass), ``auto`` on GPUs (the default backend: per op and size the faster of the two, from the table
 ``autoqnn tune-kernels`` measured; run that first, the header says which table was used),
 ``fake_quant`` (``torch.fake_quantize_per_tensor_affine`` fwd+bwd: ONE scheme with a given
 scale, a yardstick, not a competitor) and ``copy`` (read x + write y, read g + write gx: the
@@ -21,6 +22,7 @@ from __future__ import annotations
 
 import argparse
 import math
+import os
 import statistics
 import sys
 import time
@@ -98,7 +100,7 @@ def make_step(provider, x, theta, gy):
             torch.autograd.grad(y, [xs], gy)
 
         return step
-    backend = "torch" if provider in ("eager", "compiled") else provider
+    backend = {"eager": "torch", "compiled": "torch", "triton-levels": "triton"}.get(provider, provider)
 
     def f(x, w):
         return AF.quantize_mixture(x, w, cands, 3, backend=backend)
@@ -109,6 +111,20 @@ def make_step(provider, x, theta, gy):
     def step():
         w = torch.softmax(theta, 0)
         torch.autograd.grad(f(x, w), [x, theta], gy)
+
+    if provider == "triton-levels":  # the Triton ops through their levels-table output pass
+        plain = step
+
+        def step():
+            old = os.environ.get("AUTOQNN_TRITON_LEVELS")
+            os.environ["AUTOQNN_TRITON_LEVELS"] = "1"
+            try:
+                plain()
+            finally:
+                if old is None:
+                    os.environ.pop("AUTOQNN_TRITON_LEVELS")
+                else:
+                    os.environ["AUTOQNN_TRITON_LEVELS"] = old
 
     return step
 
@@ -188,6 +204,7 @@ def main(argv=None):
     ap.add_argument("--stats", action="store_true", help="also the statistics table (scheme_params alone)")
     ap.add_argument("--no-compile", action="store_true", help="skip the torch.compile provider (smoke runs)")
     ap.add_argument("--stats-only", action="store_true", help="only the statistics table")
+    ap.add_argument("--providers", default=None, help="comma-separated subset of the mixture table's providers")
     args = ap.parse_args(argv)
     device = args.device
     if device == "cuda" and not torch.cuda.is_available():
@@ -202,6 +219,17 @@ def main(argv=None):
         stats_table(device, shapes, args.rounds, compile_=not args.no_compile)
         return
     provs = [p for p in providers_for(device) if not (args.no_compile and p == "compiled")]
+    default = list(provs)
+    if "triton" in provs:  # on request only (--providers): the Triton ops' levels-table output pass
+        provs.insert(provs.index("triton") + 1, "triton-levels")
+    if args.providers:
+        wanted = args.providers.split(",")
+        unknown = sorted(set(wanted) - set(provs))
+        if unknown:
+            sys.exit(f"unknown or unavailable providers {unknown}; available: {provs}")
+        provs = [p for p in provs if p in wanted]
+    else:
+        provs = [p for p in default]
     dev = torch.cuda.get_device_name(0) if device == "cuda" else f"CPU, {torch.get_num_threads()} threads"
     print(f"### QSS mixture step (8 candidates, 3 bits, fp32, fwd+bwd) on {dev}")
     print(f"torch {torch.__version__}; autoqnn {autoqnn.__version__}")
