@@ -10,8 +10,8 @@ w.r.t. x and the mixture weights) for every provider on the same inputs.
 
 Providers: ``eager`` (pure-PyTorch reference: the naive 8-quantizer loop), ``compiled``
 (``torch.compile`` of it), ``cpp`` (CPU) / ``cuda`` and ``triton`` (GPU) autoqnn kernels,
-``triton-levels`` on request (``--providers``: the Triton ops with ``AUTOQNN_TRITON_LEVELS=1``,
-the levels-table output pass), ``auto`` on GPUs (the default backend: per op and size the faster of the two, from the table
+``cuda-levels`` / ``triton-levels`` on request (``--providers``: the same ops with
+``AUTOQNN_CUDA_LEVELS=1`` / ``AUTOQNN_TRITON_LEVELS=1``, the levels-table output pass), ``auto`` on GPUs (the default backend: per op and size the faster of the two, from the table
 ``autoqnn tune-kernels`` measured; run that first, the header says which table was used),
 ``fake_quant`` (``torch.fake_quantize_per_tensor_affine`` fwd+bwd: ONE scheme with a given
 scale, a yardstick, not a competitor) and ``copy`` (read x + write y, read g + write gx: the
@@ -100,7 +100,8 @@ def make_step(provider, x, theta, gy):
             torch.autograd.grad(y, [xs], gy)
 
         return step
-    backend = {"eager": "torch", "compiled": "torch", "triton-levels": "triton"}.get(provider, provider)
+    backend = {"eager": "torch", "compiled": "torch", "triton-levels": "triton", "cuda-levels": "cuda"}.get(
+        provider, provider)
 
     def f(x, w):
         return AF.quantize_mixture(x, w, cands, 3, backend=backend)
@@ -112,19 +113,20 @@ def make_step(provider, x, theta, gy):
         w = torch.softmax(theta, 0)
         torch.autograd.grad(f(x, w), [x, theta], gy)
 
-    if provider == "triton-levels":  # the Triton ops through their levels-table output pass
+    if provider.endswith("-levels"):  # the ops through their levels-table output pass
         plain = step
+        var = "AUTOQNN_TRITON_LEVELS" if provider == "triton-levels" else "AUTOQNN_CUDA_LEVELS"
 
         def step():
-            old = os.environ.get("AUTOQNN_TRITON_LEVELS")
-            os.environ["AUTOQNN_TRITON_LEVELS"] = "1"
+            old = os.environ.get(var)
+            os.environ[var] = "1"
             try:
                 plain()
             finally:
                 if old is None:
-                    os.environ.pop("AUTOQNN_TRITON_LEVELS")
+                    os.environ.pop(var)
                 else:
-                    os.environ["AUTOQNN_TRITON_LEVELS"] = old
+                    os.environ[var] = old
 
     return step
 
@@ -220,8 +222,9 @@ def main(argv=None):
         return
     provs = [p for p in providers_for(device) if not (args.no_compile and p == "compiled")]
     default = list(provs)
-    if "triton" in provs:  # on request only (--providers): the Triton ops' levels-table output pass
-        provs.insert(provs.index("triton") + 1, "triton-levels")
+    for p in ("cuda", "triton"):  # on request only (--providers): the ops' levels-table output pass
+        if p in provs:
+            provs.insert(provs.index(p) + 1, f"{p}-levels")
     if args.providers:
         wanted = args.providers.split(",")
         unknown = sorted(set(wanted) - set(provs))

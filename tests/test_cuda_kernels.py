@@ -145,3 +145,97 @@ def test_scheme_params_cuda_one_launch_passes_equal_the_two_stage_ones(tmp_path)
         res[mode] = torch.load(path, weights_only=True)
     for one, two in zip(res["0"], res["1"]):
         assert torch.equal(one, two)
+
+
+def _on_steps(x, P, sids, b_int, per_channel, seed=0):
+    """x with its first elements replaced by every candidate's steps (bisection on the
+    reference's math, tools/levels_probe.py) and both float32 neighbours, with ±0, ±Inf, NaN."""
+    import os
+    import sys
+
+    sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "tools"))
+    import levels_probe as LP
+
+    g = torch.Generator().manual_seed(seed)
+    rows = x.reshape(x.shape[0], -1).clone() if per_channel else x.reshape(1, -1).clone()
+    ninf, pinf = torch.tensor(-float("inf")), torch.tensor(float("inf"))
+    for r in range(rows.shape[0]):
+        seeds = torch.cat([rows[r], torch.linspace(-8, 8, 4001) * float(rows[r].abs().max())])
+        ts = torch.cat([LP.steps(s, P[k, r].float().cpu(), b_int[k], seeds) for k, s in enumerate(sids)])
+        ts = ts[torch.isfinite(ts)]
+        pts = torch.cat([ts, torch.nextafter(ts, ninf), torch.nextafter(ts, pinf),
+                         torch.tensor([0.0, -0.0, float("inf"), -float("inf"), float("nan")])])
+        pts = pts[torch.randperm(pts.numel(), generator=g)][: rows.shape[1]]
+        rows[r, : pts.numel()] = pts
+    return rows.reshape(x.shape)
+
+
+def _same_nan(a, b):
+    return a.shape == b.shape and a.dtype == b.dtype and torch.equal(a.isnan(), b.isnan()) and \
+        torch.equal(a.nan_to_num(7.0), b.nan_to_num(7.0))
+
+
+@pytest.mark.parametrize("bits", [2, 3, 4, 8])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16], ids=["fp32", "bf16", "fp16"])
+def test_levels_table_pass_equals_the_arithmetic_kernels(bits, dtype, monkeypatch):
+    """AUTOQNN_CUDA_LEVELS=1 (read at every call): the output kernels look each element's
+    segment up in a per-row table of every candidate's steps instead of evaluating the schemes.
+    Values, grad_x and the gradient sums equal the arithmetic kernels' bit for bit, also on the
+    steps themselves and their neighbours, per tensor and per channel."""
+    for sids in (SIDS, [3, 4, 5, 6, 7], [4], [6]):
+        b_int = [min(max(bits, scheme_info(s).min_bits), scheme_info(s).max_bits) for s in sids]
+        if len(sids) == 1 and b_int[0] != bits:
+            continue
+        bt = torch.tensor([float(b) for b in b_int])
+        for pc, heavy in ((False, False), (False, True), (True, False)):
+            g = torch.Generator().manual_seed(bits)
+            x = torch.randn(3, 30000, generator=g) * 1.7
+            if heavy:  # ResQ's scales need not decrease: its value is not monotone
+                x = x.abs() ** 1.5 * torch.sign(x)
+            if not pc:
+                x = x.reshape(-1)
+            P = OPS.scheme_params(x, bt, sids, pc, True)
+            x = _on_steps(x, P, sids, b_int, pc).to(dtype).cuda()
+            P, w = P.cuda(), torch.softmax(torch.randn(len(sids), generator=g), 0).cuda()
+            gy = torch.randn(x.shape, generator=g).to(dtype).cuda()
+            out = {}
+            for mode in ("0", "1"):
+                monkeypatch.setenv("AUTOQNN_CUDA_LEVELS", mode)
+                out[mode] = [OPS.mixture(x, P, w, bt, sids, pc),
+                             *OPS.mixture_backward(gy, x, P, w, bt, sids, pc, True, True),
+                             OPS.quantize(x, P[:1], bt[:1], sids[0], pc),
+                             *OPS.quantize_backward(gy, x, P[:1], bt[:1], sids[0], pc, True)]
+            for i, (a, b) in enumerate(zip(out["1"], out["0"])):
+                assert _same_nan(a, b), (sids, bits, pc, heavy, i)
+
+
+def test_levels_table_pass_switch(monkeypatch):
+    """float64 keeps the arithmetic kernels under AUTOQNN_CUDA_LEVELS=1; a bad value is an error
+    naming the variable; auto takes the table for long rows only (same values either way)."""
+    x = torch.randn(70000, dtype=torch.float64, device="cuda")
+    bt = torch.full((8,), 3.0)
+    P = OPS.scheme_params(x, bt, SIDS, False, True)
+    w = torch.full((8,), 0.125, dtype=torch.float64, device="cuda")
+    monkeypatch.setenv("AUTOQNN_CUDA_LEVELS", "1")
+    y64 = OPS.mixture(x, P, w, bt, SIDS, False)
+    monkeypatch.setenv("AUTOQNN_CUDA_LEVELS", "0")
+    assert torch.equal(y64, OPS.mixture(x, P, w, bt, SIDS, False))
+    xf, Pf, wf = x.float(), P.float(), w.float()
+    base = OPS.mixture(xf, Pf, wf, bt, SIDS, False)
+    monkeypatch.setenv("AUTOQNN_CUDA_LEVELS", "auto")
+    assert torch.equal(OPS.mixture(xf, Pf, wf, bt, SIDS, False), base)
+    # a bad value: an error naming the variable (in a subprocess: an exception raised inside a C++
+    # op once crashed a lent machine's torch build, see tools/raise_check.py)
+    import os
+    import subprocess
+    import sys
+
+    code = ("import torch, autoqnn\n"
+            "x = torch.randn(100, device='cuda'); b = torch.full((1,), 3.0)\n"
+            "P = torch.ops.autoqnn.scheme_params(x, b, [3], False, True)\n"
+            "torch.ops.autoqnn.quantize(x, P, b, 3, False)\n")
+    r = subprocess.run([sys.executable, "-c", code], env=dict(os.environ, AUTOQNN_CUDA_LEVELS="sometimes"),
+                       capture_output=True, text=True, timeout=300)
+    assert r.returncode != 0
+    if r.returncode > 0:  # not a crash: the message must name the variable
+        assert "AUTOQNN_CUDA_LEVELS" in r.stderr and "ValueError" in r.stderr, r.stderr[-2000:]

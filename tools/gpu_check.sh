@@ -63,9 +63,9 @@ step tests 170 env -u TRITON_INTERPRET $PY -m pytest -q -n 14 --benchmark-disabl
 export AUTOQNN_KERNEL_CHOICE="$OUT/kernel_choice.json"
 step tune 25 $PY -m autoqnn tune-kernels --max-log2 24
 step report 110 $PY bench/report.py --device cuda --min-log2 ${REPORT_MIN_LOG2:-12} --max-log2 24 --eager-max-log2 24 --rounds 5 --stats
-# the Triton ops' levels-table output pass (AUTOQNN_TRITON_LEVELS) beside the arithmetic one
-step levels 40 $PY bench/report.py --device cuda --no-resnet18 --min-log2 12 --max-log2 24 --rounds 5 \
-  --providers triton,triton-levels,cuda,copy
+# the levels-table output pass (AUTOQNN_CUDA_LEVELS / AUTOQNN_TRITON_LEVELS) beside the arithmetic one
+step levels 45 $PY bench/report.py --device cuda --no-resnet18 --min-log2 12 --max-log2 24 --rounds 5 \
+  --providers cuda,cuda-levels,triton,triton-levels,copy
 step train_step 48 $PY bench/bench_train_step.py --device cuda --no-interleave --providers float,qss-fused,qss-batched,qpl-fused,qpl-sync,qss-ref,qss-pruned2
 # does the batched weights op pay on a GPU (the issue asks to measure it)?
 step batched 20 $PY bench/bench_batched.py --device cuda

@@ -6,7 +6,8 @@
 // autoqnn/ops/reference.py::eval_scheme). The backward writes grad_x and, per block, the K sums
 // <grad_y, q_k> and K sums <grad_y, dq_k/db> into a [blocks, 2K] buffer that is reduced on the
 // host side in a fixed order (float64): no atomics, nothing of size K x N, deterministic for a
-// given shape. scheme_params' CUDA kernels are in tensor_stats.cu.
+// given shape. scheme_params' CUDA kernels are in tensor_stats.cu. With AUTOQNN_CUDA_LEVELS the
+// per-tensor ops take the levels-table pass instead (namespace lv below): same results, bit for bit.
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
 #include <ATen/OpMathType.h>
@@ -16,6 +17,9 @@
 #include <torch/library.h>
 
 #include <algorithm>
+#include <cstdlib>
+#include <cstring>
+#include <type_traits>
 #include <limits>
 #include <cmath>
 #include <vector>
@@ -241,6 +245,331 @@ __global__ void __launch_bounds__(kThreads)
   bwd_block_sums<T>(acc, cs.K, need_w, part);
 }
 
+// ----------------------------------------------------------------------------- levels-table pass
+// The same results as the kernels above, bit for bit, with one table search per element instead
+// of evaluating every candidate (the arithmetic kernels are instruction-bound on a GPU; see
+// triton_kernels/levels.py for the method, which this mirrors for the C++ math of
+// scheme_math.h). Float math only (fp32/fp16/bf16 inputs); AUTOQNN_CUDA_LEVELS selects it.
+namespace lv {
+
+constexpr int kMaxP = 4096;  // 8 candidates at their top bits need 2048
+
+// Candidate k's code thresholds at off[k] (ClipQ: nt[k] multiples, then its two edges); the two
+// sentinels (-FLT_MAX, +Inf) at nreal - 2 and nreal - 1; +Inf padding up to P.
+struct Plan {
+  int32_t off[kMaxK];
+  int32_t nt[kMaxK];
+  int32_t nreal, P, log2P;
+};
+
+int32_t code_thresholds(int sid, int b) {
+  switch (sid) {
+    case kBinary: return 1;
+    case kTernary: return 2;
+    case kQuaternary: return 3;
+    case kResidual: return (1 << (b + 1)) - 1;
+    case kPot: return 1 << b;
+    default: return (1 << b) - 1;  // fixed, zoom, clip
+  }
+}
+
+Plan make_plan(const Cands<float>& cs) {
+  Plan p{};
+  int32_t off = 0;
+  for (int k = 0; k < cs.K; ++k) {
+    p.off[k] = off;
+    p.nt[k] = code_thresholds(cs.sid[k], cs.bits[k]);
+    off += p.nt[k] + (cs.sid[k] == kClip ? 2 : 0);
+  }
+  p.nreal = off + 2;
+  p.P = 1;
+  p.log2P = 0;
+  while (p.P < p.nreal + 1) {
+    p.P *= 2;
+    ++p.log2P;
+  }
+  TORCH_CHECK(p.P <= kMaxP, "autoqnn: levels table of ", p.P, " entries exceeds ", kMaxP);
+  return p;
+}
+
+__device__ __forceinline__ float key_to_float(int64_t k) {  // keys ordered like the floats
+  const uint32_t u = static_cast<uint32_t>(k >= 0 ? k : (-(k + 1)) + 2147483648LL);
+#if defined(__CUDA_ARCH__)
+  return __uint_as_float(u);
+#else
+  float f;
+  std::memcpy(&f, &u, sizeof(f));
+  return f;
+#endif
+}
+
+// Scheme SID's integer code at x (non-decreasing in x for non-NaN x), with the float operations
+// of eval_sid: q, the STE mask and ResQ's dq/db are functions of it. part 1: ClipQ's zone
+// against its edge (0 below, 1 inside, 2 above).
+template <int SID>
+__device__ __forceinline__ int32_t code_sid(float x, const float* p, int b, int part) {
+  using namespace detail;
+  if constexpr (SID == kBinary) {
+    return x > 0.f ? 1 : 0;
+  } else if constexpr (SID == kTernary) {
+    const float ax = x < 0.f ? -x : x;
+    return ax > p[0] ? (x > 0.f ? 2 : (x < 0.f ? 0 : 1)) : 1;
+  } else if constexpr (SID == kQuaternary) {
+    return static_cast<int32_t>(round_clamped(safe_div(x, p[0]), -2.f, 1.f)) + 2;
+  } else if constexpr (SID == kFixed) {
+    const float lim = static_cast<float>(int64_t(1) << (b - 1));
+    return static_cast<int32_t>(round_clamped(safe_div(x, p[0]), -lim, lim - 1.f)) + (1 << (b - 1));
+  } else if constexpr (SID == kResidual) {
+    float rr = x;
+    int32_t c = 0;
+    for (int i = 0; i < b; ++i) {
+      const float sg = sgn_le0_neg(rr);
+      const float s = p[i] * sg;
+      rr = rr - s;
+      c = 2 * c + (sg > 0.f ? 1 : 0);
+    }
+    return 2 * c + (rr > 0.f ? 1 : 0);
+  } else if constexpr (SID == kZoom) {
+    const float top = static_cast<float>((int64_t(1) << b) - 1);
+    return static_cast<int32_t>(floor_clamped_nonneg(safe_div(x - p[0], p[1]), top));
+  } else if constexpr (SID == kClip) {
+    const float scale = p[0];
+    const float lim = static_cast<float>(int64_t(1) << (b - 1));
+    if (part == 0) return static_cast<int32_t>(round_clamped(safe_div(x, scale) - 0.5f, -lim, lim - 1.f)) + (1 << (b - 1));
+    const float edge = (lim - 0.5f) * scale;
+    return (x >= -edge ? 1 : 0) + (x > edge ? 1 : 0);
+  } else {  // pot
+    const int32_t lmax = (1 << (b - 1)) - 1;
+    const float u = safe_div(x, p[0]);
+    const int32_t l = pot_level(u < 0.f ? -u : u, lmax);
+    return u > 0.f ? lmax + 2 + l : (u < 0.f ? lmax - l : lmax + 1);
+  }
+}
+
+__device__ __forceinline__ int32_t code_of(int32_t sid, float x, const float* p, int b, int part) {
+  switch (sid) {
+    case kBinary: return code_sid<kBinary>(x, p, b, part);
+    case kTernary: return code_sid<kTernary>(x, p, b, part);
+    case kQuaternary: return code_sid<kQuaternary>(x, p, b, part);
+    case kFixed: return code_sid<kFixed>(x, p, b, part);
+    case kResidual: return code_sid<kResidual>(x, p, b, part);
+    case kZoom: return code_sid<kZoom>(x, p, b, part);
+    case kClip: return code_sid<kClip>(x, p, b, part);
+    default: return code_sid<kPot>(x, p, b, part);
+  }
+}
+
+// min{x : code(x) > j} by bisection on the keys; -Inf when code(-Inf) > j, +Inf when no x
+// has code(x) > j.
+__device__ __forceinline__ float threshold(int32_t sid, const float* p, int b, int part, int32_t j) {
+  int64_t lo = -0x7F800000LL - 1, hi = 0x7F800000LL;
+  if (code_of(sid, key_to_float(lo), p, b, part) > j) return -std::numeric_limits<float>::infinity();
+  if (code_of(sid, key_to_float(hi), p, b, part) <= j) return std::numeric_limits<float>::infinity();
+  while (hi - lo > 1) {
+    const int64_t mid = lo + ((hi - lo) >> 1);
+    if (code_of(sid, key_to_float(mid), p, b, part) > j) hi = mid;
+    else lo = mid;
+  }
+  return key_to_float(hi);
+}
+
+// Block (row, k): candidate k's thresholds into u[row]; block (row, 0) also the sentinels and
+// the padding.
+__global__ void __launch_bounds__(kThreads)
+    steps_kernel(const float* __restrict__ params /* [K, C, kNumParams] */, Cands<float> cs, Plan pl, int64_t C,
+                 float* __restrict__ u /* [C, P] */) {
+  const int64_t row = blockIdx.x;
+  const int k = blockIdx.y;
+  float* ur = u + row * pl.P;
+  const float* p = params + (k * C + row) * kNumParams;
+  const int32_t n = pl.nt[k] + (cs.sid[k] == kClip ? 2 : 0);
+  for (int32_t j = threadIdx.x; j < n; j += blockDim.x) {
+    const bool edge = j >= pl.nt[k];
+    ur[pl.off[k] + j] = threshold(cs.sid[k], p, cs.bits[k], edge ? 1 : 0, edge ? j - pl.nt[k] : j);
+  }
+  if (k == 0)
+    for (int32_t i = pl.nreal - 2 + threadIdx.x; i < pl.P; i += blockDim.x)
+      ur[i] = i == pl.nreal - 2 ? -std::numeric_limits<float>::max() : std::numeric_limits<float>::infinity();
+}
+
+// t[row, rank(i)] = u[row, i], rank = #{u_j < u_i} + #{j < i : u_j == u_i}: a permutation.
+__global__ void __launch_bounds__(kThreads)
+    sort_kernel(const float* __restrict__ u, float* __restrict__ t, int32_t P) {
+  const int64_t row = blockIdx.x;
+  const float* ur = u + row * P;
+  const int32_t i = blockIdx.y * blockDim.x + threadIdx.x;
+  if (i >= P) return;
+  const float ui = ur[i];
+  int32_t rank = 0;
+  for (int32_t j = 0; j < P; ++j) {
+    const float uj = ur[j];
+    rank += (uj < ui || (uj == ui && j < i)) ? 1 : 0;
+  }
+  t[row * P + rank] = ui;
+}
+
+// Segment i's values at its representative (-Inf for i = 0, else t[i - 1]): v[row] holds
+// Y (mixture_fwd_kernel's sum), F (bwd_step's grad_x factor), Q_k and D_k (eval_sid's q and
+// dq/db), each P long.
+__global__ void __launch_bounds__(kThreads)
+    values_kernel(const float* __restrict__ t, const float* __restrict__ params, const float* __restrict__ w,
+                  Cands<float> cs, int32_t P, int64_t C, float* __restrict__ v /* [C, 2 + 2K, P] */) {
+  const int64_t row = blockIdx.x;
+  const int32_t i = blockIdx.y * blockDim.x + threadIdx.x;
+  if (i >= P) return;
+  const float x = i == 0 ? -std::numeric_limits<float>::infinity() : t[row * P + i - 1];
+  float* vr = v + row * (2 + 2 * cs.K) * P;
+  float acc = 0.f, masked = 0.f, w_identity = 0.f;
+  bool any_masked = false;
+  for (int k = 0; k < cs.K; ++k)
+    if (cs.sid[k] != kClip) w_identity = w_identity + (w ? w[k] : 1.f);
+  for (int k = 0; k < cs.K; ++k) {
+    const float wk = w ? w[k] : 1.f;
+    const Eval<float> r = eval_scheme<float, true>(cs.sid[k], x, params + (k * C + row) * kNumParams, cs.bits[k],
+                                                   cs.cb[k]);
+    const float term = w ? r.q * wk : r.q;
+    acc = k == 0 ? term : acc + term;
+    if (cs.sid[k] == kClip) {
+      const float mt = r.ste ? wk : 0.f;
+      masked = any_masked ? masked + mt : mt;
+      any_masked = true;
+    }
+    vr[(2 + k) * P + i] = r.q;
+    vr[(2 + cs.K + k) * P + i] = r.d;
+  }
+  vr[i] = acc;
+  vr[P + i] = any_masked ? masked + w_identity : w_identity;
+}
+
+// #{t[0..P-2] <= x} (branchless; NaN -> 0)
+__device__ __forceinline__ int32_t segment(const float* __restrict__ tr, float x, int log2P) {
+  int32_t pos = 0;
+  for (int s = log2P - 1; s >= 0; --s) {
+    const int32_t step = 1 << s;
+    pos = tr[pos + step - 1] <= x ? pos + step : pos;
+  }
+  return pos;
+}
+
+// mixture_fwd_kernel's loop and stores, y from the table
+template <typename scalar_t>
+__global__ void __launch_bounds__(kThreads)
+    fwd_kernel(const scalar_t* __restrict__ x, scalar_t* __restrict__ y, const float* __restrict__ t,
+               const float* __restrict__ v, int32_t K, int32_t P, int32_t log2P, int64_t C, int64_t N) {
+  const int64_t total = C * N;
+  const int64_t G = static_cast<int64_t>(gridDim.x) * blockDim.x;
+  for (int64_t i = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x; i < total; i += G) {
+    const float xv = static_cast<float>(x[i]);
+    const int64_t row = C == 1 ? 0 : i / N;
+    const int32_t pos = segment(t + row * P, xv, log2P);
+    const float yv = v[row * (2 + 2 * K) * P + pos];
+    y[i] = static_cast<scalar_t>(xv != xv ? xv : yv);
+  }
+}
+
+// mixture_bwd_kernel's loop, sums and stores, every candidate's q (and dq/db) from the table
+template <typename scalar_t, bool ND>
+__global__ void __launch_bounds__(kThreads)
+    bwd_kernel(const scalar_t* __restrict__ gy, const scalar_t* __restrict__ x, scalar_t* __restrict__ gx,
+               const float* __restrict__ t, const float* __restrict__ v, const float* __restrict__ params,
+               Cands<float> cs, int32_t P, int32_t log2P, int64_t C, int64_t N, bool need_w,
+               float* __restrict__ part) {
+  float* acc = bwd_sums<float>();
+  const int th = threadIdx.x;
+  const int K = cs.K;
+  for (int j = 0; j < 2 * K; ++j) acc[j * kThreads + th] = 0.f;
+  const int64_t total = C * N;
+  const int64_t G = static_cast<int64_t>(gridDim.x) * blockDim.x;
+  for (int64_t i0 = blockIdx.x * static_cast<int64_t>(blockDim.x) + th; i0 < total; i0 += kElems * G) {
+    float xv[kElems], g[kElems];
+    bool in[kElems];
+    int32_t pos[kElems];
+    int64_t row[kElems];
+#pragma unroll
+    for (int e = 0; e < kElems; ++e) {
+      const int64_t i = i0 + e * G;
+      in[e] = i < total;
+      xv[e] = in[e] ? static_cast<float>(x[i]) : 0.f;
+      g[e] = in[e] ? static_cast<float>(gy[i]) : 0.f;
+      row[e] = (C == 1 || !in[e]) ? 0 : i / N;
+      pos[e] = segment(t + row[e] * P, xv[e], log2P);
+    }
+#pragma unroll 1
+    for (int k = 0; k < K; ++k) {
+      float aq = acc[k * kThreads + th];
+      float ad = ND ? acc[(K + k) * kThreads + th] : 0.f;
+      const int32_t sid = cs.sid[k];
+#pragma unroll
+      for (int e = 0; e < kElems; ++e) {
+        if (!in[e]) continue;
+        const float* vr = v + row[e] * (2 + 2 * K) * P;
+        const float q = vr[(2 + k) * P + pos[e]];
+        const bool finite = (xv[e] - xv[e]) == 0.f;
+        aq += g[e] * (xv[e] != xv[e] ? xv[e] : q);
+        if (ND) {
+          float d = 0.f;
+          if (sid == kResidual) {
+            d = vr[(2 + K + k) * P + pos[e]];
+          } else if (sid == kFixed || sid == kZoom || sid == kClip || sid == kPot) {  // eval_sid's cb * (q - x)
+            const float scale = params[(k * C + row[e]) * kNumParams + (sid == kZoom ? 1 : 0)];
+            if (scale >= 0.f) d = scale > 0.f ? cs.cb[k] * (q - xv[e]) : 0.f;
+          }
+          ad += g[e] * (finite ? d : 0.f);
+        }
+      }
+      acc[k * kThreads + th] = aq;
+      if (ND) acc[(K + k) * kThreads + th] = ad;
+    }
+#pragma unroll
+    for (int e = 0; e < kElems; ++e) {
+      if (!in[e]) continue;
+      const float factor = v[row[e] * (2 + 2 * K) * P + P + pos[e]];
+      const bool fin = (xv[e] - xv[e]) == 0.f;
+      gx[i0 + e * G] = static_cast<scalar_t>(fin ? g[e] * factor : 0.f);
+    }
+  }
+  bwd_block_sums<float>(acc, K, need_w, part);
+}
+
+// "1": levels for every float input; "auto": for rows of at least 2^16 elements; else (default) never
+bool enabled(const at::Tensor& x, int64_t C, int64_t N) {
+  if (x.scalar_type() == at::kDouble) return false;
+  const char* e = std::getenv("AUTOQNN_CUDA_LEVELS");
+  if (!e || !*e || std::strcmp(e, "0") == 0) return false;
+  if (std::strcmp(e, "1") == 0) return true;
+  if (std::strcmp(e, "auto") == 0) return N >= (int64_t(1) << 16) && C >= 1;
+  TORCH_CHECK_VALUE(false, "autoqnn: AUTOQNN_CUDA_LEVELS must be 0, 1 or auto, got '", e, "'");
+  return false;
+}
+
+struct Tables {
+  at::Tensor t, v;
+  Plan pl;
+};
+
+// The row tables for float params [K, C, kNumParams] and weights (nullptr: one scheme).
+Tables build(const at::Tensor& params, const float* w, const Cands<float>& cs, int64_t C, cudaStream_t stream) {
+  Tables tb;
+  tb.pl = make_plan(cs);
+  const int32_t P = tb.pl.P;
+  const auto opt = params.options().dtype(at::kFloat);
+  at::Tensor u = at::empty({C, P}, opt);
+  tb.t = at::empty({C, P}, opt);
+  tb.v = at::empty({C, 2 + 2 * static_cast<int64_t>(cs.K), P}, opt);
+  steps_kernel<<<dim3(static_cast<unsigned>(C), static_cast<unsigned>(cs.K)), kThreads, 0, stream>>>(
+      params.const_data_ptr<float>(), cs, tb.pl, C, u.data_ptr<float>());
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  const dim3 seg(static_cast<unsigned>(C), static_cast<unsigned>((P + kThreads - 1) / kThreads));
+  sort_kernel<<<seg, kThreads, 0, stream>>>(u.const_data_ptr<float>(), tb.t.data_ptr<float>(), P);
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  values_kernel<<<seg, kThreads, 0, stream>>>(tb.t.const_data_ptr<float>(), params.const_data_ptr<float>(), w, cs, P,
+                                              C, tb.v.data_ptr<float>());
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  return tb;
+}
+
+}  // namespace lv
+
 // Writes v to element i of a float32/float64/float16/bfloat16 array (dtype given at run time).
 __device__ __forceinline__ void store_as(void* p, at::ScalarType st, int64_t i, double v) {
   switch (st) {
@@ -312,6 +641,17 @@ at::Tensor forward_cuda(const at::Tensor& x_, const at::Tensor& params_, const a
   }
   if (x.numel() == 0) return y;
   const auto stream = c10::cuda::getCurrentCUDAStream();
+  if (lv::enabled(x, L.C, L.N)) {  // the levels-table pass: same values
+    AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "autoqnn_cuda_forward_levels", [&] {
+      const Cands<float> cs = make_cands<float>(bits, schemes);
+      const lv::Tables tb = lv::build(params, weights ? w.const_data_ptr<float>() : nullptr, cs, L.C, stream);
+      lv::fwd_kernel<scalar_t><<<grid_for(x.numel()), kThreads, 0, stream>>>(
+          x.const_data_ptr<scalar_t>(), y.data_ptr<scalar_t>(), tb.t.const_data_ptr<float>(),
+          tb.v.const_data_ptr<float>(), cs.K, tb.pl.P, tb.pl.log2P, L.C, L.N);
+      C10_CUDA_KERNEL_LAUNCH_CHECK();
+    });
+    return y;
+  }
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "autoqnn_cuda_forward", [&] {
     using T = at::opmath_type<scalar_t>;
     const Cands<T> cs = make_cands<T>(bits, schemes);
@@ -369,6 +709,31 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> backward_cuda(const at::Tensor& g
   const int64_t blocks = grid_for((x.numel() + kElems - 1) / kElems);
   at::Tensor part = at::empty({blocks, 2 * K}, x.options().dtype(stats_dtype(x.scalar_type())));
   const auto stream = c10::cuda::getCurrentCUDAStream();
+  if (lv::enabled(x, L.C, L.N)) {  // the levels-table pass: same values and sums (float math)
+    AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "autoqnn_cuda_backward_levels", [&] {
+      const Cands<float> cs = make_cands<float>(bits, schemes);
+      const float* wp = weights ? w.const_data_ptr<float>() : nullptr;
+      const lv::Tables tb = lv::build(params, wp, cs, L.C, stream);
+      auto lk = [&](auto kernel) {
+        kernel<<<blocks, kThreads, bwd_smem_bytes<float>(K), stream>>>(
+            gy.const_data_ptr<scalar_t>(), x.const_data_ptr<scalar_t>(), gx.data_ptr<scalar_t>(),
+            tb.t.const_data_ptr<float>(), tb.v.const_data_ptr<float>(), params.const_data_ptr<float>(), cs, tb.pl.P,
+            tb.pl.log2P, L.C, L.N, need_w, part.data_ptr<float>());
+      };
+      if (need_b) lk(lv::bwd_kernel<scalar_t, true>);
+      else lk(lv::bwd_kernel<scalar_t, false>);
+      C10_CUDA_KERNEL_LAUNCH_CHECK();
+      if (run_w || run_b) {
+        bwd_finalize_kernel<float><<<static_cast<unsigned>(2 * K), kThreads, 0, stream>>>(
+            part.const_data_ptr<float>(), blocks, static_cast<int>(K), wp, run_w ? gw.data_ptr() : nullptr,
+            run_w ? gw.scalar_type() : at::kFloat, run_b ? gb.data_ptr() : nullptr,
+            run_b ? gb.scalar_type() : at::kFloat);
+        C10_CUDA_KERNEL_LAUNCH_CHECK();
+      }
+    });
+    if (run_w && gw.device() != weights->device()) gw = gw.to(weights->device());
+    return {gx, gw, gb};
+  }
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "autoqnn_cuda_backward", [&] {
     using T = at::opmath_type<scalar_t>;
     const Cands<T> cs = make_cands<T>(bits, schemes);

@@ -113,6 +113,59 @@ def guard_bands(dtypes):
                 print("FAIL", e, flush=True)
 
 
+def threshold_cases(dtypes):
+    """Inputs on the quantizers' steps: every step of every candidate (found by bisection on the
+    reference's math, tools/levels_probe.py) and both float32 neighbours, with ±0, ±Inf and NaN.
+    A levels-table pass (AUTOQNN_CUDA_LEVELS=1 for the new build) must match the arithmetic
+    kernels there too, bit for bit, sums included; random inputs almost never land on a step."""
+    sys.path.insert(0, os.path.join(ROOT, "tools"))
+    import levels_probe as LP  # noqa: PLC0415
+
+    from autoqnn.schemes import scheme_info  # noqa: PLC0415
+
+    W = [scheme_id(s) for s in AF.WEIGHT_CANDIDATES]
+    A = [scheme_id(s) for s in AF.ACTIVATION_CANDIDATES]
+    ninf, pinf = torch.tensor(-float("inf")), torch.tensor(float("inf"))
+    for dn in dtypes:
+        dtype = getattr(torch, dn)
+        for bits_i in (2, 3, 4, 8):
+            for sids in (list(range(8)), W, A, *([s] for s in range(8))):
+                b_int = [min(max(bits_i, scheme_info(s).min_bits), scheme_info(s).max_bits) for s in sids]
+                if len(sids) == 1 and b_int[0] != bits_i:
+                    continue
+                for heavy, pc in ((False, False), (True, False), (False, True)):
+                    g = torch.Generator().manual_seed(bits_i + 10 * len(sids))
+                    x = torch.randn(3, 700, generator=g) * 1.7
+                    if heavy:
+                        x = x.abs() ** 1.5 * torch.sign(x)
+                    if not pc:
+                        x = x.reshape(-1)
+                    bits = torch.tensor([float(b) for b in b_int])
+                    P = torch.ops.autoqnn.scheme_params(x, bits, sids, pc, True)
+                    rows = x.reshape(3, -1).clone() if pc else x.reshape(1, -1).clone()
+                    for r in range(rows.shape[0]):
+                        seeds = torch.cat([rows[r], torch.linspace(-8, 8, 4001) * float(rows[r].abs().max())])
+                        ts = torch.cat([LP.steps(s, P[k, r].float(), b_int[k], seeds) for k, s in enumerate(sids)])
+                        ts = ts[torch.isfinite(ts)]
+                        pts = torch.cat([ts, torch.nextafter(ts, ninf), torch.nextafter(ts, pinf),
+                                         torch.tensor([0.0, -0.0, float("inf"), -float("inf"), float("nan")])])
+                        pts = pts[torch.randperm(pts.numel(), generator=g)][: rows.shape[1]]
+                        rows[r, : pts.numel()] = pts
+                    xt = rows.reshape(x.shape).to(dtype)
+                    gy = torch.randn(xt.shape, generator=g).to(dtype)
+                    w = torch.softmax(torch.randn(len(sids), generator=g), 0)
+                    tag = f"steps {dn} bits={bits_i} K={len(sids)} heavy={heavy} per_channel={pc}"
+                    print("..", tag, flush=True)
+                    check("mixture new/old " + tag, N.mixture(xt, P, w, bits, sids, pc), O.mixture(xt, P, w, bits, sids, pc))
+                    check("mixture_backward new/old " + tag, N.mixture_backward(gy, xt, P, w, bits, sids, pc, True, True),
+                          O.mixture_backward(gy, xt, P, w, bits, sids, pc, True, True))
+                    if len(sids) == 1:
+                        check("quantize new/old " + tag, N.quantize(xt, P, bits, sids[0], pc),
+                              O.quantize(xt, P, bits, sids[0], pc))
+                        check("quantize_backward new/old " + tag, N.quantize_backward(gy, xt, P, bits, sids[0], pc, True),
+                              O.quantize_backward(gy, xt, P, bits, sids[0], pc, True))
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--dtypes", default="float32,bfloat16,float64")
@@ -197,6 +250,7 @@ def main(argv=None) -> int:
                 if sizes[r]:
                     yr = N.mixture(x[off[r]:off[r + 1]], P[:, r:r + 1], w[r], bits[r], sids, False)
                     check(f"mixture_batched vs per tensor, row {r} " + tag, yb[off[r]:off[r + 1]], yr)
+    threshold_cases([d for d in args.dtypes.split(",") if d != "float64"])
     guard_bands(args.dtypes.split(","))
     print("failures:", FAILS)
     return 1 if FAILS else 0

@@ -98,11 +98,16 @@ using c10::cuda::getCurrentCUDAStream;
 struct EmuLaunch {
   int64_t g, b;
   size_t smem;
-  EmuLaunch(int64_t g_, int64_t b_, size_t smem_ = 0, cudaStream_t = nullptr) : g(g_), b(b_), smem(smem_) {}
+  unsigned gx, gy;  // a 2-D grid (x fastest); 1-D: gy == 1
+  EmuLaunch(int64_t g_, int64_t b_, size_t smem_ = 0, cudaStream_t = nullptr)
+      : g(g_), b(b_), smem(smem_), gx(static_cast<unsigned>(g_)), gy(1) {}
+  EmuLaunch(dim3 g_, int64_t b_, size_t smem_ = 0, cudaStream_t = nullptr)
+      : g(int64_t(g_.x) * g_.y), b(b_), smem(smem_), gx(g_.x), gy(g_.y) {}
   template <class F, class... A>
   void operator()(F f, A... a) {
     constexpr size_t kStack = 256 * 1024;
-    gridDim.x = static_cast<unsigned>(g);
+    gridDim.x = gx;
+    gridDim.y = gy;
     blockDim.x = static_cast<unsigned>(b);
     EmuBlock blk;
     blk.ctx.resize(b);
@@ -118,7 +123,8 @@ struct EmuLaunch {
     for (int64_t bi = 0; bi < g; ++bi) blocks[bi] = g_emu_order == 1 ? g - 1 - bi : bi;
     if (g_emu_order == 2) std::shuffle(blocks.begin(), blocks.end(), rng);
     for (int64_t bi : blocks) {
-      blockIdx.x = static_cast<unsigned>(bi);
+      blockIdx.x = static_cast<unsigned>(bi % gx);
+      blockIdx.y = static_cast<unsigned>(bi / gx);
       std::fill(blk.done.begin(), blk.done.end(), 0);
       g_dyn_smem.reset(new unsigned char[smem ? smem : 1]);  // exactly the launch's size
       std::memset(g_dyn_smem.get(), 0xFF, smem);
