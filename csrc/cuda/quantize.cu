@@ -499,6 +499,9 @@ __global__ void __launch_bounds__(kThreads)
       float aq = acc[k * kThreads + th];
       float ad = ND ? acc[(K + k) * kThreads + th] : 0.f;
       const int32_t sid = cs.sid[k];
+      const bool scaled = sid == kFixed || sid == kZoom || sid == kClip || sid == kPot;
+      const int scale_at = sid == kZoom ? 1 : 0;
+      const float scale0 = ND && scaled && C == 1 ? params[k * kNumParams + scale_at] : 0.f;  // one row: once
 #pragma unroll
       for (int e = 0; e < kElems; ++e) {
         if (!in[e]) continue;
@@ -510,8 +513,8 @@ __global__ void __launch_bounds__(kThreads)
           float d = 0.f;
           if (sid == kResidual) {
             d = vr[(2 + K + k) * P + pos[e]];
-          } else if (sid == kFixed || sid == kZoom || sid == kClip || sid == kPot) {  // eval_sid's cb * (q - x)
-            const float scale = params[(k * C + row[e]) * kNumParams + (sid == kZoom ? 1 : 0)];
+          } else if (scaled) {  // eval_sid's cb * (q - x)
+            const float scale = C == 1 ? scale0 : params[(k * C + row[e]) * kNumParams + scale_at];
             if (scale >= 0.f) d = scale > 0.f ? cs.cb[k] * (q - xv[e]) : 0.f;
           }
           ad += g[e] * (finite ? d : 0.f);
