@@ -256,10 +256,14 @@ constexpr int kMaxP = 4096;  // 8 candidates at their top bits need 2048
 
 // Candidate k's code thresholds at off[k] (ClipQ: nt[k] multiples, then its two edges); the two
 // sentinels (-FLT_MAX, +Inf) at nreal - 2 and nreal - 1; +Inf padding up to P.
+// The slots form sorted runs (a code's thresholds do not decrease with j): each candidate's
+// thresholds, ClipQ's two edges, and the sentinels with the padding; the sort merges them.
+constexpr int kMaxRuns = kMaxK + 2;
 struct Plan {
   int32_t off[kMaxK];
   int32_t nt[kMaxK];
-  int32_t nreal, P, log2P;
+  int32_t run_start[kMaxRuns], run_len[kMaxRuns];
+  int32_t nruns, nreal, P, log2P;
 };
 
 int32_t code_thresholds(int sid, int b) {
@@ -276,9 +280,16 @@ int32_t code_thresholds(int sid, int b) {
 Plan make_plan(const Cands<float>& cs) {
   Plan p{};
   int32_t off = 0;
+  auto run = [&](int32_t start, int32_t len) {
+    p.run_start[p.nruns] = start;
+    p.run_len[p.nruns] = len;
+    ++p.nruns;
+  };
   for (int k = 0; k < cs.K; ++k) {
     p.off[k] = off;
     p.nt[k] = code_thresholds(cs.sid[k], cs.bits[k]);
+    run(off, p.nt[k]);
+    if (cs.sid[k] == kClip) run(off + p.nt[k], 2);
     off += p.nt[k] + (cs.sid[k] == kClip ? 2 : 0);
   }
   p.nreal = off + 2;
@@ -289,6 +300,7 @@ Plan make_plan(const Cands<float>& cs) {
     ++p.log2P;
   }
   TORCH_CHECK(p.P <= kMaxP, "autoqnn: levels table of ", p.P, " entries exceeds ", kMaxP);
+  run(off, p.P - off);  // -FLT_MAX, +Inf, then +Inf padding
   return p;
 }
 
@@ -373,72 +385,86 @@ __device__ __forceinline__ float threshold(int32_t sid, const float* p, int b, i
   return key_to_float(hi);
 }
 
-// Block (row, k): candidate k's thresholds into u[row]; block (row, 0) also the sentinels and
-// the padding.
-__global__ void __launch_bounds__(kThreads)
-    steps_kernel(const float* __restrict__ params /* [K, C, kNumParams] */, Cands<float> cs, Plan pl, int64_t C,
-                 float* __restrict__ u /* [C, P] */) {
-  const int64_t row = blockIdx.x;
-  const int k = blockIdx.y;
-  float* ur = u + row * pl.P;
-  const float* p = params + (k * C + row) * kNumParams;
-  const int32_t n = pl.nt[k] + (cs.sid[k] == kClip ? 2 : 0);
-  for (int32_t j = threadIdx.x; j < n; j += blockDim.x) {
-    const bool edge = j >= pl.nt[k];
-    ur[pl.off[k] + j] = threshold(cs.sid[k], p, cs.bits[k], edge ? 1 : 0, edge ? j - pl.nt[k] : j);
+// #{j < n : r[j] < key} (or <= key with LE): a bound in a sorted run
+template <bool LE>
+__device__ __forceinline__ int32_t count_below(const float* r, int32_t n, float key) {
+  int32_t lo = 0, hi = n;
+  while (lo < hi) {
+    const int32_t mid = (lo + hi) >> 1;
+    if (LE ? r[mid] <= key : r[mid] < key) lo = mid + 1;
+    else hi = mid;
   }
-  if (k == 0)
-    for (int32_t i = pl.nreal - 2 + threadIdx.x; i < pl.P; i += blockDim.x)
-      ur[i] = i == pl.nreal - 2 ? -std::numeric_limits<float>::max() : std::numeric_limits<float>::infinity();
+  return lo;
 }
 
-// t[row, rank(i)] = u[row, i], rank = #{u_j < u_i} + #{j < i : u_j == u_i}: a permutation.
+// One block per row builds its table: (1) every slot's threshold (bisection), the sentinels and
+// the padding, into shared memory; (2) a stable merge of the sorted runs, each slot's rank being
+// its index in its run plus its bounds in the other runs (<= in earlier runs, < in later ones:
+// a permutation), into t[row] and shared memory; (3) every segment's values at its representative
+// (-Inf for segment 0, else t[i - 1]) into v[row]: Y (mixture_fwd_kernel's sum), F (bwd_step's
+// grad_x factor), Q_k and D_k (eval_sid's q and dq/db), each P long. Dynamic shared memory:
+// 2P floats.
 __global__ void __launch_bounds__(kThreads)
-    sort_kernel(const float* __restrict__ u, float* __restrict__ t, int32_t P) {
+    build_kernel(const float* __restrict__ params /* [K, C, kNumParams] */, const float* __restrict__ w, Cands<float> cs,
+                 Plan pl, int64_t C, float* __restrict__ t /* [C, P] */, float* __restrict__ v /* [C, 2 + 2K, P] */) {
+  float* u = bwd_sums<float>();
+  float* srt = u + pl.P;
   const int64_t row = blockIdx.x;
-  const float* ur = u + row * P;
-  const int32_t i = blockIdx.y * blockDim.x + threadIdx.x;
-  if (i >= P) return;
-  const float ui = ur[i];
-  int32_t rank = 0;
-  for (int32_t j = 0; j < P; ++j) {
-    const float uj = ur[j];
-    rank += (uj < ui || (uj == ui && j < i)) ? 1 : 0;
+  const int32_t P = pl.P;
+  for (int32_t s = threadIdx.x; s < P; s += blockDim.x) {
+    float val = std::numeric_limits<float>::infinity();
+    if (s == pl.nreal - 2) {
+      val = -std::numeric_limits<float>::max();
+    } else if (s < pl.nreal - 2) {
+      int k = 0;
+      while (k + 1 < cs.K && s >= pl.off[k + 1]) ++k;
+      const int32_t j = s - pl.off[k];
+      const bool edge = j >= pl.nt[k];
+      val = threshold(cs.sid[k], params + (k * C + row) * kNumParams, cs.bits[k], edge ? 1 : 0,
+                      edge ? j - pl.nt[k] : j);
+    }
+    u[s] = val;
   }
-  t[row * P + rank] = ui;
-}
-
-// Segment i's values at its representative (-Inf for i = 0, else t[i - 1]): v[row] holds
-// Y (mixture_fwd_kernel's sum), F (bwd_step's grad_x factor), Q_k and D_k (eval_sid's q and
-// dq/db), each P long.
-__global__ void __launch_bounds__(kThreads)
-    values_kernel(const float* __restrict__ t, const float* __restrict__ params, const float* __restrict__ w,
-                  Cands<float> cs, int32_t P, int64_t C, float* __restrict__ v /* [C, 2 + 2K, P] */) {
-  const int64_t row = blockIdx.x;
-  const int32_t i = blockIdx.y * blockDim.x + threadIdx.x;
-  if (i >= P) return;
-  const float x = i == 0 ? -std::numeric_limits<float>::infinity() : t[row * P + i - 1];
+  __syncthreads();
+  for (int32_t i = threadIdx.x; i < P; i += blockDim.x) {
+    const float ui = u[i];
+    int r = 0;
+    while (i >= pl.run_start[r] + pl.run_len[r]) ++r;
+    int32_t rank = i - pl.run_start[r];
+    for (int q = 0; q < pl.nruns; ++q) {
+      if (q == r) continue;
+      const float* rq = u + pl.run_start[q];
+      rank += q < r ? count_below<true>(rq, pl.run_len[q], ui) : count_below<false>(rq, pl.run_len[q], ui);
+    }
+    srt[rank] = ui;
+    t[row * P + rank] = ui;
+  }
+  __syncthreads();
   float* vr = v + row * (2 + 2 * cs.K) * P;
-  float acc = 0.f, masked = 0.f, w_identity = 0.f;
-  bool any_masked = false;
+  float w_identity = 0.f;
   for (int k = 0; k < cs.K; ++k)
     if (cs.sid[k] != kClip) w_identity = w_identity + (w ? w[k] : 1.f);
-  for (int k = 0; k < cs.K; ++k) {
-    const float wk = w ? w[k] : 1.f;
-    const Eval<float> r = eval_scheme<float, true>(cs.sid[k], x, params + (k * C + row) * kNumParams, cs.bits[k],
-                                                   cs.cb[k]);
-    const float term = w ? r.q * wk : r.q;
-    acc = k == 0 ? term : acc + term;
-    if (cs.sid[k] == kClip) {
-      const float mt = r.ste ? wk : 0.f;
-      masked = any_masked ? masked + mt : mt;
-      any_masked = true;
+  for (int32_t i = threadIdx.x; i < P; i += blockDim.x) {
+    const float x = i == 0 ? -std::numeric_limits<float>::infinity() : srt[i - 1];
+    float acc = 0.f, masked = 0.f;
+    bool any_masked = false;
+    for (int k = 0; k < cs.K; ++k) {
+      const float wk = w ? w[k] : 1.f;
+      const Eval<float> r = eval_scheme<float, true>(cs.sid[k], x, params + (k * C + row) * kNumParams, cs.bits[k],
+                                                     cs.cb[k]);
+      const float term = w ? r.q * wk : r.q;
+      acc = k == 0 ? term : acc + term;
+      if (cs.sid[k] == kClip) {
+        const float mt = r.ste ? wk : 0.f;
+        masked = any_masked ? masked + mt : mt;
+        any_masked = true;
+      }
+      vr[(2 + k) * P + i] = r.q;
+      vr[(2 + cs.K + k) * P + i] = r.d;
     }
-    vr[(2 + k) * P + i] = r.q;
-    vr[(2 + cs.K + k) * P + i] = r.d;
+    vr[i] = acc;
+    vr[P + i] = any_masked ? masked + w_identity : w_identity;
   }
-  vr[i] = acc;
-  vr[P + i] = any_masked ? masked + w_identity : w_identity;
 }
 
 // #{t[0..P-2] <= x} (branchless; NaN -> 0)
@@ -556,17 +582,10 @@ Tables build(const at::Tensor& params, const float* w, const Cands<float>& cs, i
   tb.pl = make_plan(cs);
   const int32_t P = tb.pl.P;
   const auto opt = params.options().dtype(at::kFloat);
-  at::Tensor u = at::empty({C, P}, opt);
   tb.t = at::empty({C, P}, opt);
   tb.v = at::empty({C, 2 + 2 * static_cast<int64_t>(cs.K), P}, opt);
-  steps_kernel<<<dim3(static_cast<unsigned>(C), static_cast<unsigned>(cs.K)), kThreads, 0, stream>>>(
-      params.const_data_ptr<float>(), cs, tb.pl, C, u.data_ptr<float>());
-  C10_CUDA_KERNEL_LAUNCH_CHECK();
-  const dim3 seg(static_cast<unsigned>(C), static_cast<unsigned>((P + kThreads - 1) / kThreads));
-  sort_kernel<<<seg, kThreads, 0, stream>>>(u.const_data_ptr<float>(), tb.t.data_ptr<float>(), P);
-  C10_CUDA_KERNEL_LAUNCH_CHECK();
-  values_kernel<<<seg, kThreads, 0, stream>>>(tb.t.const_data_ptr<float>(), params.const_data_ptr<float>(), w, cs, P,
-                                              C, tb.v.data_ptr<float>());
+  build_kernel<<<static_cast<unsigned>(C), kThreads, 2 * P * sizeof(float), stream>>>(
+      params.const_data_ptr<float>(), w, cs, tb.pl, C, tb.t.data_ptr<float>(), tb.v.data_ptr<float>());
   C10_CUDA_KERNEL_LAUNCH_CHECK();
   return tb;
 }
