@@ -140,14 +140,9 @@ _COMPILE = textwrap.dedent(r"""
         K, tag = len(sids), f"levels-{xdt}-{len(sids)}"
         pl = L.plan(sids, bits)
         P = pl["P"]
-        sb = {k: v for k, v in M._constexprs(sids, bits, True).items() if not k.startswith("CB")}
-        build(L._levels_steps_kernel, {"p_ptr": "*fp32", "u_ptr": "*fp32", "C": "i32"},
-              {**sb, **pl["consts"], "NREAL": pl["NREAL"], "P": P}, f"{tag}-steps")
-        build(L._levels_sort_kernel, {"u_ptr": "*fp32", "t_ptr": "*fp32"},
-              {"P": P, "BI": min(P, 64), "BJ": min(P, 256)}, f"{tag}-sort")
-        build(L._levels_values_kernel, {"t_ptr": "*fp32", "p_ptr": "*fp32", "w_ptr": "*fp32", "v_ptr": "*fp32",
-              "C": "i32"}, {**M._constexprs(sids, bits, True), "K": K, "HAS_W": K > 1, "P": P,
-              "BV": min(P, 256)}, f"{tag}-values")
+        build(L._levels_build_kernel, {"p_ptr": "*fp32", "w_ptr": "*fp32", "u_ptr": "*fp32", "t_ptr": "*fp32",
+              "v_ptr": "*fp32", "C": "i32"}, {**M._constexprs(sids, bits, True), **pl["consts"], "K": K,
+              "HAS_W": K > 1, "NREAL": pl["NREAL"], "P": P, "LOG2P": P.bit_length() - 1}, f"{tag}-build")
         build(L._levels_fwd_kernel, {"x_ptr": "*" + xdt, "t_ptr": "*fp32", "v_ptr": "*fp32", "y_ptr": "*" + xdt,
               "N": "i32", "NBLK": "i32"}, {"K": K, "P": P, "LOG2P": P.bit_length() - 1, "BLOCK": 1024},
               f"{tag}-lookup-fwd")
@@ -175,7 +170,7 @@ def test_kernels_compile_for_gpu():
         assert st["fma"] == 0, (tag, st)  # enable_fp_fusion=False: products rounded on their own
         assert st["div_approx"] == 0, (tag, st)  # IEEE division only
         assert st["atom"] == 0, (tag, st)  # deterministic partial sums
-        if "fp64" not in tag and not tag.startswith(("stats-", "levels-")) or tag.endswith(("-steps", "-values")):
+        if "fp64" not in tag and not tag.startswith(("stats-", "levels-")) or tag.endswith("-build"):
             assert st["div_rn_f32"] > 0, (tag, st)
 
 

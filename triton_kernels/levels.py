@@ -11,9 +11,10 @@ too. Per row, with a sorted table T of every candidate's steps, the element's se
 in L1) picks precomputed values: y = Y[i], the grad_x factor F[i], q_k = Q_k[i] and ResQ's D_k[i].
 The scale schemes' ∂q/∂b = cb·(q − x) is recomputed from q and x.
 
-How the table is made exact (four launches per row set, independent of N):
+How the table is made exact (one launch for the tables of all rows, one program per row, then
+the output pass):
 
-1. **Steps** (grid ``[C, K]``): each scheme has an integer *code* that is non-decreasing in x
+1. **Steps**: each scheme has an integer *code* that is non-decreasing in x
    and computed with exactly the float operations of ``mixture._eval`` (FixedQ's rounded
    multiple, ZoomQ's floor, ClipQ's multiple and its zone against the clip edge, PotQ's signed
    level, ResQ's sign bits in order, which are lexicographically monotone even where ResQ's
@@ -23,8 +24,10 @@ How the table is made exact (four launches per row set, independent of N):
    Codes that no x reaches give duplicate thresholds, i.e. empty segments: harmless.
    Two sentinels are added: −FLT_MAX (so that −Inf has a segment of its own) and +Inf (so has
    +Inf); the table is padded to a power of two P with +Inf.
-2. **Sort** (grid ``[C, P/BI]``): rank by (value, slot) comparisons, scattered: deterministic.
-3. **Values** (grid ``[C, P/BV]``): every segment's representative (its lower threshold; −Inf
+2. **Sort**: the slots form sorted runs (a code's thresholds do not decrease with j); a stable
+   merge ranks each slot by its index in its run plus binary-searched bounds in the other runs
+   (O(P·runs·log P)), scattered: deterministic.
+3. **Values**: every segment's representative (its lower threshold; −Inf
    for segment 0) goes through the arithmetic kernels' own functions (``_fwd_chain``, ``_eval``),
    so a looked-up value is the value the arithmetic kernel computes for any x of the segment.
 4. **Lookup** (the output pass itself): forward or backward over x.
@@ -47,7 +50,6 @@ import triton
 import triton.language as tl
 
 from .mixture import (
-    INTERPRET,
     MAX_CANDIDATES,
     NUM_PARAMS,
     _block_of,
@@ -163,72 +165,6 @@ def _cand_thresholds(u_row, p_ptr, K_IDX: tl.constexpr, C, row, SID: tl.constexp
 
 
 @triton.jit
-def _levels_steps_kernel(
-    p_ptr,  # [K, C, NUM_PARAMS] float32
-    u_ptr,  # [C, P] float32: the unsorted thresholds
-    C,
-    S0: tl.constexpr, S1: tl.constexpr, S2: tl.constexpr, S3: tl.constexpr,
-    S4: tl.constexpr, S5: tl.constexpr, S6: tl.constexpr, S7: tl.constexpr,
-    B0: tl.constexpr, B1: tl.constexpr, B2: tl.constexpr, B3: tl.constexpr,
-    B4: tl.constexpr, B5: tl.constexpr, B6: tl.constexpr, B7: tl.constexpr,
-    O0: tl.constexpr, O1: tl.constexpr, O2: tl.constexpr, O3: tl.constexpr,
-    O4: tl.constexpr, O5: tl.constexpr, O6: tl.constexpr, O7: tl.constexpr,
-    N0: tl.constexpr, N1: tl.constexpr, N2: tl.constexpr, N3: tl.constexpr,
-    N4: tl.constexpr, N5: tl.constexpr, N6: tl.constexpr, N7: tl.constexpr,
-    T0: tl.constexpr, T1: tl.constexpr, T2: tl.constexpr, T3: tl.constexpr,
-    T4: tl.constexpr, T5: tl.constexpr, T6: tl.constexpr, T7: tl.constexpr,
-    NREAL: tl.constexpr, P: tl.constexpr,
-):
-    """Program (row, k): candidate k's thresholds; program (row, 0) also writes the two
-    sentinels and the +Inf padding."""
-    row = tl.program_id(0)
-    kk = tl.program_id(1)
-    u_row = u_ptr + row.to(tl.int64) * P
-    if kk == 0:
-        _cand_thresholds(u_row, p_ptr, 0, C, row, S0, B0, O0, N0, T0)
-        i = tl.arange(0, P)
-        pad = tl.where(i == NREAL - 2, -_FLT_MAX, float("inf"))
-        tl.store(u_row + i, pad, mask=i >= NREAL - 2)
-    if S1 >= 0:
-        if kk == 1:
-            _cand_thresholds(u_row, p_ptr, 1, C, row, S1, B1, O1, N1, T1)
-    if S2 >= 0:
-        if kk == 2:
-            _cand_thresholds(u_row, p_ptr, 2, C, row, S2, B2, O2, N2, T2)
-    if S3 >= 0:
-        if kk == 3:
-            _cand_thresholds(u_row, p_ptr, 3, C, row, S3, B3, O3, N3, T3)
-    if S4 >= 0:
-        if kk == 4:
-            _cand_thresholds(u_row, p_ptr, 4, C, row, S4, B4, O4, N4, T4)
-    if S5 >= 0:
-        if kk == 5:
-            _cand_thresholds(u_row, p_ptr, 5, C, row, S5, B5, O5, N5, T5)
-    if S6 >= 0:
-        if kk == 6:
-            _cand_thresholds(u_row, p_ptr, 6, C, row, S6, B6, O6, N6, T6)
-    if S7 >= 0:
-        if kk == 7:
-            _cand_thresholds(u_row, p_ptr, 7, C, row, S7, B7, O7, N7, T7)
-
-
-@triton.jit
-def _levels_sort_kernel(u_ptr, t_ptr, P: tl.constexpr, BI: tl.constexpr, BJ: tl.constexpr):
-    """t[rank] = u with rank = #{u_j < u_i} + #{j < i : u_j == u_i} (a permutation; no NaN)."""
-    row = tl.program_id(0)
-    i = tl.program_id(1) * BI + tl.arange(0, BI)
-    u_row = u_ptr + row.to(tl.int64) * P
-    ui = tl.load(u_row + i)
-    rank = tl.zeros([BI], tl.int32)
-    for j0 in range(0, P, BJ):
-        j = j0 + tl.arange(0, BJ)
-        uj = tl.load(u_row + j)
-        before = (uj[None, :] < ui[:, None]) | ((uj[None, :] == ui[:, None]) & (j[None, :] < i[:, None]))
-        rank += tl.sum(before.to(tl.int32), axis=1)
-    tl.store(t_ptr + row.to(tl.int64) * P + rank, ui)
-
-
-@triton.jit
 def _val_term(gmask, wsum, rep, fin, ok, p_ptr, w_ptr, v_row, K_IDX: tl.constexpr, C, row,
               SID: tl.constexpr, B: tl.constexpr, CB: tl.constexpr, K: tl.constexpr,
               HAS_W: tl.constexpr, P: tl.constexpr, i):
@@ -248,10 +184,36 @@ def _val_term(gmask, wsum, rep, fin, ok, p_ptr, w_ptr, v_row, K_IDX: tl.constexp
 
 
 @triton.jit
-def _levels_values_kernel(
-    t_ptr,  # [C, P] float32, sorted thresholds
+def _run_rank(ui, i, u_row, START: tl.constexpr, LEN: tl.constexpr, LOG2P: tl.constexpr):
+    """One sorted run's share of the merged rank of slots ``i`` (values ``ui``): the run's values
+    <= u_i for slots after the run, < u_i for slots before it, the slot's index within the run for
+    its own slots (a stable merge: ties in run order, a permutation)."""
+    le = tl.zeros(i.shape, tl.int32)
+    lt = tl.zeros(i.shape, tl.int32)
+    for s in tl.static_range(LOG2P):
+        c_le = le + (1 << (LOG2P - 1 - s))
+        c_lt = lt + (1 << (LOG2P - 1 - s))
+        v_le = tl.load(u_row + START + c_le - 1, mask=c_le <= LEN, other=float("inf"))
+        v_lt = tl.load(u_row + START + c_lt - 1, mask=c_lt <= LEN, other=float("inf"))
+        le = tl.where((c_le <= LEN) & (v_le <= ui), c_le, le)
+        lt = tl.where((c_lt <= LEN) & (v_lt < ui), c_lt, lt)
+    return tl.where(i >= START + LEN, le, tl.where(i < START, lt, i - START))
+
+
+@triton.jit
+def _cand_rank(ui, i, u_row, SID: tl.constexpr, OFF: tl.constexpr, NT: tl.constexpr, LOG2P: tl.constexpr):
+    r = _run_rank(ui, i, u_row, OFF, NT, LOG2P)
+    if SID == 6:  # ClipQ's two edges: a run of their own
+        r += _run_rank(ui, i, u_row, OFF + NT, 2, LOG2P)
+    return r
+
+
+@triton.jit
+def _levels_build_kernel(
     p_ptr,  # [K, C, NUM_PARAMS] float32
     w_ptr,  # [K] float32 (not read without HAS_W)
+    u_ptr,  # [C, P] float32 scratch: the thresholds in slot order
+    t_ptr,  # [C, P] float32: the sorted thresholds
     v_ptr,  # [C, 2 + 2K, P] float32: Y, F, Q_0..Q_{K−1}, D_0..D_{K−1}
     C,
     S0: tl.constexpr, S1: tl.constexpr, S2: tl.constexpr, S3: tl.constexpr,
@@ -260,19 +222,65 @@ def _levels_values_kernel(
     B4: tl.constexpr, B5: tl.constexpr, B6: tl.constexpr, B7: tl.constexpr,
     CB0: tl.constexpr, CB1: tl.constexpr, CB2: tl.constexpr, CB3: tl.constexpr,
     CB4: tl.constexpr, CB5: tl.constexpr, CB6: tl.constexpr, CB7: tl.constexpr,
-    K: tl.constexpr, HAS_W: tl.constexpr, P: tl.constexpr, BV: tl.constexpr,
+    O0: tl.constexpr, O1: tl.constexpr, O2: tl.constexpr, O3: tl.constexpr,
+    O4: tl.constexpr, O5: tl.constexpr, O6: tl.constexpr, O7: tl.constexpr,
+    N0: tl.constexpr, N1: tl.constexpr, N2: tl.constexpr, N3: tl.constexpr,
+    N4: tl.constexpr, N5: tl.constexpr, N6: tl.constexpr, N7: tl.constexpr,
+    T0: tl.constexpr, T1: tl.constexpr, T2: tl.constexpr, T3: tl.constexpr,
+    T4: tl.constexpr, T5: tl.constexpr, T6: tl.constexpr, T7: tl.constexpr,
+    K: tl.constexpr, HAS_W: tl.constexpr, NREAL: tl.constexpr, P: tl.constexpr, LOG2P: tl.constexpr,
 ):
-    """Each segment's values at its representative: −Inf for segment 0, else its lower threshold."""
+    """One program per row: (1) every candidate's thresholds, the sentinels and the +Inf
+    padding, in slot order; (2) a stable merge of the sorted runs (each candidate's thresholds,
+    ClipQ's edges, the sentinels with the padding) into ``t``; (3) each segment's values at its
+    representative: −Inf for segment 0, else its lower threshold."""
     row = tl.program_id(0)
-    i = tl.program_id(1) * BV + tl.arange(0, BV)
-    ok = i < P
+    u_row = u_ptr + row.to(tl.int64) * P
+    _cand_thresholds(u_row, p_ptr, 0, C, row, S0, B0, O0, N0, T0)
+    if S1 >= 0:
+        _cand_thresholds(u_row, p_ptr, 1, C, row, S1, B1, O1, N1, T1)
+    if S2 >= 0:
+        _cand_thresholds(u_row, p_ptr, 2, C, row, S2, B2, O2, N2, T2)
+    if S3 >= 0:
+        _cand_thresholds(u_row, p_ptr, 3, C, row, S3, B3, O3, N3, T3)
+    if S4 >= 0:
+        _cand_thresholds(u_row, p_ptr, 4, C, row, S4, B4, O4, N4, T4)
+    if S5 >= 0:
+        _cand_thresholds(u_row, p_ptr, 5, C, row, S5, B5, O5, N5, T5)
+    if S6 >= 0:
+        _cand_thresholds(u_row, p_ptr, 6, C, row, S6, B6, O6, N6, T6)
+    if S7 >= 0:
+        _cand_thresholds(u_row, p_ptr, 7, C, row, S7, B7, O7, N7, T7)
+    i = tl.arange(0, P)
+    tl.store(u_row + i, tl.where(i == NREAL - 2, -_FLT_MAX, float("inf")), mask=i >= NREAL - 2)
+    tl.debug_barrier()  # the slots are written by other threads of this program
+    ui = tl.load(u_row + i)
+    rank = _run_rank(ui, i, u_row, NREAL - 2, P - (NREAL - 2), LOG2P)
+    rank += _cand_rank(ui, i, u_row, S0, O0, N0, LOG2P)
+    if S1 >= 0:
+        rank += _cand_rank(ui, i, u_row, S1, O1, N1, LOG2P)
+    if S2 >= 0:
+        rank += _cand_rank(ui, i, u_row, S2, O2, N2, LOG2P)
+    if S3 >= 0:
+        rank += _cand_rank(ui, i, u_row, S3, O3, N3, LOG2P)
+    if S4 >= 0:
+        rank += _cand_rank(ui, i, u_row, S4, O4, N4, LOG2P)
+    if S5 >= 0:
+        rank += _cand_rank(ui, i, u_row, S5, O5, N5, LOG2P)
+    if S6 >= 0:
+        rank += _cand_rank(ui, i, u_row, S6, O6, N6, LOG2P)
+    if S7 >= 0:
+        rank += _cand_rank(ui, i, u_row, S7, O7, N7, LOG2P)
     t_row = t_ptr + row.to(tl.int64) * P
-    rep = tl.load(t_row + i - 1, mask=ok & (i > 0), other=float("-inf"))
+    tl.store(t_row + rank, ui)
+    tl.debug_barrier()
+    ok = i < P
+    rep = tl.load(t_row + i - 1, mask=i > 0, other=float("-inf"))
     fin = tl.abs(rep) < float("inf")
     v_row = v_ptr + row.to(tl.int64) * ((2 + 2 * K) * P)
     y = _fwd_chain(rep, fin, p_ptr, w_ptr, C, row, S0, S1, S2, S3, S4, S5, S6, S7,
                    B0, B1, B2, B3, B4, B5, B6, B7, HAS_W, False)
-    tl.store(v_row + i, y, mask=ok)
+    tl.store(v_row + i, y)
     gmask = tl.zeros_like(rep)
     wsum = tl.full([], 0.0, tl.float64)
     gmask, wsum = _val_term(gmask, wsum, rep, fin, ok, p_ptr, w_ptr, v_row, 0, C, row, S0, B0, CB0, K, HAS_W, P, i)
@@ -290,7 +298,7 @@ def _levels_values_kernel(
         gmask, wsum = _val_term(gmask, wsum, rep, fin, ok, p_ptr, w_ptr, v_row, 6, C, row, S6, B6, CB6, K, HAS_W, P, i)
     if S7 >= 0:
         gmask, wsum = _val_term(gmask, wsum, rep, fin, ok, p_ptr, w_ptr, v_row, 7, C, row, S7, B7, CB7, K, HAS_W, P, i)
-    tl.store(v_row + P + i, gmask + wsum.to(tl.float32), mask=ok)  # mixture._mixture_bwd_kernel's factor
+    tl.store(v_row + P + i, gmask + wsum.to(tl.float32))  # mixture._mixture_bwd_kernel's factor
 
 
 # ----------------------------------------------------------------------------- lookup kernels
@@ -450,17 +458,10 @@ def build_tables(params: torch.Tensor, weights: Optional[torch.Tensor], bits_int
     u = torch.empty((C, P), dtype=torch.float32, device=device)
     t = torch.empty((C, P), dtype=torch.float32, device=device)
     v = torch.empty((C, 2 + 2 * K, P), dtype=torch.float32, device=device)
-    sk = _constexprs(schemes, bits_int, with_cb=True)
-    s_b = {k: v_ for k, v_ in sk.items() if not k.startswith("CB")}
-    _wrap(_levels_steps_kernel)[(C, K)](p, u, C, **s_b, **pl["consts"], NREAL=pl["NREAL"], P=P,
-                                         num_warps=4, enable_fp_fusion=False)
-    # the interpreter pays per program: whole rows there
-    bi, bj = (P, min(P, 256)) if INTERPRET else (min(P, 64), min(P, 256))
-    _wrap(_levels_sort_kernel)[(C, P // bi)](u, t, P=P, BI=bi, BJ=bj, num_warps=4)
-    bv = P if INTERPRET else min(P, 256)
-    _wrap(_levels_values_kernel)[(C, triton.cdiv(P, bv))](
-        t, p, w, v, C, **sk, K=K, HAS_W=weights is not None, P=P, BV=bv, num_warps=4,
-        enable_fp_fusion=False,
+    _wrap(_levels_build_kernel)[(C,)](
+        p, w, u, t, v, C, **_constexprs(schemes, bits_int, with_cb=True), **pl["consts"], K=K,
+        HAS_W=weights is not None, NREAL=pl["NREAL"], P=P, LOG2P=P.bit_length() - 1,
+        num_warps=4 if P <= 256 else 8, enable_fp_fusion=False,
     )
     return t, v, P
 
