@@ -4,6 +4,7 @@ device). Also :func:`collect_env` for bug reports and run logs."""
 from __future__ import annotations
 
 import json
+import os
 import platform
 import sys
 
@@ -48,6 +49,7 @@ def collect_env() -> dict:
         "kernel_choice": _kernel_choice_status(cuda_ok),
         "threads": torch.get_num_threads(),
         "eager_autograd": _eager_autograd(),
+        "levels_pass": {v: os.environ.get(v, "0") for v in ("AUTOQNN_CUDA_LEVELS", "AUTOQNN_TRITON_LEVELS")},
     }
 
 
@@ -97,6 +99,9 @@ def format_env(info: dict) -> str:
     lines.append(f"backend      default {info['default_backend']!r} (set AUTOQNN_BACKEND to change)")
     lines.append(f"threads      {info['threads']}")
     lines.append(f"autograd     eager quantizer calls record {info['eager_autograd']}")
+    lv = info.get("levels_pass") or {}
+    lines.append("levels pass  " + ", ".join(f"{k}={v}" for k, v in lv.items())
+                 + " (the output kernels' table lookup; 0 = evaluate every scheme)")
     devs = list(next(iter(info["kernels"].values())).keys())
     w = max(len(o) for o in info["kernels"])
     lines.append("")

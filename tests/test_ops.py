@@ -2,6 +2,7 @@
 """The op layer: opcheck, torch.compile(fullgraph=True), parity of the custom-op path with the
 pure-PyTorch path (values and every gradient), backend selection, nothing K×N saved."""
 import contextlib
+import os
 import subprocess
 import sys
 
@@ -466,8 +467,11 @@ def test_cpp_backend_is_honest():
 
 
 def test_env_report_runs():
-    out = subprocess.run([sys.executable, "-m", "autoqnn.env"], capture_output=True, text=True, timeout=120)
+    env = dict(os.environ, AUTOQNN_TRITON_LEVELS="auto")
+    env.pop("AUTOQNN_CUDA_LEVELS", None)
+    out = subprocess.run([sys.executable, "-m", "autoqnn.env"], capture_output=True, text=True, timeout=120, env=env)
     assert out.returncode == 0, out.stderr
+    assert "AUTOQNN_CUDA_LEVELS=0, AUTOQNN_TRITON_LEVELS=auto" in out.stdout  # the levels-pass switches
     for op in autoqnn.ops.OPS:
         assert op in out.stdout
     assert "torch" in out.stdout and "autoqnn._C" in out.stdout
