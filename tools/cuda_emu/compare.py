@@ -3,6 +3,7 @@
 other and with the C++ CPU ops. Prints a line per case and FAIL lines; exits 1 on any failure.
 
     python tools/cuda_emu/compare.py [--dtypes float32,bfloat16,float64] [--exact-sums]
+    python tools/cuda_emu/compare.py --levels   # levels-table pass vs arithmetic, new build only
 
 Every call of the new build runs three times, its blocks' threads in forward, reversed and
 shuffled order between barriers, and must give bitwise the same result (a missing __syncthreads
@@ -29,7 +30,11 @@ ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)
 sys.path[:0] = [os.path.join(ROOT, "build", "cuda_emu", "new"), os.path.join(ROOT, "build", "cuda_emu", "old")]
 
 import emu_new  # noqa: E402
-import emu_old as O  # noqa: E402
+
+try:
+    import emu_old as O  # noqa: E402
+except ImportError:  # --levels needs only the new build
+    O = None
 
 import autoqnn.functional as AF  # noqa: E402
 from autoqnn.schemes import scheme_id  # noqa: E402
@@ -166,15 +171,49 @@ def threshold_cases(dtypes):
                               O.quantize_backward(gy, xt, P, bits, sids[0], pc, True))
 
 
+class _WithEnv:
+    """The new build's functions with AUTOQNN_CUDA_LEVELS set to ``mode`` around each call (the
+    kernels read it at every call)."""
+
+    def __init__(self, inner, mode):
+        self.inner, self.mode = inner, mode
+
+    def __getattr__(self, name):
+        fn = getattr(self.inner, name)
+
+        def call(*args):
+            old = os.environ.get("AUTOQNN_CUDA_LEVELS")
+            os.environ["AUTOQNN_CUDA_LEVELS"] = self.mode
+            try:
+                return fn(*args)
+            finally:
+                if old is None:
+                    os.environ.pop("AUTOQNN_CUDA_LEVELS")
+                else:
+                    os.environ["AUTOQNN_CUDA_LEVELS"] = old
+        return call
+
+
 def main(argv=None) -> int:
+    global N, O
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--dtypes", default="float32,bfloat16,float64")
     ap.add_argument("--exact-sums", action="store_true")
+    ap.add_argument("--levels", action="store_true",
+                    help="only the step cases, the new build's levels-table pass (AUTOQNN_CUDA_LEVELS=1) "
+                         "against its own arithmetic kernels (=0): no old build needed")
     args = ap.parse_args(argv)
     torch.manual_seed(0)
     # tensors the kernels allocate start as NaN (integers as their max), never as leftover values
     torch.use_deterministic_algorithms(True)
     torch.utils.deterministic.fill_uninitialized_memory = True
+    if args.levels:
+        N, O = _WithEnv(N, "1"), _WithEnv(emu_new, "0")
+        threshold_cases([d for d in args.dtypes.split(",") if d != "float64"])
+        print("failures:", FAILS)
+        return 1 if FAILS else 0
+    if O is None:
+        sys.exit("no old build: run tools/cuda_emu/build.py old <rev> first (or use --levels)")
     W = [scheme_id(s) for s in AF.WEIGHT_CANDIDATES]
     A = [scheme_id(s) for s in AF.ACTIVATION_CANDIDATES]
     for dn in args.dtypes.split(","):
