@@ -305,14 +305,7 @@ Plan make_plan(const Cands<float>& cs) {
 }
 
 __device__ __forceinline__ float key_to_float(int64_t k) {  // keys ordered like the floats
-  const uint32_t u = static_cast<uint32_t>(k >= 0 ? k : (-(k + 1)) + 2147483648LL);
-#if defined(__CUDA_ARCH__)
-  return __uint_as_float(u);
-#else
-  float f;
-  std::memcpy(&f, &u, sizeof(f));
-  return f;
-#endif
+  return detail::u32_as_float(static_cast<uint32_t>(k >= 0 ? k : (-(k + 1)) + 2147483648LL));
 }
 
 // Scheme SID's integer code at x (non-decreasing in x for non-NaN x), with the float operations

@@ -154,10 +154,8 @@ C10_HOST_DEVICE inline int32_t pot_level(double a, int32_t lmax) {
   return l > lmax ? lmax : l;
 }
 
-// 2^l for 1 <= l < 127 built from the exponent bits (a constant shift, so it vectorises), and 1/2
-// for l == 0 (PotQ replaces the level 1 by 1/2).
-C10_HOST_DEVICE inline float pot_magnitude_f(int32_t l) {
-  const uint32_t u = static_cast<uint32_t>(l == 0 ? 126 : l + 127) << 23;
+// The float with bit pattern u.
+C10_HOST_DEVICE inline float u32_as_float(uint32_t u) {
 #if defined(__CUDA_ARCH__)
   return __uint_as_float(u);
 #else
@@ -165,6 +163,12 @@ C10_HOST_DEVICE inline float pot_magnitude_f(int32_t l) {
   std::memcpy(&f, &u, sizeof(f));
   return f;
 #endif
+}
+
+// 2^l for 1 <= l < 127 built from the exponent bits (a constant shift, so it vectorises), and 1/2
+// for l == 0 (PotQ replaces the level 1 by 1/2).
+C10_HOST_DEVICE inline float pot_magnitude_f(int32_t l) {
+  return u32_as_float(static_cast<uint32_t>(l == 0 ? 126 : l + 127) << 23);
 }
 
 C10_HOST_DEVICE inline double pot_magnitude_d(int32_t l) {
