@@ -470,19 +470,31 @@ __device__ __forceinline__ int32_t segment(const float* __restrict__ tr, float x
   return pos;
 }
 
-// mixture_fwd_kernel's loop and stores, y from the table
+// mixture_fwd_kernel's loop and stores, y from the table: kElems elements per thread and step,
+// their loads issued before any search (memory-level parallelism: the pass is meant to run at
+// memory speed)
 template <typename scalar_t>
 __global__ void __launch_bounds__(kThreads)
     fwd_kernel(const scalar_t* __restrict__ x, scalar_t* __restrict__ y, const float* __restrict__ t,
                const float* __restrict__ v, int32_t K, int32_t P, int32_t log2P, int64_t C, int64_t N) {
   const int64_t total = C * N;
   const int64_t G = static_cast<int64_t>(gridDim.x) * blockDim.x;
-  for (int64_t i = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x; i < total; i += G) {
-    const float xv = static_cast<float>(x[i]);
-    const int64_t row = C == 1 ? 0 : i / N;
-    const int32_t pos = segment(t + row * P, xv, log2P);
-    const float yv = v[row * (2 + 2 * K) * P + pos];
-    y[i] = static_cast<scalar_t>(xv != xv ? xv : yv);
+  for (int64_t i0 = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x; i0 < total; i0 += kElems * G) {
+    float xv[kElems];
+#pragma unroll
+    for (int e = 0; e < kElems; ++e) {
+      const int64_t i = i0 + e * G;
+      xv[e] = i < total ? static_cast<float>(x[i]) : 0.f;
+    }
+#pragma unroll
+    for (int e = 0; e < kElems; ++e) {
+      const int64_t i = i0 + e * G;
+      if (i >= total) continue;
+      const int64_t row = C == 1 ? 0 : i / N;
+      const int32_t pos = segment(t + row * P, xv[e], log2P);
+      const float yv = v[row * (2 + 2 * K) * P + pos];
+      y[i] = static_cast<scalar_t>(xv[e] != xv[e] ? xv[e] : yv);
+    }
   }
 }
 
@@ -660,7 +672,7 @@ at::Tensor forward_cuda(const at::Tensor& x_, const at::Tensor& params_, const a
     AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "autoqnn_cuda_forward_levels", [&] {
       const Cands<float> cs = make_cands<float>(bits, schemes);
       const lv::Tables tb = lv::build(params, weights ? w.const_data_ptr<float>() : nullptr, cs, L.C, stream);
-      lv::fwd_kernel<scalar_t><<<grid_for(x.numel()), kThreads, 0, stream>>>(
+      lv::fwd_kernel<scalar_t><<<grid_for((x.numel() + kElems - 1) / kElems), kThreads, 0, stream>>>(
           x.const_data_ptr<scalar_t>(), y.data_ptr<scalar_t>(), tb.t.const_data_ptr<float>(),
           tb.v.const_data_ptr<float>(), cs.K, tb.pl.P, tb.pl.log2P, L.C, L.N);
       C10_CUDA_KERNEL_LAUNCH_CHECK();
