@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import os
 import time
 
 import pytest
@@ -36,8 +37,12 @@ from autoqnn.nn import bits_on_host
 from autoqnn.pipeline import SearchConfig, fix_schemes, precision_loss, prepare
 
 DEFAULT_PROVIDERS = ["float", "qss-ref", "qss-fused", "qss-batched", "qss-pruned2", "qpl-ref", "qpl-fused", "qpl-sync"]
+#: on request: ``qss-fused`` with the GPU output kernels' levels-table pass on long rows
+#: (``AUTOQNN_CUDA_LEVELS=auto``, ``AUTOQNN_TRITON_LEVELS=auto``; the same as qss-fused on CPU)
+EXTRA_PROVIDERS = ["qss-levels"]
+LEVELS_ENV = ("AUTOQNN_CUDA_LEVELS", "AUTOQNN_TRITON_LEVELS")
 COMPILED_PROVIDERS = ["float-compiled", "qss-compiled", "qpl-compiled"]
-PROVIDERS = DEFAULT_PROVIDERS + COMPILED_PROVIDERS
+PROVIDERS = DEFAULT_PROVIDERS + COMPILED_PROVIDERS + EXTRA_PROVIDERS
 #: batch size override (main() sets it from --batch; None: 128). A tiny batch makes the step's
 #: compute negligible, so on a CPU the step time is the host time a GPU step would pay.
 BATCH = None
@@ -57,7 +62,24 @@ def make_model(device: str):
     return build_model("vgglike-small"), (b, 1, 28, 28), 10
 
 
+@contextlib.contextmanager
+def _levels_env():
+    old = {v: os.environ.get(v) for v in LEVELS_ENV}
+    os.environ.update({v: "auto" for v in LEVELS_ENV})
+    try:
+        yield
+    finally:
+        for v, o in old.items():
+            if o is None:
+                os.environ.pop(v, None)
+            else:
+                os.environ[v] = o
+
+
 def make_step(provider: str, device: str):
+    levels = provider == "qss-levels"
+    if levels:
+        provider = "qss-fused"
     compiled = provider.endswith("-compiled")
     if compiled:
         provider = {"float-compiled": "float", "qss-compiled": "qss-fused", "qpl-compiled": "qpl-fused"}[provider]
@@ -104,7 +126,8 @@ def make_step(provider: str, device: str):
     def step():
         if graphs:  # CUDA graphs: a new iteration (the last one's outputs may be overwritten)
             torch.compiler.cudagraph_mark_step_begin()
-        with bits_on_host(model) if host_bits else contextlib.nullcontext():
+        with bits_on_host(model) if host_bits else contextlib.nullcontext(), \
+                _levels_env() if levels else contextlib.nullcontext():
             loss = F.cross_entropy(fwd(x), y)
             if qpl:
                 loss = loss + precision_loss(model)

@@ -69,7 +69,7 @@ step report 110 $PY bench/report.py --device cuda --min-log2 ${REPORT_MIN_LOG2:-
 step levels 40 $PY bench/report.py --device cuda --no-resnet18 --min-log2 14 --max-log2 24 --rounds 3 \
   --providers cuda,cuda-levels,triton,triton-levels,copy
 step levels_tests 60 env -u TRITON_INTERPRET $PY -m pytest -q -n 14 -p no:cacheprovider -rfE tests/triton_levels_cases.py
-step train_step 48 $PY bench/bench_train_step.py --device cuda --no-interleave --providers float,qss-fused,qss-batched,qpl-fused,qpl-sync,qss-ref,qss-pruned2
+step train_step 48 $PY bench/bench_train_step.py --device cuda --no-interleave --providers float,qss-fused,qss-levels,qss-batched,qpl-fused,qpl-sync,qss-ref,qss-pruned2
 # does the batched weights op pay on a GPU (the issue asks to measure it)?
 step batched 20 $PY bench/bench_batched.py --device cuda
 # host time per quantizer call (registered formula, Python fast path, C++ fast path: 3 providers,
