@@ -10,7 +10,9 @@ QPL phase runs them); ``qpl-sync`` is ``qpl-fused`` without that block (every qu
 its learned bits on the host: a stream sync each on a GPU); ``qss-pruned2`` is the fused QSS step after candidate pruning left 2 candidates
 per vertex (what pruning saves late in a search); ``qss-batched`` is ``qss-fused`` with every weight
 vertex quantized in one batched call per step (:class:`autoqnn.nn.WeightBatcher`; what
-``SearchConfig.batch_weights`` switches on). ``float-compiled``, ``qss-compiled`` and ``qpl-compiled``
+``SearchConfig.batch_weights`` switches on); ``qss-levels`` (on request) is ``qss-fused`` with the GPU
+output kernels' levels-table pass on long rows (``AUTOQNN_CUDA_LEVELS=auto``,
+``AUTOQNN_TRITON_LEVELS=auto``; the same as ``qss-fused`` on CPU). ``float-compiled``, ``qss-compiled`` and ``qpl-compiled``
 run the same steps with the model under ``torch.compile`` (Inductor; ``--compile-mode`` passes a mode
 such as ``reduce-overhead``): the float model with plain ``torch.compile``, the quantized ones with
 ``autoqnn.compile_model`` as ``SearchConfig(compile=True)`` does (the quantizers trace into one graph). They are not in the default list (Inductor compiles for a minute or two first). Issue #5's
