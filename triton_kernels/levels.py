@@ -41,7 +41,6 @@ decided by :func:`choose` (``AUTOQNN_TRITON_LEVELS``).
 """
 from __future__ import annotations
 
-import math
 import os
 from typing import Optional, Sequence
 
@@ -51,7 +50,6 @@ import triton.language as tl
 
 from .mixture import (
     MAX_CANDIDATES,
-    NUM_PARAMS,
     _block_of,
     _check_args,
     _compute_dtype,
@@ -439,11 +437,6 @@ def choose(x: torch.Tensor, C: int, method: Optional[str] = None) -> bool:
     if not eligible(x):
         raise ValueError(f"the levels kernels take float32/float16/bfloat16 inputs, got {x.dtype}")
     return True
-
-
-def _cb(b: int) -> float:
-    p = 2.0 ** b
-    return -math.log(2.0) * p / (p - 1.0)
 
 
 def build_tables(params: torch.Tensor, weights: Optional[torch.Tensor], bits_int: Sequence[int],
