@@ -2,10 +2,11 @@
 """Probe of the levels-table formulation of the output kernels (issue 3's GPU bandwidth target),
 which the levels pass now implements (``triton_kernels/levels.py``, ``csrc/cuda/quantize.cu``
 namespace ``lv``; ``AUTOQNN_*_LEVELS``). Its :func:`steps` is also the step-point oracle of
-``tools/cuda_emu/compare.py`` and ``tests/test_cuda_kernels.py``. Every candidate's q_k(x) is a step function of x, so the mixture's
-y = Σ_k w_k·q_k(x) is one too: a sorted table of thresholds T (the union of the candidates' steps)
-and a table of values Y give y = Y[#{t in T : t <= x}], one search instead of evaluating eight
-schemes per element.
+``tools/cuda_emu/compare.py`` and ``tests/test_cuda_kernels.py``.
+
+Every candidate's q_k(x) is a step function of x, so the mixture's y = Σ_k w_k·q_k(x) is one
+too: a sorted table of thresholds T (the union of the candidates' steps) and a table of values Y
+give y = Y[#{t in T : t <= x}], one search instead of evaluating eight schemes per element.
 
 This script measures whether that is exact and how big the tables get. For each candidate it
 finds the steps of the reference's own per-element math (``reference.eval_scheme``, float32) by
