@@ -595,6 +595,29 @@ Tables build(const at::Tensor& params, const float* w, const Cands<float>& cs, i
   return tb;
 }
 
+// The levels pass's backward into part (as mixture_bwd_kernel's); false (nothing launched) for
+// float64 math, which keeps the arithmetic kernels.
+template <typename scalar_t, typename T>
+bool backward(const at::Tensor& gy, const at::Tensor& x, const at::Tensor& gx, const at::Tensor& params,
+              const T* wp, const Cands<T>& cs, int64_t C, int64_t N, int64_t blocks, bool need_w, bool need_b,
+              const at::Tensor& part, cudaStream_t stream) {
+  if constexpr (!std::is_same_v<T, float>) {
+    return false;
+  } else {
+    const Tables tb = build(params, wp, cs, C, stream);
+    auto lk = [&](auto kernel) {
+      kernel<<<blocks, kThreads, bwd_smem_bytes<float>(cs.K), stream>>>(
+          gy.const_data_ptr<scalar_t>(), x.const_data_ptr<scalar_t>(), gx.data_ptr<scalar_t>(),
+          tb.t.const_data_ptr<float>(), tb.v.const_data_ptr<float>(), params.const_data_ptr<float>(), cs, tb.pl.P,
+          tb.pl.log2P, C, N, need_w, part.data_ptr<float>());
+    };
+    if (need_b) lk(bwd_kernel<scalar_t, true>);
+    else lk(bwd_kernel<scalar_t, false>);
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+    return true;
+  }
+}
+
 }  // namespace lv
 
 // Writes v to element i of a float32/float64/float16/bfloat16 array (dtype given at run time).
@@ -736,49 +759,28 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> backward_cuda(const at::Tensor& g
   const int64_t blocks = grid_for((x.numel() + kElems - 1) / kElems);
   at::Tensor part = at::empty({blocks, 2 * K}, x.options().dtype(stats_dtype(x.scalar_type())));
   const auto stream = c10::cuda::getCurrentCUDAStream();
-  if (lv::enabled(x, L.C, L.N)) {  // the levels-table pass: same values and sums (float math)
-    AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "autoqnn_cuda_backward_levels", [&] {
-      const Cands<float> cs = make_cands<float>(bits, schemes);
-      const float* wp = weights ? w.const_data_ptr<float>() : nullptr;
-      const lv::Tables tb = lv::build(params, wp, cs, L.C, stream);
-      auto lk = [&](auto kernel) {
-        kernel<<<blocks, kThreads, bwd_smem_bytes<float>(K), stream>>>(
-            gy.const_data_ptr<scalar_t>(), x.const_data_ptr<scalar_t>(), gx.data_ptr<scalar_t>(),
-            tb.t.const_data_ptr<float>(), tb.v.const_data_ptr<float>(), params.const_data_ptr<float>(), cs, tb.pl.P,
-            tb.pl.log2P, L.C, L.N, need_w, part.data_ptr<float>());
-      };
-      if (need_b) lk(lv::bwd_kernel<scalar_t, true>);
-      else lk(lv::bwd_kernel<scalar_t, false>);
-      C10_CUDA_KERNEL_LAUNCH_CHECK();
-      if (run_w || run_b) {
-        bwd_finalize_kernel<float><<<static_cast<unsigned>(2 * K), kThreads, 0, stream>>>(
-            part.const_data_ptr<float>(), blocks, static_cast<int>(K), wp, run_w ? gw.data_ptr() : nullptr,
-            run_w ? gw.scalar_type() : at::kFloat, run_b ? gb.data_ptr() : nullptr,
-            run_b ? gb.scalar_type() : at::kFloat);
-        C10_CUDA_KERNEL_LAUNCH_CHECK();
-      }
-    });
-    if (run_w && gw.device() != weights->device()) gw = gw.to(weights->device());
-    return {gx, gw, gb};
-  }
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "autoqnn_cuda_backward", [&] {
     using T = at::opmath_type<scalar_t>;
     const Cands<T> cs = make_cands<T>(bits, schemes);
     const T* wp = weights ? w.const_data_ptr<T>() : nullptr;
     const size_t smem = bwd_smem_bytes<T>(K);
-    auto launch = [&](auto kernel) {
-      kernel<<<blocks, kThreads, smem, stream>>>(gy.const_data_ptr<scalar_t>(), x.const_data_ptr<scalar_t>(),
-                                                 gx.data_ptr<scalar_t>(), params.const_data_ptr<T>(), wp, cs, L.C,
-                                                 L.N, need_w, part.data_ptr<T>());
-    };
-    if (need_b) {
-      if (L.C == 1) launch(mixture_bwd_kernel<scalar_t, T, true, true>);
-      else launch(mixture_bwd_kernel<scalar_t, T, true, false>);
-    } else {
-      if (L.C == 1) launch(mixture_bwd_kernel<scalar_t, T, false, true>);
-      else launch(mixture_bwd_kernel<scalar_t, T, false, false>);
+    // the levels-table pass (float math): the same grad_x and partial sums
+    if (!(lv::enabled(x, L.C, L.N) &&
+          lv::backward<scalar_t, T>(gy, x, gx, params, wp, cs, L.C, L.N, blocks, need_w, need_b, part, stream))) {
+      auto launch = [&](auto kernel) {
+        kernel<<<blocks, kThreads, smem, stream>>>(gy.const_data_ptr<scalar_t>(), x.const_data_ptr<scalar_t>(),
+                                                   gx.data_ptr<scalar_t>(), params.const_data_ptr<T>(), wp, cs, L.C,
+                                                   L.N, need_w, part.data_ptr<T>());
+      };
+      if (need_b) {
+        if (L.C == 1) launch(mixture_bwd_kernel<scalar_t, T, true, true>);
+        else launch(mixture_bwd_kernel<scalar_t, T, true, false>);
+      } else {
+        if (L.C == 1) launch(mixture_bwd_kernel<scalar_t, T, false, true>);
+        else launch(mixture_bwd_kernel<scalar_t, T, false, false>);
+      }
+      C10_CUDA_KERNEL_LAUNCH_CHECK();
     }
-    C10_CUDA_KERNEL_LAUNCH_CHECK();
     if (run_w || run_b) {
       bwd_finalize_kernel<T><<<static_cast<unsigned>(2 * K), kThreads, 0, stream>>>(
           part.const_data_ptr<T>(), blocks, static_cast<int>(K), wp, run_w ? gw.data_ptr() : nullptr,
