@@ -1248,6 +1248,9 @@ class ExportableActQuant(nn.Module):
             q = torch.zeros_like(xc) + self.const
         elif name == "fixed" and self.mode == "qdq":
             step = self.p[0]
+            if not torch.onnx.is_in_onnx_export():
+                # saturates the same; torch 2.6's kernel maps |x/step| past int64 (1e30) to -128
+                xc = torch.clamp(xc, -129 * step, 128 * step)
             q = torch.fake_quantize_per_tensor_affine(xc, step, 0, -128, 127)
             if b < 8:
                 q = torch.clamp(q, -lim * step, (lim - 1) * step)

@@ -247,13 +247,14 @@ def _resolve(schemes, bits: BitsArg, bits_host: Optional[torch.Tensor] = None):
     The cached bits tensor is shared read-only by every call that hits the entry."""
     if bits_host is not None:
         _check_bits_host(bits_host, bits)
-    key = _hashable_bits(bits)
     if not isinstance(schemes, (str, bytes)):
         schemes = tuple(schemes)  # once: a generator can be read only once
     # torch.compile traces the uncached path (Dynamo warns about lru_cache and would trace
-    # through it anyway); the resolution then happens once per compiled graph.
+    # through it anyway; before torch 2.7 it cannot trace frozenset.issuperset); the
+    # resolution then happens once per compiled graph.
+    key = None if torch.compiler.is_compiling() else _hashable_bits(bits)
     # Scheme names and ids only: bool is an int that scheme_info must keep rejecting.
-    if (key is not None and isinstance(schemes, tuple) and not torch.compiler.is_compiling()
+    if (key is not None and isinstance(schemes, tuple)
             and _CACHEABLE_SCHEME_TYPES.issuperset(map(type, schemes))):
         infos, sids, bits_t, ints = _resolve_cached(schemes, key)
         return list(infos), list(sids), bits_t, bits_t, list(ints)

@@ -24,6 +24,7 @@
 #include <torch/csrc/autograd/custom_function.h>
 #include <torch/csrc/autograd/functions/basic_ops.h>
 #include <torch/library.h>
+#include <torch/version.h>
 
 #include <array>
 #include <initializer_list>
@@ -155,6 +156,16 @@ Tensor to_device(Tensor g, const c10::Device& device) {
 
 }  // namespace
 
+// Compiled autograd before torch 2.7 refuses a C++ node that is not marked traceable; from 2.7 on
+// it calls an untraceable node as an opaque function, which is what these nodes want (their
+// backward is one op call). Tracing them is also correct on 2.6: the backward only calls ops
+// through the dispatcher, which have fake kernels.
+#if TORCH_VERSION_MAJOR == 2 && TORCH_VERSION_MINOR < 7
+constexpr bool kTraceableNodes = true;
+#else
+constexpr bool kTraceableNodes = false;
+#endif
+
 // The nodes are named types (grad_fn.name() is "torch::autograd::CppNode<autoqnn::MixtureBackward>").
 // ---------------------------------------------------------------- quantize
 using QFwd = Tensor(const Tensor&, const Tensor&, const Tensor&, int64_t, bool);
@@ -165,6 +176,7 @@ constexpr char kQuantize[] = "quantize";
 const auto& quantize_ops = pair_for<QFwd, QBwd, kQuantize>;
 
 struct QuantizeBackward : public torch::autograd::Function<QuantizeBackward> {
+  static constexpr bool is_traceable = kTraceableNodes;
   // forward inputs: x(0) params(1) bits(2) bits_h(3) scheme per_channel mode
   static Tensor forward(AutogradContext* ctx, const Tensor& x, const Tensor& params, const Tensor& bits,
                         const Tensor& bits_h, int64_t scheme, bool per_channel, int64_t mode) {
@@ -220,6 +232,7 @@ constexpr char kMixture[] = "mixture";
 const auto& mixture_ops = pair_for<MFwd, MBwd, kMixture>;
 
 struct MixtureBackward : public torch::autograd::Function<MixtureBackward> {
+  static constexpr bool is_traceable = kTraceableNodes;
   // forward inputs: x(0) params(1) weights(2) bits(3) bits_h(4) schemes per_channel mode
   static Tensor forward(AutogradContext* ctx, const Tensor& x, const Tensor& params, const Tensor& weights,
                         const Tensor& bits, const Tensor& bits_h, at::IntArrayRef schemes, bool per_channel,

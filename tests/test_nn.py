@@ -147,7 +147,7 @@ def _ema_reference(batches, scheme, bits, momentum=0.9):
     ema = None
     for x in batches:
         p = AF.scheme_params(x, [scheme], [bits], need_bits_grad=False)
-        ema = p.clone() if ema is None else ema.mul(momentum).add(p, alpha=1.0 - momentum)
+        ema = p.clone() if ema is None else ema.mul(momentum).add(p.mul(1.0 - momentum))
     out = ema.clone()
     if scheme == "fixed":
         ma = float(ema[0, 0, 1])

@@ -179,6 +179,69 @@ def test_compile_fullgraph_inductor_ops_and_reference():
             torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4)
 
 
+def _frexp_inputs(dtype):
+    """Every float16/bfloat16 value; for float32/float64 the special values, the subnormal and
+    normal boundaries, powers of two with their neighbours and random bit patterns."""
+    if dtype in (torch.float16, torch.bfloat16):
+        return torch.arange(-(2**15), 2**15, dtype=torch.int32).to(torch.int16).view(dtype)
+    fi = torch.finfo(dtype)
+    ib = torch.int64 if dtype == torch.float64 else torch.int32
+    g = torch.Generator().manual_seed(0)
+    rand = torch.randint(torch.iinfo(ib).min, torch.iinfo(ib).max, (200_000,), generator=g, dtype=torch.int64)
+    lo, hi = (-1074, 1024) if dtype == torch.float64 else (-149, 128)
+    pw = torch.tensor([2.0**e for e in range(lo, hi)], dtype=torch.float64).to(dtype)
+    pw = pw[pw != 0]
+    base = torch.cat([pw, torch.nextafter(pw, torch.zeros_like(pw)), torch.nextafter(pw, torch.full_like(pw, fi.max)),
+                      torch.tensor([0.0, fi.tiny, fi.smallest_normal, fi.max, fi.eps, 0.70710677, 0.7071067811865476,
+                                    float("inf"), float("nan")], dtype=dtype),
+                      rand.to(ib).view(dtype)])
+    return torch.cat([base, -base])
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.float16, torch.bfloat16])
+def test_frexp_from_bits_equals_torch_frexp(dtype):
+    # the traced frexp of the reference (autoqnn.ops.reference.frexp) computes it from the bits
+    a = _frexp_inputs(dtype)
+    f0, e0 = torch.frexp(a)
+    f1, e1 = ref._frexp_bits(a)
+    assert f1.dtype == f0.dtype and e1.dtype == e0.dtype == torch.int32
+    finite = torch.isfinite(a)
+    assert torch.equal(e1[finite], e0[finite])
+    assert torch.equal(f1[finite], f0[finite])
+    assert torch.equal(torch.signbit(f1[finite]), torch.signbit(f0[finite]))  # -0.0 stays -0.0
+    # frexp(±Inf), frexp(NaN): (a, 0)
+    assert torch.equal(e1[~finite], torch.zeros_like(e1[~finite]))
+    assert torch.equal(f1[~finite].isnan(), a[~finite].isnan())
+    assert torch.equal(f1[torch.isinf(a)], a[torch.isinf(a)])
+
+
+def test_frexp_traced_by_inductor_equals_eager():
+    torch._dynamo.reset()
+    a = _frexp_inputs(torch.float32)[:5000]
+    f, e = torch.compile(ref.frexp, fullgraph=True)(a)
+    f0, e0 = torch.frexp(a)
+    fin = torch.isfinite(a)
+    assert torch.equal(f[fin], f0[fin]) and torch.equal(e[fin], e0[fin])
+
+
+@pytest.mark.parametrize("cands", ["weight", "activation"])
+def test_inductor_compiles_the_reference_of_every_candidate(cands):
+    # every scheme's reference formula under Inductor (PotQ and FixedQ take frexp exponents)
+    torch._dynamo.reset()
+    schemes = WEIGHT_CANDIDATES if cands == "weight" else autoqnn.ACTIVATION_CANDIDATES
+    x = torch.randn(777) * 3
+    if cands == "activation":
+        x = x.relu()
+    w = torch.softmax(torch.randn(len(schemes)), 0)
+
+    def f(x, w):
+        return AF.quantize_mixture(x, w, schemes, 4, backend="torch")
+
+    # Inductor sums the statistics in another order: equal up to rounding (a wrong exponent
+    # would be a factor of 2)
+    torch.testing.assert_close(torch.compile(f, fullgraph=True)(x, w), f(x, w), rtol=1e-5, atol=1e-5)
+
+
 # the eager fast path's autograd nodes: C++ (csrc/autograd.cpp, with the extension) and the
 # Python Functions (without it); "registered" is the ops' torch.library formula
 EAGER_NODES = (["cpp"] if AF._CPP_MIXTURE is not None else []) + ["python"]

@@ -20,6 +20,7 @@ import torch
 from torch import nn
 
 from .. import functional as AF
+from ..ops.reference import frexp as ref_frexp
 from ..schemes import NUM_PARAMS, clamp_bits, resolve_bits, scheme_info
 
 __all__ = ["Quantizer", "SchemeMixture", "QuantizerBase"]
@@ -36,7 +37,7 @@ def _fix_fixed_step(params: torch.Tensor, sids: Sequence[int], bits: Sequence[in
             if out is params:
                 out = params.clone()
             ma = out[k, :, 1]
-            _, e = torch.frexp(ma)
+            _, e = ref_frexp(ma)
             step = torch.ldexp(torch.ones_like(ma), (e + 1 - b).to(ma.dtype))
             out[k, :, 0] = torch.where(ma > 0, step, 0)
     return out
@@ -150,7 +151,10 @@ class QuantizerBase(nn.Module):
         n = x.numel()
         if self.kind == "activation" and x.dim() > 1 and x.shape[0] > 0:
             n //= x.shape[0]
-        self.__dict__["elements"] = int(n)  # a plain attribute: skip nn.Module.__setattr__ (per forward)
+        if torch.compiler.is_compiling():
+            self.elements = int(n)  # Dynamo before torch 2.7 cannot trace a write to __dict__
+        else:
+            self.__dict__["elements"] = int(n)  # a plain attribute: skip nn.Module.__setattr__ (per forward)
 
     def _prep(self, x: torch.Tensor) -> torch.Tensor:
         if self.per_channel and self.channel_dim != 0:
@@ -168,6 +172,8 @@ class QuantizerBase(nn.Module):
         learned bits inside a compiled graph) is used as it is."""
         if isinstance(bits, torch.Tensor):
             return bits.to(device=device, dtype=torch.float32)
+        if torch.compiler.is_compiling():  # a graph constant (and Dynamo < 2.7 cannot trace the cache)
+            return torch.tensor([float(b) for b in bits], device=device)
         cache = self.__dict__.setdefault("_bits_dev", {})
         key = (tuple(int(b) for b in bits), str(device))
         t = cache.get(key)
@@ -180,6 +186,9 @@ class QuantizerBase(nn.Module):
         eb = self.ema_bits
         p = params.to(self.ema_params.device, self.ema_params.dtype)
         m = self.ema_momentum
+        # m·ema + (1 − m)·p as two rounded products and a sum, eager and traced alike: add(alpha=)
+        # is one fused multiply-add in eager CPU kernels but a product and a sum after some
+        # torch versions' decompositions (torch 2.6's aot_eager), 1 ulp apart.
         # Fast path (eager only): this module wrote ema_bits = these bits last and nothing has
         # written the buffer since (same tensor, same version counter: load_state_dict, .to() or
         # a direct copy_ change one of them), so the bits are known on the host without reading
@@ -191,7 +200,7 @@ class QuantizerBase(nn.Module):
             # compiled at the first step is the one every later step runs).
             self._ema_fast_off = True
             bits_t = self._bits_on(bits, eb.device)
-            avg = self.ema_params.mul(m).add_(p, alpha=1.0 - m)
+            avg = self.ema_params.mul(m).add_(p.mul(1.0 - m))
             keep = self.ema_valid & (eb == bits_t).all()
             self.ema_params.copy_(torch.where(keep, avg, p))
             eb.copy_(bits_t)
@@ -201,7 +210,7 @@ class QuantizerBase(nn.Module):
         key = tuple(int(b) for b in bits)
         seen = None if self.__dict__.get("_ema_fast_off") else self.__dict__.get("_ema_seen")
         if self._ema_ok and seen is not None and seen[0] == key and seen[1] is eb and seen[2] == eb._version:
-            self.ema_params.mul_(m).add_(p, alpha=1.0 - m)
+            self.ema_params.mul_(m).add_(p.mul(1.0 - m))
             return
         bits_t = self._bits_on(bits, eb.device)
         if not self._ema_ok:  # first batch: start the average
@@ -212,7 +221,7 @@ class QuantizerBase(nn.Module):
         else:
             # The integer bits may have changed (QPL): then restart the average. Decided on the
             # device (no host read of ema_bits, which would synchronise the GPU).
-            avg = self.ema_params.mul(m).add_(p, alpha=1.0 - m)
+            avg = self.ema_params.mul(m).add_(p.mul(1.0 - m))
             same = (eb == bits_t).all()
             self.ema_params.copy_(torch.where(same, avg, p))
             eb.copy_(bits_t)

@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import functools
 import re
+import typing
 
 import torch
 
@@ -296,7 +297,8 @@ def _opaque_under_functionalization(mode, func, types, args, kwargs):
     return mode.__torch_dispatch__(func, types, args, kwargs)
 
 
-_SCHEMA_TYPES = {"Tensor": torch.Tensor, "bool": bool, "int": int, "float": float, "int[]": list[int]}
+# typing.List, not list[int]: torch 2.6's infer_schema knows only the typing spellings
+_SCHEMA_TYPES = {"Tensor": torch.Tensor, "bool": bool, "int": int, "float": float, "int[]": typing.List[int]}
 
 
 def with_schema_signature(fn, schema: str):

@@ -66,6 +66,34 @@ _SQRT_HALF_F64 = 0.7071067811865476
 STAT_COLUMNS = ("count", "sum_abs", "sum", "sum_sq", "min", "max", "max_abs")
 
 
+def frexp(a: torch.Tensor):
+    """``torch.frexp(a)`` (mantissa, int32 exponent), also under ``torch.compile``: traced, it is
+    computed from the float's bits instead, with the same results for every value (0, ±Inf
+    and NaN give (a, 0) as frexp does). Inductor in torch 2.6 takes frexp's exponent for a float
+    in vectorized CPU code, and any arithmetic on it then fails to compile."""
+    if not torch.compiler.is_compiling():
+        return torch.frexp(a)
+    return _frexp_bits(a)
+
+
+def _frexp_bits(a: torch.Tensor):
+    if a.dtype == torch.float64:
+        ib, mbits, emask, bias, k, tiny_below = torch.int64, 52, 0x7FF, 1022, 54, 2.0**-1022
+        w = a
+    else:  # float32 (float16/bfloat16 values are exact in it)
+        ib, mbits, emask, bias, k, tiny_below = torch.int32, 23, 0xFF, 126, 24, 2.0**-126
+        w = a.float()
+    special = (w == 0) | ~torch.isfinite(w)
+    tiny = (w.abs() < tiny_below) & ~special  # subnormal: scaled into the normal range first
+    s = torch.where(tiny, w * 2.0**k, w)
+    bits = s.view(ib)
+    e = ((bits >> mbits) & emask) - bias - torch.where(tiny, k, 0).to(ib)
+    f = ((bits & ~(emask << mbits)) | (bias << mbits)).view(w.dtype)  # sign kept, exponent of [0.5, 1)
+    f = torch.where(special, w, f).to(a.dtype)
+    e = torch.where(special, torch.zeros_like(e), e).to(torch.int32)
+    return f, e
+
+
 def compute_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float64 if dtype == torch.float64 else torch.float32
 
@@ -184,7 +212,7 @@ def fill_pass1_params(p, name, b, *, mean_abs, max_abs, mn, mx, sigma) -> bool:
     if name == "binary":
         p[:, 0] = mean_abs
     elif name == "fixed":
-        _, e = torch.frexp(max_abs)  # max_abs = f·2^e, f in [0.5, 1): floor(log2 max_abs) = e − 1
+        _, e = frexp(max_abs)  # max_abs = f·2^e, f in [0.5, 1): floor(log2 max_abs) = e − 1
         step = torch.ldexp(torch.ones_like(max_abs), (e + 1 - b).to(max_abs.dtype))
         p[:, 0] = torch.where(max_abs > 0, step, 0)
         p[:, 1] = max_abs  # not used by the output pass: lets an EMA of params re-derive the step
@@ -255,7 +283,7 @@ def eval_scheme(
         scale = col(0)
         u = _safe_div(x2, scale)
         a = u.abs()
-        f, e = torch.frexp(a)
+        f, e = frexp(a)
         thr = _SQRT_HALF_F64 if x2.dtype == torch.float64 else _SQRT_HALF_F32
         up = (f >= thr) if x2.dtype == torch.float64 else (f > thr)
         lmax = 2 ** (b - 1) - 1
