@@ -35,6 +35,8 @@ step() {  # step NAME MAX_SECONDS CMD...   (runs only if named in STEPS and time
   nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.sm,clocks.mem --format=csv
   $PY -c "import sys, torch, triton; print(sys.version.split()[0], 'torch', torch.__version__, 'triton', triton.__version__)"
   command -v nvcc && nvcc --version | tail -n 2
+  c++ --version | head -n 1  # the host compiler of the build (the ValueError crash: compiler or Python 3.12?)
+  $PY -c "import torch; print('torch built with', torch.__config__.show().splitlines()[1:3], 'cxx11abi', torch._C._GLIBCXX_USE_CXX11_ABI)"
   nproc
 } > "$LOGS/machine.txt" 2>&1
 cat "$LOGS/machine.txt"
