@@ -78,7 +78,32 @@ def _interpret_enabled() -> bool:
 INTERPRET = _interpret_enabled()
 
 
+def _triton_version() -> tuple:
+    parts = []
+    for tok in triton.__version__.split("+")[0].split(".")[:2]:
+        digits = "".join(ch for ch in tok if ch.isdigit())
+        parts.append(int(digits) if digits else 0)
+    return tuple(parts)
+
+
+#: Triton before 3.6 compiles ``tl.div_rn`` through libdevice with flush-to-zero forced on
+#: (``div.rn.ftz.f32``): a subnormal operand or quotient becomes 0, which changes PotQ's sign of a
+#: subnormal x and divides by 0 for a subnormal scale. There the kernels divide with the PTX
+#: instruction ``div.rn.f32`` itself (NVIDIA only; the interpreter divides exactly anyway).
+_ASM_DIV = tl.constexpr(not INTERPRET and _triton_version() < (3, 6) and torch.version.hip is None)
+
+
 # ----------------------------------------------------------------------------- per-element math
+@triton.jit
+def _div_rn_f32(a, b):
+    """IEEE float32 a / b, round to nearest, subnormals kept."""
+    if _ASM_DIV:
+        return tl.inline_asm_elementwise("div.rn.f32 $0, $1, $2;", "=r,r,r", [a, b], dtype=tl.float32,
+                                         is_pure=True, pack=1)
+    else:
+        return tl.div_rn(a, b)
+
+
 @triton.jit
 def _safe_div(a, b, IS64: tl.constexpr):
     """a / b where b > 0, else 0 (``b`` a per-row scalar). Division first, select after."""
@@ -87,7 +112,7 @@ def _safe_div(a, b, IS64: tl.constexpr):
     if IS64:
         v = a / den  # float64 division is IEEE round-to-nearest
     else:
-        v = tl.div_rn(a, den)  # `/` in float32 is an approximate division on GPUs
+        v = _div_rn_f32(a, den)  # `/` in float32 is an approximate division on GPUs
     return tl.where(ok, v, 0.0)
 
 
