@@ -171,3 +171,90 @@ def test_sass_count_table():
     assert all(f > 0 and d >= f for f, d in rows.values())
     assert rows["binary"][0] < rows["ternary"][0] < rows["fixed"][0]
     assert min(rows[s][0] for s in ("quaternary", "fixed", "zoom", "clip", "pot")) >= rows["binary"][0] + 10
+
+
+def _gpu_check_commands():
+    """(step name, argv) of every step of tools/gpu_check.sh, with its shell variables replaced by
+    what they hold on a run (``$PY`` → this interpreter) and the leading ``env``/``VAR=`` dropped."""
+    import re
+    import shlex
+
+    text = (ROOT / "tools" / "gpu_check.sh").read_text().replace("\\\n", " ")
+    subs = {"$PY": sys.executable, '"$(nproc)"': "2", "${REPORT_MIN_LOG2:-12}": "12", "${REPORT_MIN_LOG2}": "12"}
+    out = []
+    for m in re.finditer(r"^\s*(?:if ! )?step (\w+) \d+ (.*?)(?:; then)?$", text, re.M):
+        cmd = m.group(2)
+        for k, v in subs.items():
+            cmd = cmd.replace(k, v)
+        assert "$" not in cmd, f"step {m.group(1)}: a shell variable the test does not know: {cmd}"
+        argv = shlex.split(cmd)
+        if argv[0] == "env":
+            argv = argv[1:]
+            while argv and (argv[0] == "-u" or "=" in argv[0] or argv[0].isupper()):
+                argv = argv[2:] if argv[0] == "-u" else argv[1:]
+        out.append((m.group(1), argv))
+    return out
+
+
+_PARSE_ONLY = """
+import argparse, runpy, sys
+_parse = argparse.ArgumentParser.parse_args
+def _only(self, args=None, namespace=None):
+    ns = _parse(self, args, namespace)
+    known = sys._getframe(1).f_globals.get("PROVIDERS")  # the script's fixed provider list, if any
+    if known is not None and isinstance(getattr(ns, "providers", None), str):
+        bad = sorted(set(p.strip() for p in ns.providers.split(",")) - set(known) - {""})
+        if bad:
+            print("UNKNOWN PROVIDERS", bad)
+            raise SystemExit(3)
+    print("ARGS-PARSED")
+    raise SystemExit(0)
+argparse.ArgumentParser.parse_args = _only
+sys.argv = sys.argv[1:]
+if sys.argv[0] == "-m":
+    sys.argv = sys.argv[1:]
+    runpy.run_module(sys.argv[0], run_name="__main__", alter_sys=True)
+else:
+    sys.path.insert(0, __import__("os").path.dirname(sys.argv[0]))
+    runpy.run_path(sys.argv[0], run_name="__main__")
+"""
+
+
+def test_gpu_check_commands_parse():
+    """Every command of tools/gpu_check.sh is well-formed where that can be checked without a GPU
+    (a lent GPU machine has minutes; a mistyped flag or test id wastes its step): each script's
+    arguments parse with the script's own parser (and name known providers, where the script has a
+    fixed list), each Python file named exists, and the pytest
+    steps collect their test ids."""
+    import os
+
+    cmds = _gpu_check_commands()
+    names = [n for n, _ in cmds]
+    assert "tests" in names and "report" in names and "compiled_step" in names, names
+    checked = 0
+    for name, argv in cmds:
+        assert argv[0] == sys.executable, (name, argv)
+        args = argv[1:]
+        if args[:2] == ["-m", "pip"]:
+            continue
+        if args[:2] == ["-m", "pytest"]:
+            ids = [a for a in args[2:] if a.startswith("tests/")]
+            assert ids, (name, args)
+            # TRITON_INTERPRET: the Triton case files skip themselves at import without it or a GPU
+            env = dict(os.environ, TRITON_INTERPRET="1")
+            r = subprocess.run([sys.executable, "-m", "pytest", "--collect-only", "-q", "-p", "no:cacheprovider", *ids],
+                               cwd=ROOT, capture_output=True, text=True, timeout=600, env=env)
+            assert r.returncode == 0 and " collected" in r.stdout, (name, r.stdout[-3000:] + r.stderr[-2000:])
+            assert "not found" not in r.stdout + r.stderr and "ERROR" not in r.stdout, (name, r.stdout[-3000:])
+            checked += 1
+            continue
+        if args[0] != "-m":
+            assert (ROOT / args[0]).is_file(), (name, args[0])
+            if "argparse" not in (ROOT / args[0]).read_text():
+                assert len(args) == 1, (name, args)  # takes no arguments
+                continue
+        r = subprocess.run([sys.executable, "-c", _PARSE_ONLY, *args], cwd=ROOT, capture_output=True, text=True,
+                           timeout=300)
+        assert r.returncode == 0 and "ARGS-PARSED" in r.stdout, (name, args, r.stdout[-2000:] + r.stderr[-3000:])
+        checked += 1
+    assert checked >= 15, checked
