@@ -71,6 +71,20 @@ def test_scheme_params_cuda_degenerate_rows(fill):
     _check(torch.tensor([1e30, -1e30, 3.0], device="cuda"), bits, False)
 
 
+def test_scheme_params_cuda_constant_rows_have_zero_sigma():
+    """σ = 0 exactly for a row of one repeated value whose rounded mean is not that value."""
+    sig = [2, 6, 7]  # quaternary, clip, pot
+    bits = torch.tensor([2.0, 2.0, 2.0])
+    for dtype in (torch.float32, torch.float64):
+        for n in (17, 100, 5000):
+            rows = torch.tensor([0.1, -1 / 3, 0.002, 7.3], dtype=dtype)[:, None].expand(4, n).clone()
+            rows[0, 0] = float("nan")
+            for pc, x in ((True, rows), (False, rows[1])):
+                p = OPS.scheme_params(x.cuda(), bits, sig, pc)
+                assert not p.any(), (dtype, n, pc)
+                assert torch.equal(p.cpu(), ref.scheme_params_ref(x, bits, sig, pc))
+
+
 def test_scheme_params_cuda_noncontiguous_and_large():
     x = torch.randn(64, 3000, device="cuda").t()  # non-contiguous, per channel = 3000 rows
     _check(x, _bits(3), True)

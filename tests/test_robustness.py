@@ -109,6 +109,32 @@ def test_constant_tensor(scheme, b, c, backend):
         assert bool(torch.isfinite(x.grad).all()) and bool(torch.isfinite(bits.grad).all())
 
 
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.float16, torch.bfloat16], ids=str)
+def test_constant_rows_have_zero_sigma_whatever_the_rounding_of_their_mean(dtype, backend):
+    """σ is 0 exactly for a row whose finite elements are all equal, also where the rounded mean
+    of the row is not its value (0.1 × 17 elements, ...): the sum of squared deviations is then
+    rounding noise, and a QuaternaryQ step of λ·noise reproduced the constant (v = 1 everywhere)
+    instead of giving 0 like every other constant. Per tensor and per channel (one constant per
+    row, NaN/Inf beside them), and the three σ schemes in one mixture."""
+    consts = [0.1, -1 / 3, 0.002, 7.3, -1234.567, 1e-3 / 3]
+    for n in (3, 17, 100, 1000, 5000):
+        for c in consts:
+            x = torch.full((n,), c, dtype=dtype)
+            for scheme in ("quaternary", "clip", "pot"):
+                y = AF.quantize(x, scheme, 2, backend=backend)
+                assert torch.equal(y, torch.zeros_like(x)), (scheme, n, c, y[:3].tolist())
+        rows = torch.tensor(consts, dtype=dtype)[:, None].expand(len(consts), n).clone()
+        rows[0, 0], rows[1, -1] = float("nan"), float("inf")
+        for scheme in ("quaternary", "clip", "pot"):
+            y = AF.quantize(rows, scheme, 2, per_channel=True, backend=backend)
+            fin = torch.isfinite(rows)
+            assert torch.equal(y[fin], torch.zeros_like(y[fin])), (scheme, n)
+        w = torch.tensor([0.5, 0.25, 0.25])
+        y = AF.quantize_mixture(rows, w, ["quaternary", "clip", "pot"], [2, 2, 2], per_channel=True, backend=backend)
+        assert torch.equal(y[fin], torch.zeros_like(y[fin])), n
+
+
 def test_constant_fixed_examples():
     """Spot values of the FixedQ constant rule (max|x| = |c| sets the step)."""
     assert AF.quantize(torch.full((4,), 3.0), "fixed", 2).tolist() == [2.0] * 4  # step 2, code 2 -> clip 1

@@ -481,6 +481,21 @@ def test_statistics_edge_values_and_errors():
         OPS.scheme_params_triton(x, torch.tensor([float("nan")], device=DEVICE), clip, False)
 
 
+def test_statistics_constant_rows_have_zero_sigma():
+    """A row of one repeated value has σ = 0 exactly (so QuaternaryQ/ClipQ/PotQ scales 0), also
+    where its rounded mean is not the value (0.1 × 17 elements); per tensor and per channel."""
+    sig = [scheme_info(s).id for s in ("quaternary", "clip", "pot")]
+    bits = torch.tensor([2.0, 2.0, 2.0], device=DEVICE)
+    for dtype in (torch.float32, torch.float64):
+        for n in (17, 100, 1000):
+            rows = torch.tensor([0.1, -1 / 3, 0.002, 7.3], dtype=dtype)[:, None].expand(4, n).clone()
+            rows[0, 0] = float("nan")
+            for pc, x in ((True, rows), (False, rows[1])):
+                p = OPS.scheme_params_triton(x.to(DEVICE), bits, sig, pc)
+                assert not p.any(), (dtype, n, pc, p[:, :, :2].tolist())
+                assert torch.equal(p.cpu(), ref.scheme_params_ref(x, bits.cpu(), sig, pc))
+
+
 def test_statistics_deterministic_and_opcheck():
     x = _x((3, 5000), torch.float32)
     bits = _bits_for(SIDS, 3).to(DEVICE)

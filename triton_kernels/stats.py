@@ -263,10 +263,13 @@ def _dep_finalize_kernel(
     tl.store(out + 4, _merge_rows(part_ptr, row, NBLK, tab_ptr, ROFF, 6, 4, 0, RB, NIT, RAGGED))
     s5 = _merge_rows(part_ptr, row, NBLK, tab_ptr, ROFF, 6, 5, 0, RB, NIT, RAGGED)
     tl.store(out + 5, s5)
-    n = tl.load(st_ptr + row.to(tl.int64) * 8)
+    st = st_ptr + row.to(tl.int64) * 8
+    n = tl.load(st)
     rp = rp_ptr + row.to(tl.int64) * 16
     if Q == 2:
-        var = tl.where(n > 1, s0 / tl.maximum(n - 1, 1.0), 0.0)
+        # 0 exactly when the row's finite elements are all equal (min == max), as the reference
+        spread = (n > 1) & (tl.load(st + 5) > tl.load(st + 4))
+        var = tl.where(spread, s0 / tl.maximum(n - 1, 1.0), 0.0)
         sigma = tl.sqrt(var).to(CD)  # float64: sqrt.rn (PTX has no approximate f64 sqrt)
         tl.store(sig_ptr + row, sigma)
         tl.store(rp + 2, tl.load(consts_ptr + 1).to(CD) * sigma)

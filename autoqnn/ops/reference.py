@@ -176,7 +176,11 @@ def params_rows(
     # Σ(x − mean)² accumulated in float64 (as the C++ kernel does): in float32 it overflows for
     # finite |x| ≳ 1e19; σ itself is then representable again.
     dev = torch.where(fin, x2 - mean[:, None], 0).double()
-    var = torch.where(n > 1, (dev * dev).sum(1) / torch.clamp(n.double() - 1, min=1), 0)
+    # σ = 0 exactly when the finite elements are all equal (min == max): the rounded mean of a
+    # constant row need not equal its value, and Σ(x − mean)² would then be rounding noise
+    # (QuaternaryQ's step λσ would be a tiny positive number instead of 0).
+    spread = (n > 1) & (mx > mn)
+    var = torch.where(spread, (dev * dev).sum(1) / torch.clamp(n.double() - 1, min=1), 0)
     sigma = var.sqrt().to(cd)
     for k, (sid, b) in enumerate(zip(schemes, b_int)):
         name = scheme_info(sid).name

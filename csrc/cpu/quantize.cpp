@@ -410,7 +410,10 @@ void fill_params(const scalar_t* x, const Layout& L, at::IntArrayRef schemes, co
       const double n = st[c][kSN];
       if (q == 2) {
         p2[c] = r[c];
-        sigma[c] = static_cast<T>(n > 1 ? std::sqrt(r[c][0] / (n - 1)) : 0.0);
+        // 0 exactly for a row whose finite elements are all equal (its rounded mean need not be
+        // their value: the sum of squares is then rounding noise), as the reference
+        const bool spread = n > 1 && st[c][kSMax] > st[c][kSMin];
+        sigma[c] = static_cast<T>(spread ? std::sqrt(r[c][0] / (n - 1)) : 0.0);
         s_quat[c] = static_cast<T>(kQuaternaryLambda) * sigma[c];
       }
       if (q == 3) p3[c] = r[c];

@@ -280,7 +280,9 @@ __device__ void dep_finalize_row(const Dep* __restrict__ part, const RowMap& m, 
   const double n = acc1[c].n;
   T* r = rp + c * kRowSlots;
   if (q == 2) {
-    const T sigma = static_cast<T>(n > 1.0 ? sqrt(d.v[0] / (n - 1.0)) : 0.0);
+    // 0 exactly when the row's finite elements are all equal (min == max), as the reference
+    const bool spread = n > 1.0 && acc1[c].mx > acc1[c].mn;
+    const T sigma = static_cast<T>(spread ? sqrt(d.v[0] / (n - 1.0)) : 0.0);
     r[3] = sigma;
     r[2] = static_cast<T>(kQuaternaryLambda) * sigma;
   }

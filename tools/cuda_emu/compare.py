@@ -89,6 +89,28 @@ def check(name, a, b, tol=None):
                   flush=True)
 
 
+def constant_rows(dtypes):
+    """Rows of one repeated value whose rounded mean is not that value: σ is 0 exactly (the
+    QuaternaryQ, ClipQ and PotQ scales 0), per tensor, per channel and batched, like the C++ ops."""
+    sig = [scheme_id(s) for s in ("quaternary", "clip", "pot")]
+    bits = torch.full((3,), 2.0)
+    for dn in dtypes:
+        dtype = getattr(torch, dn)
+        for n in (17, 5000):
+            rows = torch.tensor([0.1, -1 / 3, 0.002, 7.3], dtype=torch.float64)[:, None].expand(4, n).to(dtype).clone()
+            rows[0, 0] = float("nan")
+            tag = f"constant rows {dn} n={n}"
+            print("..", tag, flush=True)
+            for pc, x in ((True, rows), (False, rows[1])):
+                pn = N.scheme_params(x, bits, sig, pc, True)
+                check(f"scheme_params new/cpu per_channel={pc} " + tag, pn, torch.ops.autoqnn.scheme_params(x, bits, sig, pc, True))
+                check(f"scheme_params zero per_channel={pc} " + tag, pn, torch.zeros_like(pn))
+            flat = rows.reshape(-1)
+            off = [0, n, 2 * n, 3 * n, 4 * n]
+            pb = N.scheme_params_batched(flat, off, bits.expand(4, 3).contiguous(), sig, True)
+            check("scheme_params_batched zero " + tag, pb, torch.zeros_like(pb))
+
+
 def guard_bands(dtypes):
     """tests/guard_band.py on the new build: inputs inside poisoned guard bands and strided views
     with poisoned gaps give bitwise the results of clean copies (no out-of-bounds reads)."""
@@ -291,6 +313,7 @@ def main(argv=None) -> int:
                     check(f"mixture_batched vs per tensor, row {r} " + tag, yb[off[r]:off[r + 1]], yr)
     threshold_cases([d for d in args.dtypes.split(",") if d != "float64"])
     guard_bands(args.dtypes.split(","))
+    constant_rows(args.dtypes.split(","))
     print("failures:", FAILS)
     return 1 if FAILS else 0
 
