@@ -8,10 +8,12 @@ keeps fixed: which candidates and in what order, a bitwidth per candidate, weigh
 zero, all NaN or all ±Inf, NaN/Inf sprinkled anywhere, non-contiguous views, per-tensor or
 per-channel. The examples are derandomised (the same every run) so that CI stays reproducible.
 
-Checked per example, as in the grid test: the statistics (``scheme_params``) close to the
-reference's, then, on the reference's statistics, the mixture's levels equal except at rounding
-ties (a bounded count), its gradients close, and every single-scheme ``quantize`` bit-identical
-for float32/float64.
+Checked per example (``tests/fuzz_cases.py``, shared with the Triton cases), as in the grid
+test: the statistics (``scheme_params``) close to the reference's, then, on the reference's
+statistics, the mixture's levels equal except at rounding ties (a bounded count), its gradients
+close, and every single-scheme ``quantize`` bit-identical for float32/float64. Also the batched
+ops against one call per tensor, and the functional API on the C++ kernels against the
+pure-PyTorch backend.
 """
 import math
 
@@ -20,130 +22,26 @@ import torch
 
 from autoqnn import _ext
 from autoqnn.ops import has_kernel
-from autoqnn.ops import reference as ref
 from autoqnn.schemes import scheme_info
 
 hypothesis = pytest.importorskip("hypothesis")
 from hypothesis import HealthCheck, given, settings  # noqa: E402
 from hypothesis import strategies as st  # noqa: E402
 
+from fuzz_cases import DTYPES, ROW_KINDS, SCALES, cases, check_ops_case, close_levels, make_x  # noqa: E402
+
 pytestmark = pytest.mark.skipif(
     not (_ext.HAS_EXT and has_kernel("mixture", "CPU")), reason=f"C++ CPU kernels not built: {_ext.LOAD_ERROR}"
 )
 
 OPS = torch.ops.autoqnn
-DTYPES = [torch.float32, torch.float64, torch.float16, torch.bfloat16]
-SCALES = [1e-30, 1e-3, 1.0, 1e3, 1e30, 1e-40]  # 1e-40: float32 subnormals
-ROW_KINDS = ["random", "random", "random", "constant", "zero", "nan", "inf", "tiny"]
+CPP_OPS = {name: getattr(OPS, name) for name in ("scheme_params", "mixture", "mixture_backward", "quantize")}
 
 
-@st.composite
-def cases(draw):
-    sids = draw(st.permutations(range(8)))[: draw(st.integers(1, 8))]
-    bits = [draw(st.integers(scheme_info(s).min_bits, scheme_info(s).max_bits)) for s in sids]
-    if draw(st.booleans()):  # learned bits: any float, used as clip(round(b)) (SPEC 4.1); no .5 ties
-        bits = [b + draw(st.sampled_from([-2.3, -0.4, 0.0, 0.3, 0.45, 1.2, 7.0])) for b in bits]
-    w = draw(st.lists(st.sampled_from([0.0, 1.0, -0.5, 0.125, 2.0, 0.3]), min_size=len(sids), max_size=len(sids)))
-    rows = draw(st.integers(1, 5))
-    n = draw(st.sampled_from([1, 2, 3, 17, 255, 257, 769, 1030]))
-    return dict(sids=sids, bits=bits, w=w, rows=rows, n=n,
-                dtype=draw(st.sampled_from(DTYPES)),
-                per_channel=draw(st.booleans()),
-                layout=draw(st.sampled_from(["contiguous", "transposed", "strided"])),
-                kinds=[draw(st.sampled_from(ROW_KINDS)) for _ in range(rows)],
-                scales=[draw(st.sampled_from(SCALES)) for _ in range(rows)],
-                specials=draw(st.integers(0, 3)),
-                need=(draw(st.booleans()), draw(st.booleans())),  # weights grad, bits grad
-                seed=draw(st.integers(0, 2**16)))
-
-
-def _make_x(c):
-    g = torch.Generator().manual_seed(c["seed"])
-    rows, n = c["rows"], c["n"]
-    x = torch.empty(rows, n, dtype=torch.float64)
-    for r, (kind, scale) in enumerate(zip(c["kinds"], c["scales"])):
-        if kind == "random":
-            x[r] = torch.randn(n, generator=g, dtype=torch.float64) * scale
-        elif kind == "constant":
-            x[r] = scale * (1 + r)
-        elif kind == "zero":
-            x[r] = 0.0
-        elif kind == "nan":
-            x[r] = math.nan
-        elif kind == "inf":
-            x[r] = torch.where(torch.rand(n, generator=g) < 0.5, -math.inf, math.inf)
-        else:  # tiny: around the smallest float32 normal
-            x[r] = torch.randn(n, generator=g, dtype=torch.float64) * 1.2e-38
-        for _ in range(c["specials"]):
-            x[r, int(torch.randint(n, (1,), generator=g))] = [math.nan, math.inf, -math.inf, 0.0][
-                int(torch.randint(4, (1,), generator=g))]
-    x = x.to(c["dtype"])
-    if c["layout"] == "transposed":  # same values, columns-first storage
-        x = x.t().contiguous().t()
-    elif c["layout"] == "strided":  # every other element of a wider buffer
-        wide = torch.zeros(rows, 2 * n, dtype=c["dtype"])
-        wide[:, ::2] = x
-        x = wide[:, ::2]
-    return x
-
-
-def _assert_params_close(p, p_ref, x, per_channel):
-    """Close to the reference relative to each slot and, for the slots of the dependent passes,
-    relative to the row's max|x|: ResQ's α_i after the first are means of residuals, where a
-    1-ulp difference of α_1 (the kernels' sums are more accurate than torch.sum in float32, whose
-    order also changes with where the NaN are) is the whole of α_3 when the residuals cancel."""
-    rows = x.detach().double().reshape(x.shape[0] if per_channel else 1, -1)
-    m = torch.where(torch.isfinite(rows), rows.abs(), 0).amax(1)
-    a, b = p.double(), p_ref.double()
-    bound = 2e-5 * b.abs() + 1e-7 + 1e-6 * m[None, :, None]
-    ok = ((a - b).abs() <= bound) | (a.isnan() & b.isnan()) | (a == b)
-    assert bool(ok.all()), f"params differ at {ok.logical_not().nonzero().tolist()[:5]}: {a[~ok][:5]} vs {b[~ok][:5]}"
-
-
-def _close_levels(a, b, what, frac=1e-3):
-    """Equal but for a bounded count of rounding ties. float16/bfloat16 outputs are an fp32 result
-    rounded once: one unit in the last place of the output dtype apart is a tie decided by the
-    fp32 value's last bit (sums of the weights in another order), not an error."""
-    rtol = torch.finfo(a.dtype).eps if a.dtype in (torch.float16, torch.bfloat16) else 1e-5
-    a, b = a.double(), b.double()
-    ok = torch.isclose(a, b, rtol=rtol, atol=1e-7, equal_nan=True)
-    bad = int((~ok).sum())
-    assert bad <= max(2, int(frac * a.numel())), f"{what}: {bad}/{a.numel()} differ"
-
-
-@settings(max_examples=120, deadline=None, derandomize=True, suppress_health_check=list(HealthCheck))
+@settings(max_examples=300, deadline=None, derandomize=True, suppress_health_check=list(HealthCheck))
 @given(c=cases())
 def test_cpu_kernels_match_reference_on_random_cases(c):
-    x = _make_x(c)
-    if c["layout"] == "strided" and c["n"] > 1 or c["layout"] == "transposed" and min(c["rows"], c["n"]) > 1:
-        assert not x.is_contiguous()
-    sids, pc = c["sids"], c["per_channel"]
-    bits = torch.tensor(c["bits"], dtype=torch.float32)
-    w = torch.tensor(c["w"], dtype=torch.float32)
-    gy = torch.randn(x.shape, generator=torch.Generator().manual_seed(c["seed"] + 1)).to(x.dtype)
-
-    nw, nb = c["need"]
-    p = OPS.scheme_params(x, bits, sids, pc, nb)
-    p_ref = ref.scheme_params_ref(x, bits, sids, pc, nb)
-    assert p.shape == p_ref.shape and p.dtype == p_ref.dtype
-    _assert_params_close(p, p_ref, x, pc)
-
-    y = OPS.mixture(x, p_ref, w, bits, sids, pc)
-    assert y.dtype == x.dtype and y.shape == x.shape
-    _close_levels(y, ref.mixture_ref(x, p_ref, w, bits, sids, pc), "mixture")
-    got = OPS.mixture_backward(gy, x, p_ref, w, bits, sids, pc, nw, nb)
-    exp = ref.mixture_backward_ref(gy, x, p_ref, w, bits, sids, pc, nw, nb)
-    _close_levels(got[0], exp[0], "grad_x")
-    torch.testing.assert_close(got[1], exp[1], rtol=1e-3, atol=1e-3, equal_nan=True)
-    torch.testing.assert_close(got[2], exp[2], rtol=1e-3, atol=1e-3, equal_nan=True)
-    for k, s in enumerate(sids):
-        pk, bk = p_ref[k : k + 1], bits[k : k + 1]
-        q = OPS.quantize(x, pk, bk, s, pc)
-        qr = ref.quantize_ref(x, pk, bk, s, pc)
-        if x.dtype in (torch.float32, torch.float64):
-            assert torch.equal(q.nan_to_num(), qr.nan_to_num()), scheme_info(s).name
-        else:
-            _close_levels(q, qr, scheme_info(s).name)
+    check_ops_case(c, CPP_OPS)
 
 
 @st.composite
@@ -158,14 +56,14 @@ def batched_cases(draw):
                 need=(draw(st.booleans()), draw(st.booleans())), seed=draw(st.integers(0, 2**16)))
 
 
-@settings(max_examples=40, deadline=None, derandomize=True, suppress_health_check=list(HealthCheck))
+@settings(max_examples=80, deadline=None, derandomize=True, suppress_health_check=list(HealthCheck))
 @given(c=batched_cases())
 def test_cpu_batched_ops_equal_one_call_per_tensor_on_random_cases(c):
     """The batched ops (many tensors, ragged, per-tensor bits and weights, empty tensors among
     them) equal one per-tensor call per tensor, bit for bit, on the same random cases."""
     sids, sizes, nw, nb = c["sids"], c["sizes"], *c["need"]
     K, R = len(sids), len(sizes)
-    xs = [_make_x(dict(rows=1, n=max(n, 1), kinds=[k], scales=[sc], specials=1, seed=c["seed"] + r,
+    xs = [make_x(dict(rows=1, n=max(n, 1), kinds=[k], scales=[sc], specials=1, seed=c["seed"] + r,
                        dtype=c["dtype"], layout="contiguous"))[0, :n]
           for r, (n, k, sc) in enumerate(zip(sizes, c["kinds"], c["scales"]))]
     x = torch.cat(xs)
@@ -192,3 +90,69 @@ def test_cpu_batched_ops_equal_one_call_per_tensor_on_random_cases(c):
             assert torch.equal(gw[r].nan_to_num(), e[1].nan_to_num()), ("grad_w", r)
         if nb:
             assert torch.equal(gb[r].nan_to_num(), e[2].nan_to_num()), ("grad_bits", r)
+
+
+@st.composite
+def api_cases(draw):
+    names = [scheme_info(s).name for s in draw(st.permutations(range(8)))[: draw(st.integers(1, 8))]]
+    learned = draw(st.booleans())
+    bits = [draw(st.integers(scheme_info(n).min_bits, scheme_info(n).max_bits)) for n in names]
+    if learned:
+        bits = [b + draw(st.sampled_from([-0.4, 0.0, 0.3, 1.3])) for b in bits]
+    shape = draw(st.sampled_from([(7,), (300,), (4, 3, 3, 3), (16, 5), (3, 1100)]))
+    return dict(names=names, bits=bits, learned=learned, shape=shape, dtype=draw(st.sampled_from(DTYPES)),
+                per_channel=draw(st.booleans()), transposed=draw(st.booleans()),
+                scale=draw(st.sampled_from(SCALES[:5])), specials=draw(st.integers(0, 3)),
+                seed=draw(st.integers(0, 2**16)))
+
+
+def _api_run(c, backend):
+    import autoqnn.functional as AF
+
+    g = torch.Generator().manual_seed(c["seed"])
+    x0 = torch.randn(c["shape"], generator=g, dtype=torch.float64) * c["scale"]
+    flat = x0.view(-1)
+    for _ in range(c["specials"]):
+        flat[int(torch.randint(flat.numel(), (1,), generator=g))] = [math.nan, math.inf, -math.inf, 0.0][
+            int(torch.randint(4, (1,), generator=g))]
+    x = x0.to(c["dtype"])
+    if c["transposed"] and x.dim() > 1:  # non-contiguous: a transposed copy, transposed back
+        x = x.transpose(0, -1).contiguous().transpose(0, -1)
+    x = x.detach().requires_grad_()
+    logits = torch.randn(len(c["names"]), generator=g).requires_grad_()
+    bits = torch.tensor(c["bits"], requires_grad=True) if c["learned"] else [int(b) for b in c["bits"]]
+    gy = torch.randn(c["shape"], generator=g)
+    y = AF.quantize_mixture(x, torch.softmax(logits, 0), c["names"], bits, per_channel=c["per_channel"],
+                            backend=backend)
+    (y.double() * gy).sum().backward()
+    # the size of the sums the logits' and bits' gradients are made of (Σ|g|·|x|): their
+    # rounding (two orders of summation) is relative to it, not to the gradient itself, which
+    # cancels to ~0 where candidates agree (softmax's Jacobian subtracts the weighted mean)
+    xf = x.detach().double()
+    mag = float((gy.double().abs() * torch.where(torch.isfinite(xf), xf.abs(), 0)).sum())
+    return y.detach(), x.grad, logits.grad, (bits.grad if c["learned"] else None), mag
+
+
+@settings(max_examples=150, deadline=None, derandomize=True, suppress_health_check=list(HealthCheck))
+@given(c=api_cases())
+def test_functional_cpp_equals_torch_backend_on_random_cases(c):
+    """The functional API end to end (validation, statistics, op, C++ autograd node) on the C++
+    kernels against the pure-PyTorch backend: output, grad_x, the mixture logits' gradient
+    (through softmax) and learned bits' gradient."""
+    a = _api_run(c, "cpp")
+    b = _api_run(c, "torch")
+    assert a[0].dtype == b[0].dtype == c["dtype"] and a[0].shape == b[0].shape
+    # the two backends' statistics are two float sums of the same numbers (ulps apart); ResQ's
+    # value is a chain of ±α_i that can cancel, so y is compared on the scale of its largest level
+    fin = torch.isfinite(b[0])
+    big = float(b[0][fin].abs().max()) if bool(fin.any()) else 0.0
+    d = (a[0].double() - b[0].double()).abs()
+    bad = ~((d <= 1e-5 * big + 1e-30) | (a[0] == b[0]) | (a[0].isnan() & b[0].isnan()))
+    if c["dtype"] in (torch.float16, torch.bfloat16):
+        bad &= ~torch.isclose(a[0].double(), b[0].double(), rtol=torch.finfo(c["dtype"]).eps, atol=0)
+    assert int(bad.sum()) <= max(2, int(1e-3 * bad.numel())), f"y: {int(bad.sum())}/{bad.numel()} differ"
+    close_levels(a[1], b[1], "grad_x")
+    for name, u, v in (("grad_logits", a[2], b[2]), ("grad_bits", a[3], b[3])):
+        if v is None:
+            continue
+        torch.testing.assert_close(u, v, rtol=1e-3, atol=1e-5 * b[4] + 1e-6, equal_nan=True, msg=name)

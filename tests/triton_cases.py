@@ -644,3 +644,24 @@ def test_kernels_read_only_their_input():
                             strided=True)
     for dtype in (torch.float32,) if INTERPRET else (torch.float32, torch.bfloat16):
         GB.check_batched_ops(_twin, DEVICE, dtype, GB.WEIGHT_SIDS)
+
+
+# ----------------------------------------------------------------------------- random cases
+def test_random_cases_match_reference():
+    """The randomised differential cases of tests/test_kernel_fuzz.py (tests/fuzz_cases.py:
+    candidate subsets and orders, per-candidate and learned bits, weights of any sign, scales
+    1e-40..1e30, constant/zero/NaN/Inf rows, strided views) on the Triton ops. Fewer examples
+    than the C++ test: the interpreter runs each program in Python."""
+    pytest.importorskip("hypothesis")
+    from fuzz_cases import cases, check_ops_case
+    from hypothesis import HealthCheck, given, settings
+
+    ops = {name: getattr(OPS, name + "_triton") for name in ("scheme_params", "mixture", "mixture_backward", "quantize")}
+
+    @settings(max_examples=40 if INTERPRET else 200, deadline=None, derandomize=True,
+              suppress_health_check=list(HealthCheck))
+    @given(c=cases())
+    def run(c):
+        check_ops_case(c, ops, DEVICE)
+
+    run()
