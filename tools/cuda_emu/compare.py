@@ -89,6 +89,34 @@ def check(name, a, b, tol=None):
                   flush=True)
 
 
+def fuzz(n: int) -> int:
+    """The random cases of the kernel tests (tests/fuzz_cases.py) on the emulated CUDA ops, every
+    call in every thread order: statistics, mixture, its backward and single-scheme outputs
+    against the reference."""
+    sys.path.insert(0, os.path.join(ROOT, "tests"))
+    from fuzz_cases import cases, check_ops_case
+    from hypothesis import HealthCheck, given, settings
+
+    ops = {name: getattr(N, name) for name in ("scheme_params", "mixture", "mixture_backward", "quantize")}
+    seen = [0]
+
+    @settings(max_examples=n, deadline=None, derandomize=True, suppress_health_check=list(HealthCheck),
+              print_blob=True)
+    @given(c=cases())
+    def run(c):
+        seen[0] += 1
+        check_ops_case(c, ops)
+
+    try:
+        run()
+    except Exception as e:  # hypothesis has printed the shrunk failing case
+        print("FAIL fuzz:", type(e).__name__, str(e)[:2000])
+        return 1
+    print(f".. fuzz: {seen[0]} cases")
+    print("failures:", FAILS)
+    return 1 if FAILS else 0
+
+
 def constant_rows(dtypes):
     """Rows of one repeated value whose rounded mean is not that value: σ is 0 exactly (the
     QuaternaryQ, ClipQ and PotQ scales 0), per tensor, per channel and batched, like the C++ ops."""
@@ -221,6 +249,9 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--dtypes", default="float32,bfloat16,float64")
     ap.add_argument("--exact-sums", action="store_true")
+    ap.add_argument("--fuzz", type=int, default=0, metavar="N",
+                    help="only N random cases of tests/fuzz_cases.py (hypothesis, derandomised) on the new "
+                         "build against the reference: no old build needed")
     ap.add_argument("--levels", action="store_true",
                     help="only the step cases, the new build's levels-table pass (AUTOQNN_CUDA_LEVELS=1) "
                          "against its own arithmetic kernels (=0): no old build needed")
@@ -229,6 +260,8 @@ def main(argv=None) -> int:
     # tensors the kernels allocate start as NaN (integers as their max), never as leftover values
     torch.use_deterministic_algorithms(True)
     torch.utils.deterministic.fill_uninitialized_memory = True
+    if args.fuzz:
+        return fuzz(args.fuzz)
     if args.levels:
         N, O = _WithEnv(N, "1"), _WithEnv(emu_new, "0")
         threshold_cases([d for d in args.dtypes.split(",") if d != "float64"])
