@@ -47,15 +47,16 @@ def test_cuda_levels_pass_equals_the_arithmetic_kernels_emulated():
 def test_cuda_kernels_on_random_cases_emulated():
     """The random cases of tests/fuzz_cases.py (the C++ and Triton kernels' differential test) on
     the emulated CUDA ops, each call in three thread orders: statistics, mixture, backward and
-    single-scheme outputs against the reference (``compare.py --fuzz``; 1500 cases passed when
-    it was added, 2026-12-01)."""
+    single-scheme outputs against the reference (``compare.py --fuzz``; 1500 cases, and 300 with
+    ``AUTOQNN_CUDA_LEVELS=1``, passed when it was added, 2026-12-01)."""
     pytest.importorskip("hypothesis")
     env = dict(os.environ)
     env.pop("AUTOQNN_CUDA_LEVELS", None)
     b = subprocess.run([sys.executable, str(EMU / "build.py"), "new", "WORK"], cwd=ROOT, env=env,
                        capture_output=True, text=True, timeout=900)
     assert b.returncode == 0, (b.stdout + b.stderr)[-6000:]
-    r = subprocess.run([sys.executable, str(EMU / "compare.py"), "--fuzz", "60"], cwd=ROOT, env=env,
-                       capture_output=True, text=True, timeout=900)
-    out = r.stdout + r.stderr
-    assert r.returncode == 0 and "failures: 0" in out and ".. fuzz: 60 cases" in out, out[-6000:]
+    for levels, n in (("0", 60), ("1", 30)):  # the arithmetic output kernels, the levels-table pass
+        r = subprocess.run([sys.executable, str(EMU / "compare.py"), "--fuzz", str(n)], cwd=ROOT,
+                           env=dict(env, AUTOQNN_CUDA_LEVELS=levels), capture_output=True, text=True, timeout=900)
+        out = r.stdout + r.stderr
+        assert r.returncode == 0 and "failures: 0" in out and f".. fuzz: {n} cases" in out, out[-6000:]

@@ -253,3 +253,23 @@ def test_levels_table_pass_switch(monkeypatch):
     assert r.returncode != 0
     if r.returncode > 0:  # not a crash: the message must name the variable
         assert "AUTOQNN_CUDA_LEVELS" in r.stderr and "ValueError" in r.stderr, r.stderr[-2000:]
+
+
+@pytest.mark.parametrize("levels", ["0", "1"], ids=["arith", "levels"])
+def test_cuda_kernels_on_random_cases(levels, monkeypatch):
+    """The randomised differential cases of the C++/Triton kernel tests (tests/fuzz_cases.py) on
+    the CUDA ops (the same 300 cases as the C++ test), with the output kernels' arithmetic pass
+    and with their levels-table pass (``AUTOQNN_CUDA_LEVELS=1``)."""
+    pytest.importorskip("hypothesis")
+    from fuzz_cases import cases, check_ops_case
+    from hypothesis import HealthCheck, given, settings
+
+    monkeypatch.setenv("AUTOQNN_CUDA_LEVELS", levels)
+    ops = {name: getattr(OPS, name) for name in ("scheme_params", "mixture", "mixture_backward", "quantize")}
+
+    @settings(max_examples=300, deadline=None, derandomize=True, suppress_health_check=list(HealthCheck))
+    @given(c=cases())
+    def run(c):
+        check_ops_case(c, ops, "cuda")
+
+    run()

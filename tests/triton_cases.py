@@ -647,21 +647,33 @@ def test_kernels_read_only_their_input():
 
 
 # ----------------------------------------------------------------------------- random cases
-def test_random_cases_match_reference():
+@pytest.mark.parametrize("levels", ["0", "1"], ids=["arith", "levels"])
+def test_random_cases_match_reference(levels, monkeypatch):
     """The randomised differential cases of tests/test_kernel_fuzz.py (tests/fuzz_cases.py:
     candidate subsets and orders, per-candidate and learned bits, weights of any sign, scales
-    1e-40..1e30, constant/zero/NaN/Inf rows, strided views) on the Triton ops. Fewer examples
-    than the C++ test: the interpreter runs each program in Python."""
+    1e-40..1e30, constant/zero/NaN/Inf rows, strided views) on the Triton ops, with the output
+    kernels' arithmetic pass and with their levels-table pass (``AUTOQNN_TRITON_LEVELS=1``; float64
+    keeps the arithmetic one). Fewer examples than the C++ test: the interpreter runs each
+    program in Python, and on a GPU each case compiles its own kernel variants (candidates and
+    bits are compile-time constants; ``tools/gpu_check.sh`` gives it a step of its own)."""
     pytest.importorskip("hypothesis")
+    monkeypatch.setenv("AUTOQNN_TRITON_LEVELS", levels)
     from fuzz_cases import cases, check_ops_case
     from hypothesis import HealthCheck, given, settings
 
     ops = {name: getattr(OPS, name + "_triton") for name in ("scheme_params", "mixture", "mixture_backward", "quantize")}
 
-    @settings(max_examples=40 if INTERPRET else 200, deadline=None, derandomize=True,
+    def flush_bf16_subnormals(x):
+        # the interpreter converts bfloat16 subnormals to float32 wrongly (the pattern 0x0001,
+        # 9.2e-41, becomes 0, 0x0021 becomes 3.7e-40 instead of 3.0e-39; triton 3.8), which a
+        # compiled kernel does exactly (a shift); the GPU run keeps them
+        if x.dtype == torch.bfloat16:
+            x.masked_fill_((x != 0) & (x.abs() < torch.finfo(torch.bfloat16).tiny), 0.0)
+
+    @settings(max_examples=(40 if levels == "0" else 20) if INTERPRET else (12 if levels == "0" else 6), deadline=None, derandomize=True,
               suppress_health_check=list(HealthCheck))
     @given(c=cases())
     def run(c):
-        check_ops_case(c, ops, DEVICE)
+        check_ops_case(c, ops, DEVICE, prep=flush_bf16_subnormals if INTERPRET else None)
 
     run()

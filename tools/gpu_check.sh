@@ -9,7 +9,7 @@
 #   OUT=/tmp/out bash tools/gpu_check.sh                       # everything, ~9 min at most
 #   BUDGET=300 STEPS="build env tests" bash tools/gpu_check.sh  # a subset
 set -uo pipefail
-STEPS=${STEPS:-"build env raise tests tune report levels levels_tests train_step batched host division memory compiled_step profile stats_two_stage batched_triton compiled_cudagraphs"}
+STEPS=${STEPS:-"build env raise tests tune report levels levels_tests random_cases train_step batched host division memory compiled_step profile stats_two_stage batched_triton compiled_cudagraphs"}
 BUDGET=${BUDGET:-560}
 PY=${PY:-python3}
 cd "$(dirname "$0")/.."
@@ -58,7 +58,7 @@ step raise 75 $PY tools/raise_check.py
 # correctness on the GPU: C++/CUDA kernels and the Triton kernels compiled for the GPU against the
 # reference, opcheck and torch.compile (tests/triton_cases.py runs on CUDA without TRITON_INTERPRET)
 step tests 170 env -u TRITON_INTERPRET $PY -m pytest -q -n 14 --benchmark-disable -p no:cacheprovider -rfE \
-  tests/test_cuda_kernels.py tests/test_batched.py tests/triton_cases.py tests/test_ops.py tests/test_kernel_choice.py \
+  -k "not test_random_cases_match_reference" tests/test_cuda_kernels.py tests/test_batched.py tests/triton_cases.py tests/test_ops.py tests/test_kernel_choice.py \
   tests/test_robustness.py tests/test_guard_band.py tests/test_host_bits.py tests/test_compile_step.py \
   "tests/test_cpu_kernels.py::test_cpu_kernel_errors" "tests/test_ext_loading.py::test_cuda_kernel_matches_reference" \
   "tests/test_ext_loading.py::test_built_extension_is_loaded_and_registered"
@@ -71,6 +71,10 @@ step report 110 $PY bench/report.py --device cuda --min-log2 ${REPORT_MIN_LOG2:-
 step levels 40 $PY bench/report.py --device cuda --no-resnet18 --min-log2 14 --max-log2 24 --rounds 3 \
   --providers cuda,cuda-levels,triton,triton-levels,copy
 step levels_tests 60 env -u TRITON_INTERPRET $PY -m pytest -q -n 14 -p no:cacheprovider -rfE tests/triton_levels_cases.py
+# the Triton kernels on the random cases of tests/fuzz_cases.py (each case compiles its own
+# kernel variants, hence a step of its own; the CUDA ops' random cases run in the tests step)
+step random_cases 60 env -u TRITON_INTERPRET $PY -m pytest -q -p no:cacheprovider -rfE tests/triton_cases.py \
+  -k test_random_cases_match_reference
 step train_step 48 $PY bench/bench_train_step.py --device cuda --no-interleave --providers float,qss-fused,qss-levels,qss-batched,qpl-fused,qpl-sync,qss-ref,qss-pruned2
 # does the batched weights op pay on a GPU (the issue asks to measure it)?
 step batched 20 $PY bench/bench_batched.py --device cuda
@@ -100,7 +104,7 @@ step compiled_cudagraphs 120 $PY bench/bench_train_step.py --device cuda --round
 
 tar -czf "$OUT/gpu-check.tar.gz" -C "$OUT" logs && rm -rf "$LOGS"
 tar -xzf "$OUT/gpu-check.tar.gz" -O logs/summary.txt 2>/dev/null
-for f in raise tests tune report levels levels_tests train_step batched host division memory compiled_step stats_two_stage batched_triton compiled_cudagraphs; do
+for f in raise tests tune report levels levels_tests random_cases train_step batched host division memory compiled_step stats_two_stage batched_triton compiled_cudagraphs; do
   echo "---- $f"
   if [ "$f" = raise ]; then tar -xzf "$OUT/gpu-check.tar.gz" -O logs/raise.log 2>/dev/null | tail -n 50; continue; fi
   tar -xzf "$OUT/gpu-check.tar.gz" -O "logs/$f.log" 2>/dev/null | grep -v "^DEBUG " | grep -E "^\||passed|failed|error|Error|^FAILED|^ERROR|^###|^==" | tail -n 120
