@@ -90,12 +90,15 @@ def close_levels(a, b, what, frac=1e-3):
     assert bad <= max(2, int(frac * a.numel())), f"{what}: {bad}/{a.numel()} differ"
 
 
-def check_ops_case(c, ops, device="cpu"):
+def check_ops_case(c, ops, device="cpu", prep=None):
     """One random case: ``ops`` (``scheme_params``, ``mixture``, ``mixture_backward``,
     ``quantize`` of one backend) against the reference. The statistics close to the reference's;
     on the reference's statistics the levels equal but for bounded rounding ties, the gradients
-    close, every single-scheme output bit-identical for float32/float64."""
+    close, every single-scheme output bit-identical for float32/float64. ``prep`` edits the
+    input in place first (a backend's documented limitation)."""
     x = make_x(c)
+    if prep is not None:
+        prep(x)
     if c["layout"] == "strided" and c["n"] > 1 or c["layout"] == "transposed" and min(c["rows"], c["n"]) > 1:
         assert not x.is_contiguous()
     sids, pc = c["sids"], c["per_channel"]
