@@ -670,7 +670,7 @@ def test_random_cases_match_reference(levels, monkeypatch):
         if x.dtype == torch.bfloat16:
             x.masked_fill_((x != 0) & (x.abs() < torch.finfo(torch.bfloat16).tiny), 0.0)
 
-    @settings(max_examples=(40 if levels == "0" else 20) if INTERPRET else (12 if levels == "0" else 6), deadline=None, derandomize=True,
+    @settings(max_examples=(30 if levels == "0" else 8) if INTERPRET else (12 if levels == "0" else 6), deadline=None, derandomize=True,
               suppress_health_check=list(HealthCheck))
     @given(c=cases())
     def run(c):
