@@ -130,3 +130,60 @@ def check_ops_case(c, ops, device="cpu", prep=None):
             assert torch.equal(q.nan_to_num(), qr.nan_to_num()), scheme_info(s).name
         else:
             close_levels(q, qr, scheme_info(s).name)
+
+
+@st.composite
+def batched_cases(draw):
+    sids = draw(st.permutations(range(8)))[: draw(st.integers(1, 8))]
+    R = draw(st.integers(1, 6))
+    sizes = [draw(st.sampled_from([0, 1, 2, 31, 300, 4097])) for _ in range(R)]
+    bits = [[draw(st.integers(scheme_info(s).min_bits, scheme_info(s).max_bits)) for s in sids] for _ in range(R)]
+    return dict(sids=sids, sizes=sizes, bits=bits, dtype=draw(st.sampled_from(DTYPES)),
+                kinds=[draw(st.sampled_from(ROW_KINDS)) for _ in range(R)],
+                scales=[draw(st.sampled_from(SCALES)) for _ in range(R)],
+                need=(draw(st.booleans()), draw(st.booleans())), seed=draw(st.integers(0, 2**16)))
+
+
+def check_batched_case(c, ops, device="cpu", prep=None, exact_sums=True):
+    """One random batched case: ``ops``' batched ops (``*_batched``) against one per-tensor call of
+    the same backend per tensor: statistics, y and grad_x bit for bit, the per-tensor weights'
+    and bits' gradients bit for bit too unless ``exact_sums`` is False."""
+    sids, sizes, nw, nb = c["sids"], c["sizes"], *c["need"]
+    K, R = len(sids), len(sizes)
+    xs = [make_x(dict(rows=1, n=max(n, 1), kinds=[k], scales=[sc], specials=1, seed=c["seed"] + r,
+                      dtype=c["dtype"], layout="contiguous"))[0, :n].contiguous()
+          for r, (n, k, sc) in enumerate(zip(sizes, c["kinds"], c["scales"]))]
+    if prep is not None:
+        for t in xs:
+            prep(t)
+    xs = [t.to(device) for t in xs]
+    x = torch.cat(xs)
+    off = [0]
+    for n in sizes:
+        off.append(off[-1] + n)
+    g = torch.Generator().manual_seed(c["seed"])
+    bits = torch.tensor(c["bits"], dtype=torch.float32).to(device)
+    w = torch.randn(R, K, generator=g).to(device)
+    gy = torch.randn(x.shape, generator=g).to(x.dtype).to(device)
+    P = ops["scheme_params_batched"](x, off, bits, sids, nb)
+    y = ops["mixture_batched"](x, off, P, w, bits, sids)
+    gx, gw, gb = ops["mixture_batched_backward"](gy, x, off, P, w, bits, sids, nw, nb)
+    for r in range(R):
+        a, b = off[r], off[r + 1]
+        pr = ops["scheme_params"](xs[r], bits[r], sids, False, nb)
+        assert torch.equal(P[:, r : r + 1].nan_to_num(), pr.nan_to_num()), ("params", r)
+        if a == b:
+            continue
+        assert torch.equal(y[a:b].nan_to_num(), ops["mixture"](xs[r], pr, w[r], bits[r], sids, False).nan_to_num()), r
+        e = ops["mixture_backward"](gy[a:b], xs[r], pr, w[r], bits[r], sids, False, nw, nb)
+        assert torch.equal(gx[a:b].nan_to_num(), e[0].nan_to_num()), ("grad_x", r)
+        for need, got, exp, what in ((nw, gw[r], e[1], "grad_w"), (nb, gb[r], e[2], "grad_bits")):
+            if not need:
+                continue
+            if exact_sums:
+                assert torch.equal(got.nan_to_num(), exp.nan_to_num()), (what, r)
+            else:  # another partition of the row into blocks: the same sums in another order, whose
+                # rounding is relative to the size of the terms (Σ|g|·|x|), not to a sum that cancels
+                xr = xs[r].double()
+                mag = float((gy[a:b].double().abs() * torch.where(torch.isfinite(xr), xr.abs(), 0)).sum())
+                torch.testing.assert_close(got, exp, rtol=1e-5, atol=1e-5 * mag + 1e-6, equal_nan=True, msg=what)

@@ -59,4 +59,4 @@ def test_cuda_kernels_on_random_cases_emulated():
         r = subprocess.run([sys.executable, str(EMU / "compare.py"), "--fuzz", str(n)], cwd=ROOT,
                            env=dict(env, AUTOQNN_CUDA_LEVELS=levels), capture_output=True, text=True, timeout=900)
         out = r.stdout + r.stderr
-        assert r.returncode == 0 and "failures: 0" in out and f".. fuzz: {n} cases" in out, out[-6000:]
+        assert r.returncode == 0 and "failures: 0" in out and f".. fuzz: {n} cases, {n // 3} batched cases" in out, out[-6000:]

@@ -273,3 +273,22 @@ def test_cuda_kernels_on_random_cases(levels, monkeypatch):
         check_ops_case(c, ops, "cuda")
 
     run()
+
+
+def test_cuda_batched_ops_on_random_cases():
+    """The random batched cases of tests/fuzz_cases.py on the CUDA batched ops against one
+    per-tensor CUDA call per tensor: statistics, y and grad_x bit for bit, the sums close."""
+    pytest.importorskip("hypothesis")
+    from fuzz_cases import batched_cases, check_batched_case
+    from hypothesis import HealthCheck, given, settings
+
+    names = ("scheme_params", "mixture", "mixture_backward", "scheme_params_batched", "mixture_batched",
+             "mixture_batched_backward")
+    ops = {name: getattr(OPS, name) for name in names}
+
+    @settings(max_examples=150, deadline=None, derandomize=True, suppress_health_check=list(HealthCheck))
+    @given(c=batched_cases())
+    def run(c):
+        check_batched_case(c, ops, "cuda", exact_sums=False)
+
+    run()

@@ -28,14 +28,15 @@ hypothesis = pytest.importorskip("hypothesis")
 from hypothesis import HealthCheck, given, settings  # noqa: E402
 from hypothesis import strategies as st  # noqa: E402
 
-from fuzz_cases import DTYPES, ROW_KINDS, SCALES, cases, check_ops_case, close_levels, make_x  # noqa: E402
+from fuzz_cases import DTYPES, SCALES, batched_cases, cases, check_batched_case, check_ops_case, close_levels  # noqa: E402,E501
 
 pytestmark = pytest.mark.skipif(
     not (_ext.HAS_EXT and has_kernel("mixture", "CPU")), reason=f"C++ CPU kernels not built: {_ext.LOAD_ERROR}"
 )
 
 OPS = torch.ops.autoqnn
-CPP_OPS = {name: getattr(OPS, name) for name in ("scheme_params", "mixture", "mixture_backward", "quantize")}
+CPP_OPS = {name: getattr(OPS, name) for name in ("scheme_params", "mixture", "mixture_backward", "quantize",
+                                                 "scheme_params_batched", "mixture_batched", "mixture_batched_backward")}
 
 
 @settings(max_examples=300, deadline=None, derandomize=True, suppress_health_check=list(HealthCheck))
@@ -44,52 +45,12 @@ def test_cpu_kernels_match_reference_on_random_cases(c):
     check_ops_case(c, CPP_OPS)
 
 
-@st.composite
-def batched_cases(draw):
-    sids = draw(st.permutations(range(8)))[: draw(st.integers(1, 8))]
-    R = draw(st.integers(1, 6))
-    sizes = [draw(st.sampled_from([0, 1, 2, 31, 300, 4097])) for _ in range(R)]
-    bits = [[draw(st.integers(scheme_info(s).min_bits, scheme_info(s).max_bits)) for s in sids] for _ in range(R)]
-    return dict(sids=sids, sizes=sizes, bits=bits, dtype=draw(st.sampled_from(DTYPES)),
-                kinds=[draw(st.sampled_from(ROW_KINDS)) for _ in range(R)],
-                scales=[draw(st.sampled_from(SCALES)) for _ in range(R)],
-                need=(draw(st.booleans()), draw(st.booleans())), seed=draw(st.integers(0, 2**16)))
-
-
 @settings(max_examples=80, deadline=None, derandomize=True, suppress_health_check=list(HealthCheck))
 @given(c=batched_cases())
 def test_cpu_batched_ops_equal_one_call_per_tensor_on_random_cases(c):
     """The batched ops (many tensors, ragged, per-tensor bits and weights, empty tensors among
     them) equal one per-tensor call per tensor, bit for bit, on the same random cases."""
-    sids, sizes, nw, nb = c["sids"], c["sizes"], *c["need"]
-    K, R = len(sids), len(sizes)
-    xs = [make_x(dict(rows=1, n=max(n, 1), kinds=[k], scales=[sc], specials=1, seed=c["seed"] + r,
-                       dtype=c["dtype"], layout="contiguous"))[0, :n]
-          for r, (n, k, sc) in enumerate(zip(sizes, c["kinds"], c["scales"]))]
-    x = torch.cat(xs)
-    off = [0]
-    for n in sizes:
-        off.append(off[-1] + n)
-    g = torch.Generator().manual_seed(c["seed"])
-    bits = torch.tensor(c["bits"], dtype=torch.float32)
-    w = torch.randn(R, K, generator=g)
-    gy = torch.randn(x.shape, generator=g).to(x.dtype)
-    P = OPS.scheme_params_batched(x, off, bits, sids, nb)
-    y = OPS.mixture_batched(x, off, P, w, bits, sids)
-    gx, gw, gb = OPS.mixture_batched_backward(gy, x, off, P, w, bits, sids, nw, nb)
-    for r in range(R):
-        a, b = off[r], off[r + 1]
-        pr = OPS.scheme_params(xs[r], bits[r], sids, False, nb)
-        assert torch.equal(P[:, r : r + 1].nan_to_num(), pr.nan_to_num()), ("params", r)
-        if a == b:
-            continue
-        assert torch.equal(y[a:b].nan_to_num(), OPS.mixture(xs[r], pr, w[r], bits[r], sids, False).nan_to_num()), r
-        e = OPS.mixture_backward(gy[a:b], xs[r], pr, w[r], bits[r], sids, False, nw, nb)
-        assert torch.equal(gx[a:b].nan_to_num(), e[0].nan_to_num()), ("grad_x", r)
-        if nw:
-            assert torch.equal(gw[r].nan_to_num(), e[1].nan_to_num()), ("grad_w", r)
-        if nb:
-            assert torch.equal(gb[r].nan_to_num(), e[2].nan_to_num()), ("grad_bits", r)
+    check_batched_case(c, CPP_OPS)
 
 
 @st.composite

@@ -677,3 +677,28 @@ def test_random_cases_match_reference(levels, monkeypatch):
         check_ops_case(c, ops, DEVICE, prep=flush_bf16_subnormals if INTERPRET else None)
 
     run()
+
+
+def test_random_batched_cases_equal_one_call_per_tensor():
+    """The random batched cases of tests/fuzz_cases.py on the Triton batched ops (ragged rows
+    through a program table, one output launch per distinct bits row) against one per-tensor
+    Triton call per tensor: statistics, y and grad_x bit for bit, the gradient sums close."""
+    pytest.importorskip("hypothesis")
+    from fuzz_cases import batched_cases, check_batched_case
+    from hypothesis import HealthCheck, given, settings
+
+    names = ("scheme_params", "mixture", "mixture_backward", "scheme_params_batched", "mixture_batched",
+             "mixture_batched_backward")
+    ops = {name: getattr(OPS, name + "_triton") for name in names}
+
+    def flush_bf16_subnormals(x):  # see test_random_cases_match_reference
+        if x.dtype == torch.bfloat16:
+            x.masked_fill_((x != 0) & (x.abs() < torch.finfo(torch.bfloat16).tiny), 0.0)
+
+    @settings(max_examples=10 if INTERPRET else 6, deadline=None, derandomize=True,
+              suppress_health_check=list(HealthCheck))
+    @given(c=batched_cases())
+    def run(c):
+        check_batched_case(c, ops, DEVICE, prep=flush_bf16_subnormals if INTERPRET else None, exact_sums=False)
+
+    run()

@@ -89,30 +89,50 @@ def check(name, a, b, tol=None):
                   flush=True)
 
 
+def _report(check, c, *args, **kwargs):
+    """check(c, ...), printing the case (and the error) when it fails: hypothesis replays it
+    while shrinking, so the last case printed is the smallest failing one."""
+    try:
+        check(c, *args, **kwargs)
+    except Exception as e:
+        print("case:", c, "->", type(e).__name__, str(e)[:1500], flush=True)
+        raise
+
+
 def fuzz(n: int) -> int:
     """The random cases of the kernel tests (tests/fuzz_cases.py) on the emulated CUDA ops, every
     call in every thread order: statistics, mixture, its backward and single-scheme outputs
-    against the reference."""
+    against the reference; then n/3 batched cases against one per-tensor call per tensor."""
     sys.path.insert(0, os.path.join(ROOT, "tests"))
-    from fuzz_cases import cases, check_ops_case
+    from fuzz_cases import batched_cases, cases, check_batched_case, check_ops_case
     from hypothesis import HealthCheck, given, settings
 
-    ops = {name: getattr(N, name) for name in ("scheme_params", "mixture", "mixture_backward", "quantize")}
-    seen = [0]
+    names = ("scheme_params", "mixture", "mixture_backward", "quantize", "scheme_params_batched", "mixture_batched",
+             "mixture_batched_backward")
+    ops = {name: getattr(N, name) for name in names}
+    seen = [0, 0]
 
     @settings(max_examples=n, deadline=None, derandomize=True, suppress_health_check=list(HealthCheck),
               print_blob=True)
     @given(c=cases())
     def run(c):
         seen[0] += 1
-        check_ops_case(c, ops)
+        _report(check_ops_case, c, ops)
+
+    @settings(max_examples=max(n // 3, 1), deadline=None, derandomize=True, suppress_health_check=list(HealthCheck),
+              print_blob=True)
+    @given(c=batched_cases())
+    def run_batched(c):
+        seen[1] += 1
+        _report(check_batched_case, c, ops, exact_sums=False)
 
     try:
         run()
+        run_batched()
     except Exception as e:  # hypothesis has printed the shrunk failing case
         print("FAIL fuzz:", type(e).__name__, str(e)[:2000])
         return 1
-    print(f".. fuzz: {seen[0]} cases")
+    print(f".. fuzz: {seen[0]} cases, {seen[1]} batched cases")
     print("failures:", FAILS)
     return 1 if FAILS else 0
 
