@@ -354,7 +354,9 @@ def _weight_params(xin: torch.Tensor, sid: int, b: int, per_channel: bool, backe
     if mode == "torch":
         cd = ref.compute_dtype(xin.dtype)
         C = ref.num_channels(xin, per_channel)
-        x2 = xin.detach().to(cd).reshape(C, xin.numel() // C)
+        # as functional._torch_impl: the elements in memory order (a channels-last weight's sums)
+        xo = ref.in_memory_order(xin, ref.memory_order(xin, per_channel))
+        x2 = xo.detach().to(cd).reshape(C, xin.numel() // C)
         return ref.params_rows(x2, [b], [sid])[0]
     return AF.scheme_params(xin, [sid], [b], per_channel=per_channel, backend=backend)[0]
 

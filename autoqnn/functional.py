@@ -296,7 +296,9 @@ def _torch_impl(x, weights, bits_t, ints, sids, per_channel, params):
     cd = ref.compute_dtype(x.dtype)
     C = ref.num_channels(x, per_channel)
     n = x.numel() // C if C else 0
-    x2 = x.to(cd).reshape(C, n)
+    order = ref.memory_order(x, per_channel)  # y laid out like a dense x, as from the ops
+    xo = ref.in_memory_order(x, order)
+    x2 = xo.to(cd).reshape(C, n)
     xd = x2.detach()
     p = ref.params_rows(xd, ints, sids) if params is None else params.to(cd)
     xs = torch.where(torch.isfinite(xd), x2, 0)
@@ -312,7 +314,7 @@ def _torch_impl(x, weights, bits_t, ints, sids, per_channel, params):
         if weights is not None:
             yk = yk * weights[k].to(cd)
         y = yk if y is None else y + yk
-    return y.reshape(x.shape).to(x.dtype).contiguous()
+    return ref.from_memory_order(y.reshape(xo.shape).to(x.dtype).contiguous(), order)
 
 
 def _needs(backend, *ops):
@@ -535,7 +537,8 @@ def quantize(
             for a model's quantizers). Stale values quantize with the wrong bits: nothing checks.
 
     Returns:
-        A tensor of ``x``'s shape and dtype (contiguous).
+        A tensor of ``x``'s shape and dtype, laid out like ``x`` when ``x`` is dense (e.g.
+        channels-last; per channel only where dim 0 is outermost in memory), else contiguous.
     """
     check_input(x)
     _check_per_channel(x, per_channel)
@@ -801,15 +804,20 @@ def _mixture_batched_call(xs, wl, bl, schemes, sids, per_channel, mode="ops"):
     if per_channel:  # one row per channel: each tensor's weights and bits repeated (differentiable)
         w_rows = torch.cat([w_rows[i:i + 1].expand(C, -1) for i, C in enumerate(rows)])
         bits_rows = torch.cat([bits_rows[i:i + 1].expand(C, -1) for i, C in enumerate(rows)])
-    flat = torch.cat([x.reshape(-1) for x in xs]) if S > 1 else xs[0].reshape(-1)
+    # each tensor's elements in memory order (a channels-last weight flattens without a copy and
+    # comes back channels-last, as from the per-tensor ops)
+    orders = [ref.memory_order(x, per_channel) for x in xs]
+    xos = [ref.in_memory_order(x, o) for x, o in zip(xs, orders)]
+    flat = torch.cat([x.reshape(-1) for x in xos]) if S > 1 else xos[0].reshape(-1)
     ops = torch.ops.autoqnn
     params_op, mix_op = ((ops.scheme_params_batched_triton, ops.mixture_batched_triton) if mode == "triton"
                          else (ops.scheme_params_batched, ops.mixture_batched))
     params = params_op(flat.detach(), offsets, bits_rows.detach(), sids, _bits_grad(bits_rows))
     y = mix_op(flat, offsets, params, w_rows, bits_rows, sids)
     if S == 1:
-        return [y.reshape(xs[0].shape)]
-    return [part.reshape(x.shape) for part, x in zip(y.split([x.numel() for x in xs]), xs)]
+        return [ref.from_memory_order(y.reshape(xos[0].shape), orders[0])]
+    return [ref.from_memory_order(part.reshape(x.shape), o)
+            for part, x, o in zip(y.split([x.numel() for x in xos]), xos, orders)]
 
 
 def scheme_params(

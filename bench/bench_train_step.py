@@ -20,6 +20,7 @@ goal: QSS-fused <= 1.5x float on CPU, <= 1.3x on GPU.
 
     python bench/bench_train_step.py                 # CPU: VGG-like (width 16) on 28x28, batch 128
     python bench/bench_train_step.py --device cuda   # GPU: ResNet-18 at 224 px, batch 128
+    python bench/bench_train_step.py --channels-last # the same in channels-last memory format
     python -m pytest bench/bench_train_step.py       # the same through pytest-benchmark
 """
 from __future__ import annotations
@@ -48,6 +49,8 @@ PROVIDERS = DEFAULT_PROVIDERS + COMPILED_PROVIDERS + EXTRA_PROVIDERS
 #: batch size override (main() sets it from --batch; None: 128). A tiny batch makes the step's
 #: compute negligible, so on a CPU the step time is the host time a GPU step would pay.
 BATCH = None
+#: channels-last model and input (main() sets it from --channels-last)
+CHANNELS_LAST = False
 #: torch.compile(mode=..., backend=...) for the *-compiled providers (main() sets them)
 COMPILE_MODE = None
 COMPILE_BACKEND = "inductor"
@@ -112,6 +115,9 @@ def make_step(provider: str, device: str):
             from autoqnn.nn import WeightBatcher
 
             model._bench_batcher = WeightBatcher(model)  # kept alive with the model
+    if CHANNELS_LAST:  # the conv weights and the input (activations follow the convolutions)
+        model = model.to(memory_format=torch.channels_last)
+        x = x.to(memory_format=torch.channels_last)
     model.train()
     opt = torch.optim.SGD(model.parameters(), lr=1e-3, momentum=0.9)
 
@@ -181,20 +187,23 @@ def main(argv=None) -> int:
                     help="torch.compile backend for the *-compiled providers (default inductor)")
     ap.add_argument("--batch", type=int, help="batch size (default 128); e.g. 2 on a CPU measures the host "
                                                "time per step, what a host-bound GPU step pays")
+    ap.add_argument("--channels-last", action="store_true",
+                    help="model and input in channels-last memory format (the quantizers keep it)")
     ap.add_argument("--no-interleave", dest="interleave", action="store_false",
                     help="skip the second, interleaved measurement")
     args = ap.parse_args(argv)
     if args.batch is not None and args.batch < 1:
         ap.error("--batch must be >= 1")
-    global COMPILE_MODE, COMPILE_BACKEND, BATCH
+    global COMPILE_MODE, COMPILE_BACKEND, BATCH, CHANNELS_LAST
     COMPILE_MODE, COMPILE_BACKEND, BATCH = args.compile_mode, args.compile_backend, args.batch
+    CHANNELS_LAST = args.channels_last
     provs = [p.strip() for p in args.providers.split(",") if p.strip()]
     bad = sorted(set(provs) - set(PROVIDERS))
     if bad:
         ap.error(f"unknown provider(s) {bad}; choose from {PROVIDERS}")
     provs = ["float"] + [p for p in provs if p != "float"]
     model, shape, _ = make_model(args.device)
-    print(f"\n{type(model).__name__} batch {list(shape)} on {args.device} "
+    print(f"\n{type(model).__name__} batch {list(shape)}{' channels-last' if CHANNELS_LAST else ''} on {args.device} "
           f"(torch {torch.__version__}, {torch.get_num_threads()} threads, autoqnn {autoqnn.__version__})\n")
     if "float-compiled" in provs:  # measured second: the compiled rows get a ratio to it too
         provs = ["float", "float-compiled"] + [p for p in provs if p not in ("float", "float-compiled")]

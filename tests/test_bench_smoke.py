@@ -50,6 +50,14 @@ def test_train_step_table_with_compiled_providers():
         assert cells[3].endswith("x") or (cells[0] == "float" and cells[3] == ""), r
 
 
+def test_train_step_channels_last():
+    out = _run("bench/bench_train_step.py", "--providers", "qss-fused", "--rounds", "1", "--batch", "4",
+               "--channels-last", "--no-interleave")
+    assert "batch [4, 1, 28, 28] channels-last" in out
+    rows = [line for line in out.splitlines() if line.startswith("| float |") or line.startswith("| qss-fused |")]
+    assert len(rows) == 2, out
+
+
 def test_host_time_table():
     out = _run("bench/bench_host.py", "--calls", "3", "--rounds", "1")
     rows = [line for line in out.splitlines() if line.startswith("| AF.") or line.startswith("| SchemeMixture")]

@@ -60,3 +60,4 @@ def test_cuda_kernels_on_random_cases_emulated():
                            env=dict(env, AUTOQNN_CUDA_LEVELS=levels), capture_output=True, text=True, timeout=900)
         out = r.stdout + r.stderr
         assert r.returncode == 0 and "failures: 0" in out and f".. fuzz: {n} cases, {n // 3} batched cases" in out, out[-6000:]
+        assert ".. layouts: passed" in out, out[-6000:]  # channels-last and other dense layouts

@@ -292,3 +292,24 @@ def test_cuda_batched_ops_on_random_cases():
         check_batched_case(c, ops, "cuda", exact_sums=False)
 
     run()
+
+
+@pytest.mark.parametrize("levels", ["0", "1"], ids=["arith", "levels"])
+@pytest.mark.parametrize("family", ["cuda", "routed"])
+def test_cuda_ops_keep_dense_layouts(family, levels, monkeypatch):
+    """Channels-last, permuted, transposed and sliced inputs (tests/kernel_inputs.py) on the C++
+    CUDA kernels (``<op>_cuda``, statistics from the main ops) and on the main ops (the router):
+    a dense x read in memory order, y and grad_x laid out like it, bit for bit equal to the same
+    elements handed over contiguously in that order; fp32 and bf16, both output passes."""
+    from kernel_inputs import check_op_layouts
+
+    monkeypatch.setenv("AUTOQNN_CUDA_LEVELS", levels)
+    monkeypatch.setenv("AUTOQNN_TRITON_LEVELS", levels)
+
+    def op(name):
+        if family == "cuda" and hasattr(OPS, name + "_cuda"):
+            return getattr(OPS, name + "_cuda")
+        return getattr(OPS, name)
+
+    for dtype in (torch.float32, torch.bfloat16):
+        check_op_layouts(op, "cuda", dtype)

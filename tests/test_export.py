@@ -87,6 +87,23 @@ def test_dequantized_codes_equal_the_quantizer_bit_exactly(scheme, bits):
             assert torch.equal(got, want), (scheme, bits, tuple(w.shape), per_channel)
 
 
+@pytest.mark.parametrize("backend", ["cpp", "torch"])
+@pytest.mark.parametrize("scheme,bits", [("residual", 5), ("zoom", 3), ("clip", 8), ("pot", 4), ("fixed", 6),
+                                         ("quaternary", 2), ("ternary", 2), ("binary", 1)])
+def test_dequantized_codes_of_channels_last_weights(scheme, bits, backend):
+    """A channels-last weight: the quantizer sums its statistics in memory order (and returns a
+    channels-last tensor); the export computes the same statistics, so the codes stay exact."""
+    g = torch.Generator().manual_seed(3)
+    w = (torch.randn(16, 5, 3, 3, generator=g) * torch.rand(16, 1, 1, 1, generator=g) * 3).to(
+        memory_format=torch.channels_last)
+    for per_channel in (False, True):
+        with torch.no_grad():
+            want = Quantizer(scheme, bits, per_channel=per_channel, backend=backend)(w)
+        assert want.is_contiguous(memory_format=torch.channels_last)
+        got = E.dequantize_weight(E.pack_weight(w, scheme, bits, per_channel=per_channel, backend=backend))
+        assert torch.equal(got, want), (scheme, bits, per_channel, backend)
+
+
 @pytest.mark.parametrize("dtype", [torch.float64, torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("scheme,bits", [("residual", 5), ("zoom", 3), ("clip", 8), ("pot", 4), ("fixed", 6),
                                          ("quaternary", 2)])

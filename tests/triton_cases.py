@@ -646,6 +646,23 @@ def test_kernels_read_only_their_input():
         GB.check_batched_ops(_twin, DEVICE, dtype, GB.WEIGHT_SIDS)
 
 
+# ----------------------------------------------------------------------------- layouts
+@pytest.mark.parametrize("levels", ["0", "1"], ids=["arith", "levels"])
+def test_twins_keep_dense_layouts(levels, monkeypatch):
+    """Channels-last, permuted, transposed and sliced inputs (tests/kernel_inputs.py): the twins
+    read a dense x in memory order and lay y and grad_x out like it, bit for bit equal to the
+    same elements handed over contiguously in that order, on both output passes."""
+    from kernel_inputs import check_op_layouts
+
+    monkeypatch.setenv("AUTOQNN_TRITON_LEVELS", levels)
+    # under the interpreter (slow, the levels pass most): the arithmetic pass on channels-last per
+    # tensor and per channel, permuted, and the per-channel fallback; the levels pass on one
+    only = ([0, 1, 3, 5] if levels == "0" else [1]) if INTERPRET else None
+    check_op_layouts(_twin, DEVICE, only=only)
+    if not INTERPRET:
+        check_op_layouts(_twin, DEVICE, torch.bfloat16)
+
+
 # ----------------------------------------------------------------------------- random cases
 @pytest.mark.parametrize("levels", ["0", "1"], ids=["arith", "levels"])
 def test_random_cases_match_reference(levels, monkeypatch):

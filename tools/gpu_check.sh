@@ -9,7 +9,7 @@
 #   OUT=/tmp/out bash tools/gpu_check.sh                       # everything, ~9 min at most
 #   BUDGET=300 STEPS="build env tests" bash tools/gpu_check.sh  # a subset
 set -uo pipefail
-STEPS=${STEPS:-"build env raise tests tune report levels levels_tests random_cases train_step batched host division memory compiled_step profile stats_two_stage batched_triton compiled_cudagraphs"}
+STEPS=${STEPS:-"build env raise tests tune report levels levels_tests random_cases train_step train_step_cl batched host division memory compiled_step profile stats_two_stage batched_triton compiled_cudagraphs"}
 BUDGET=${BUDGET:-560}
 PY=${PY:-python3}
 cd "$(dirname "$0")/.."
@@ -76,6 +76,9 @@ step levels_tests 60 env -u TRITON_INTERPRET $PY -m pytest -q -n 14 -p no:cachep
 step random_cases 60 env -u TRITON_INTERPRET $PY -m pytest -q -p no:cacheprovider -rfE tests/triton_cases.py \
   -k "test_random_cases_match_reference or test_random_batched_cases"
 step train_step 48 $PY bench/bench_train_step.py --device cuda --no-interleave --providers float,qss-fused,qss-levels,qss-batched,qpl-fused,qpl-sync,qss-ref,qss-pruned2
+# the same in channels-last (cuDNN's NHWC convolutions; the quantizers keep the layout since
+# 2026-12-01, before they turned the network contiguous)
+step train_step_cl 30 $PY bench/bench_train_step.py --device cuda --no-interleave --channels-last --providers float,qss-fused,qss-batched
 # does the batched weights op pay on a GPU (the issue asks to measure it)?
 step batched 20 $PY bench/bench_batched.py --device cuda
 # host time per quantizer call (registered formula, Python fast path, C++ fast path: 3 providers,
@@ -104,7 +107,7 @@ step compiled_cudagraphs 120 $PY bench/bench_train_step.py --device cuda --round
 
 tar -czf "$OUT/gpu-check.tar.gz" -C "$OUT" logs && rm -rf "$LOGS"
 tar -xzf "$OUT/gpu-check.tar.gz" -O logs/summary.txt 2>/dev/null
-for f in raise tests tune report levels levels_tests random_cases train_step batched host division memory compiled_step stats_two_stage batched_triton compiled_cudagraphs; do
+for f in raise tests tune report levels levels_tests random_cases train_step train_step_cl batched host division memory compiled_step stats_two_stage batched_triton compiled_cudagraphs; do
   echo "---- $f"
   if [ "$f" = raise ]; then tar -xzf "$OUT/gpu-check.tar.gz" -O logs/raise.log 2>/dev/null | tail -n 50; continue; fi
   tar -xzf "$OUT/gpu-check.tar.gz" -O "logs/$f.log" 2>/dev/null | grep -v "^DEBUG " | grep -E "^\||passed|failed|error|Error|^FAILED|^ERROR|^###|^==" | tail -n 120

@@ -29,6 +29,11 @@ Ops (bits is a float tensor ``[K]``, the forward uses ``clip(round(bits), b_min,
     flat concatenation, ``offsets`` (``int[R + 1]``, 0 .. numel) cuts it into R rows, each with
     its own statistics, weights ``[R, K]`` and bits ``[R, K]``; params are ``[K, R, P]``.
 
+The per-tensor output-pass ops lay y and grad_x out like x when x is dense in another layout than
+the contiguous one (channels-last; per channel only with dim 0 outermost), contiguous otherwise
+(:func:`.reference.memory_order`): a channels-last model stays channels-last, and x is read
+without a copy.
+
 Every kernel reads ``bits`` on the host (the integer bits set up each candidate's levels before
 a launch): a host tensor costs nothing there, a device tensor is copied (a stream sync on a
 GPU). So the backward ops return a requested grad_bits (``bits``' shape and dtype) on ``x``'s
@@ -163,12 +168,12 @@ def _scheme_params_fake(x, bits, schemes, per_channel, need_bits_grad=True):
 @torch.library.register_fake(qualname("quantize"), lib=_lib)
 def _quantize_fake(x, params, bits, scheme, per_channel):
     torch._check(params.dim() == 3 and params.shape[0] == 1, lambda: "params must be [1, C, P]")
-    return torch.empty_like(x, memory_format=torch.contiguous_format)
+    return ref.out_like(x, per_channel)
 
 
 @torch.library.register_fake(qualname("quantize_backward"), lib=_lib)
 def _quantize_backward_fake(grad_y, x, params, bits, scheme, per_channel, need_bits_grad):
-    return (torch.empty_like(x, memory_format=torch.contiguous_format),
+    return (ref.out_like(x, per_channel),
             torch.empty_like(bits, device=x.device if need_bits_grad else bits.device))
 
 
@@ -177,7 +182,7 @@ def _mixture_fake(x, params, weights, bits, schemes, per_channel):
     K = len(schemes)
     torch._check(params.dim() == 3 and params.shape[0] == K, lambda: "params must be [K, C, P]")
     torch._check(weights.numel() == K, lambda: "weights must have one entry per scheme")
-    return torch.empty_like(x, memory_format=torch.contiguous_format)
+    return ref.out_like(x, per_channel)
 
 
 @torch.library.register_fake(qualname("mixture_backward"), lib=_lib)
@@ -185,7 +190,7 @@ def _mixture_backward_fake(
     grad_y, x, params, weights, bits, schemes, per_channel, need_weights_grad, need_bits_grad
 ):
     return (
-        torch.empty_like(x, memory_format=torch.contiguous_format),
+        ref.out_like(x, per_channel),
         torch.empty_like(weights),
         torch.empty_like(bits, device=x.device if need_bits_grad else bits.device),
     )

@@ -100,6 +100,7 @@ def _tensor_stats_impl(x, per_channel):
     _check_device(x)
     _check_float(x)
     cd = ref.compute_dtype(x.dtype)
+    x = ref.in_memory_order(x, ref.memory_order(x, per_channel))  # a dense x without a copy
     return stats_kernels.row_stats(x, per_channel).to(cd)
 
 
@@ -138,6 +139,7 @@ def _scheme_params_impl(x, bits, schemes, per_channel, need_bits_grad=True):
     schemes = [int(s) for s in schemes]
     b_int = ref.int_bits(bits, schemes)
     plan, (lams,) = _stats_plan(schemes, [b_int], need_bits_grad)
+    x = ref.in_memory_order(x, ref.memory_order(x, per_channel))  # a dense x without a copy
     return stats_kernels.scheme_params_chain(
         x, per_channel, schemes, b_int, lams, (TERNARY_DELTA, QUATERNARY_LAMBDA), plan,
         res_top=int(bool(need_bits_grad)))
@@ -199,20 +201,27 @@ def _quantize_impl(x, params, bits, scheme, per_channel):
     _check_device(x)
     ref._check_params(x, params, 1, per_channel)
     (b,) = ref.int_bits(bits, [scheme])
+    order = ref.memory_order(x, per_channel)  # y laid out like a dense x (see _schema)
+    x = ref.in_memory_order(x, order)
     if _use_levels(x, per_channel):
-        return levels_kernels.mixture_fwd_levels(x, params, None, [b], [int(scheme)], per_channel)
-    return kernels.quantize_fwd(x, params, b, int(scheme), per_channel)
+        y = levels_kernels.mixture_fwd_levels(x, params, None, [b], [int(scheme)], per_channel)
+    else:
+        y = kernels.quantize_fwd(x, params, b, int(scheme), per_channel)
+    return ref.from_memory_order(y, order)
 
 
 def _quantize_backward_impl(grad_y, x, params, bits, scheme, per_channel, need_bits_grad):
     _check_device(x)
     ref._check_params(x, params, 1, per_channel)
     (b,) = ref.int_bits(bits, [scheme])
+    order = ref.memory_order(x, per_channel)  # grad_x laid out like a dense x (see _schema)
+    x, grad_y = ref.in_memory_order(x, order), ref.in_memory_order(grad_y, order)
     if _use_levels(x, per_channel):
         gx, _, gb = levels_kernels.mixture_bwd_levels(grad_y, x, params, None, [b], [int(scheme)], per_channel,
                                                       False, need_bits_grad)
     else:
         gx, gb = kernels.quantize_bwd(grad_y, x, params, b, int(scheme), per_channel, need_bits_grad)
+    gx = ref.from_memory_order(gx, order)
     # grad_bits on x's device (see _schema)
     gb = torch.zeros_like(bits) if gb is None else gb.to(x.device, bits.dtype).reshape(bits.shape)
     return gx, gb
@@ -223,9 +232,13 @@ def _mixture_impl(x, params, weights, bits, schemes, per_channel):
     schemes = [int(s) for s in schemes]
     ref._check_params(x, params, len(schemes), per_channel)
     b_int = ref.int_bits(bits, schemes)
+    order = ref.memory_order(x, per_channel)  # y laid out like a dense x (see _schema)
+    x = ref.in_memory_order(x, order)
     if _use_levels(x, per_channel):
-        return levels_kernels.mixture_fwd_levels(x, params, weights, b_int, schemes, per_channel)
-    return kernels.mixture_fwd(x, params, weights, b_int, schemes, per_channel)
+        y = levels_kernels.mixture_fwd_levels(x, params, weights, b_int, schemes, per_channel)
+    else:
+        y = kernels.mixture_fwd(x, params, weights, b_int, schemes, per_channel)
+    return ref.from_memory_order(y, order)
 
 
 def _mixture_backward_impl(
@@ -236,8 +249,11 @@ def _mixture_backward_impl(
     K = len(schemes)
     ref._check_params(x, params, K, per_channel)
     b_int = ref.int_bits(bits, schemes)
+    order = ref.memory_order(x, per_channel)  # grad_x laid out like a dense x (see _schema)
+    x, grad_y = ref.in_memory_order(x, order), ref.in_memory_order(grad_y, order)
     bwd = levels_kernels.mixture_bwd_levels if _use_levels(x, per_channel) else kernels.mixture_bwd
     gx, gw, gb = bwd(grad_y, x, params, weights, b_int, schemes, per_channel, need_weights_grad, need_bits_grad)
+    gx = ref.from_memory_order(gx, order)
     if gw is None:
         gw = torch.zeros(K, dtype=weights.dtype, device=weights.device)
     gw = gw.to(weights.device, weights.dtype).reshape(weights.shape)

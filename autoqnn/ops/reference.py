@@ -25,7 +25,7 @@ Conventions shared by all kernels (C++, CUDA, Triton must match them):
 """
 from __future__ import annotations
 
-from typing import Sequence
+from typing import Optional, Sequence
 
 import torch
 
@@ -102,11 +102,68 @@ def num_channels(x: torch.Tensor, per_channel: bool) -> int:
     return int(x.shape[0]) if (per_channel and x.dim() > 0) else 1
 
 
+def memory_order(x: torch.Tensor, per_channel: bool) -> Optional[list[int]]:
+    """x's dims from outermost to innermost in memory when x is dense in a layout other than the
+    contiguous one (channels-last activations and weights, a transposed matrix), else None.
+
+    ``x.permute(order)`` is then contiguous: the ops read x in that order without a copy and lay
+    their outputs out like x (:func:`from_memory_order`), so a channels-last model stays
+    channels-last. Per channel, dim 0 stays first (each channel's elements stay one contiguous
+    row); a layout where it is not outermost gets None. Dims of equal stride (size-1 dims) keep
+    their index order. None also for contiguous, 0-/1-d and non-dense tensors: the ops read a
+    contiguous copy and write contiguous outputs. The twin of ``csrc/include/autoqnn/
+    memory_order.h``; the fake kernels use this one, so every kernel's output strides agree.
+    """
+    if x.dim() < 2 or x.is_contiguous():
+        return None
+    dims = sorted(range(1 if per_channel else 0, x.dim()), key=lambda d: -x.stride(d))  # stable
+    order = [0, *dims] if per_channel else dims
+    return order if x.permute(order).is_contiguous() else None
+
+
+def in_memory_order(t: torch.Tensor, order: Optional[list[int]]) -> torch.Tensor:
+    """``t`` with its dims permuted to ``order`` (:func:`memory_order` of x): contiguous, without a
+    copy, when t is laid out like x."""
+    return t if order is None else t.permute(order)
+
+
+def from_memory_order(t: torch.Tensor, order: Optional[list[int]]) -> torch.Tensor:
+    """A result computed in memory order (dims permuted) as a tensor of x's dims and layout."""
+    if order is None:
+        return t
+    inv = [0] * len(order)
+    for i, d in enumerate(order):
+        inv[d] = i
+    return t.permute(inv)
+
+
+def out_like(x: torch.Tensor, per_channel: bool) -> torch.Tensor:
+    """An uninitialised tensor of x's shape and dtype with the ops' output layout: x's when
+    :func:`memory_order` gives an order, contiguous otherwise (what the fake kernels return)."""
+    order = memory_order(x, per_channel)
+    return from_memory_order(torch.empty_like(in_memory_order(x, order), memory_format=torch.contiguous_format),
+                             order)
+
+
 def _rows(x: torch.Tensor, per_channel: bool) -> torch.Tensor:
-    """x as a contiguous [C, N] tensor in the compute dtype (a copy only where needed)."""
+    """x as a contiguous [C, N] tensor in the compute dtype, its elements in memory order
+    (:func:`memory_order`; a copy only where needed)."""
     C = num_channels(x, per_channel)
     n = x.numel() // C if C else 0
+    x = in_memory_order(x, memory_order(x, per_channel))
     return x.detach().to(compute_dtype(x.dtype)).contiguous().reshape(C, n)
+
+
+def _out(y2: torch.Tensor, x: torch.Tensor, per_channel: bool) -> torch.Tensor:
+    """A [C, N] result of :func:`_rows`'s order as a tensor of x's shape, dtype and layout."""
+    order = memory_order(x, per_channel)
+    return from_memory_order(y2.reshape(in_memory_order(x, order).shape).to(x.dtype), order)
+
+
+def _grad_rows(grad_y: torch.Tensor, x: torch.Tensor, per_channel: bool, like: torch.Tensor) -> torch.Tensor:
+    """grad_y in the order of :func:`_rows` (x's memory order), shaped and typed like ``like``."""
+    g = in_memory_order(grad_y, memory_order(x, per_channel))
+    return g.detach().to(like.dtype).reshape(like.shape)
 
 
 def int_bits(bits: torch.Tensor, schemes: Sequence[int]) -> list[int]:
@@ -343,7 +400,7 @@ def mixture_ref(
         q, _, _ = eval_scheme(schemes[k], x2, p[k], b_int[k])
         q = q * w[k]
         y = q if y is None else y + q
-    return y.reshape(x.shape).to(x.dtype)
+    return _out(y, x, per_channel)
 
 
 def mixture_backward_ref(
@@ -372,7 +429,7 @@ def mixture_backward_ref(
     b_int = int_bits(bits, schemes)
     x2 = _rows(x, per_channel)
     cd = x2.dtype
-    g2 = grad_y.detach().to(cd).reshape(x2.shape)
+    g2 = _grad_rows(grad_y, x, per_channel, x2)
     p = params.to(cd)
     wl = weights.detach().to(cd).reshape(-1).tolist()
     gmask = None  # Σ_k w_k·mask_k, as [C, N] or scalar
@@ -390,7 +447,7 @@ def mixture_backward_ref(
         if need_bits_grad:
             gb_l.append(wl[k] * (g2 * D).sum())
     factor = wsum_identity if gmask is None else gmask + wsum_identity
-    gx = torch.where(torch.isfinite(x2), g2 * factor, 0).reshape(x.shape).to(x.dtype)
+    gx = _out(torch.where(torch.isfinite(x2), g2 * factor, 0), x, per_channel)
     if need_weights_grad:
         gw = torch.stack(gw_l).to(weights.dtype).reshape(weights.shape)
     if need_bits_grad:
@@ -408,7 +465,7 @@ def quantize_ref(
     (b,) = int_bits(bits, [scheme])
     x2 = _rows(x, per_channel)
     q, _, _ = eval_scheme(scheme, x2, params[0].to(x2.dtype), b)
-    return q.reshape(x.shape).to(x.dtype)
+    return _out(q, x, per_channel)
 
 
 def quantize_backward_ref(
@@ -427,13 +484,13 @@ def quantize_backward_ref(
         return torch.zeros_like(x, memory_format=torch.contiguous_format), gb
     (b,) = int_bits(bits, [scheme])
     x2 = _rows(x, per_channel)
-    g2 = grad_y.detach().to(x2.dtype).reshape(x2.shape)
+    g2 = _grad_rows(grad_y, x, per_channel, x2)
     _, mask, D = eval_scheme(scheme, x2, params[0].to(x2.dtype), b, need_dbits=need_bits_grad)
     keep = torch.isfinite(x2) if mask is None else mask
     gx = torch.where(keep, g2, 0)
     if need_bits_grad:
         gb = (g2 * D).sum().to(bits.dtype).reshape(bits.shape)
-    return gx.reshape(x.shape).to(x.dtype), gb
+    return _out(gx, x, per_channel), gb
 
 
 

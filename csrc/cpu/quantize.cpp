@@ -18,6 +18,7 @@
 #include <vector>
 
 #include "autoqnn/checks.h"
+#include "autoqnn/memory_order.h"
 #include "autoqnn/scheme_math.h"
 
 // Hot tile loops are compiled for baseline x86-64 (SSE2) and, dispatched at load time by the
@@ -496,7 +497,7 @@ at::Tensor scheme_params_impl(const at::Tensor& x_, const at::Tensor& bits, at::
                               bool per_channel, bool need_bits_grad) {
   check_float(x_, "x");
   const RowBits b = shared_bits(bits, schemes);
-  const at::Tensor x = x_.contiguous();
+  const at::Tensor x = in_memory_order(x_, memory_order(x_, per_channel));  // a view of a dense x
   return scheme_params_rows(x, layout_of(x, per_channel), b, schemes, need_bits_grad);
 }
 
@@ -745,11 +746,12 @@ at::Tensor forward_rows(const at::Tensor& x, const Layout& L, const at::Tensor& 
 at::Tensor forward_impl(const at::Tensor& x_, const at::Tensor& params_, const RowWeights* w,
                         const at::Tensor& bits, at::IntArrayRef schemes, bool per_channel) {
   check_float(x_, "x");
-  const at::Tensor x = x_.contiguous();
+  const std::vector<int64_t> order = memory_order(x_, per_channel);  // y laid out like a dense x
+  const at::Tensor x = in_memory_order(x_, order);
   const Layout L = layout_of(x, per_channel);
   const Candidates cs = candidates(shared_bits(bits, schemes), schemes);
   const at::Tensor params = params_for(params_, x, schemes.size(), L);
-  return forward_rows(x, L, params, w, cs);
+  return from_memory_order(forward_rows(x, L, params, w, cs), order);
 }
 
 // Returns grad_x and fills gw/gb (double) when requested: [K] summed over every row for shared
@@ -834,14 +836,15 @@ at::Tensor backward_impl(const at::Tensor& gy_, const at::Tensor& x_, const at::
                          bool per_channel, bool need_w, bool need_b, std::vector<double>& gw,
                          std::vector<double>& gb) {
   check_float(x_, "x");
-  const at::Tensor x = x_.contiguous();
   TORCH_CHECK_VALUE(gy_.sizes() == x_.sizes(), "autoqnn: grad_y has shape ", gy_.sizes(),
                     " but x has shape ", x_.sizes());
-  const at::Tensor gy = gy_.to(x.scalar_type()).contiguous();
+  const std::vector<int64_t> order = memory_order(x_, per_channel);  // grad_x laid out like a dense x
+  const at::Tensor x = in_memory_order(x_, order);
+  const at::Tensor gy = in_memory_order(gy_.to(x.scalar_type()), order);
   const Layout L = layout_of(x, per_channel);
   const Candidates cs = candidates(shared_bits(bits, schemes), schemes);
   const at::Tensor params = params_for(params_, x, schemes.size(), L);
-  return backward_rows(gy, x, L, params, w, cs, need_w, need_b, gw, gb);
+  return from_memory_order(backward_rows(gy, x, L, params, w, cs, need_w, need_b, gw, gb), order);
 }
 
 // v as a tensor shaped like `like`, with its dtype and device. On the host in float32/float64 it

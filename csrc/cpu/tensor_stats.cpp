@@ -12,6 +12,7 @@
 #include <algorithm>
 #include <vector>
 
+#include "autoqnn/memory_order.h"
 #include "autoqnn/checks.h"
 #include "autoqnn/dispatch.h"
 #include "autoqnn/tensor_stats.h"
@@ -68,7 +69,7 @@ at::Tensor tensor_stats_cpu(const at::Tensor& x, bool per_channel) {
   const int64_t N = C > 0 ? x.numel() / C : 0;
   at::Tensor out = at::zeros({C, stats::kCols}, x.options().dtype(stats_dtype(x.scalar_type())));
   if (C == 0 || N == 0) return out;  // empty: zeros [C, 7]
-  const at::Tensor xc = x.contiguous();
+  const at::Tensor xc = in_memory_order(x, memory_order(x, per_channel));  // a view of a dense x
   AUTOQNN_DISPATCH_FLOATING(xc.scalar_type(), "tensor_stats_cpu", [&] {
     if (out.scalar_type() == at::kDouble) {
       tensor_stats_kernel(xc.const_data_ptr<scalar_t>(), out.mutable_data_ptr<double>(), C, N);

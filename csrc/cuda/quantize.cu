@@ -24,6 +24,7 @@
 #include <cmath>
 #include <vector>
 
+#include "autoqnn/memory_order.h"
 #include "autoqnn/batched_rows.h"
 #include "autoqnn/checks.h"
 #include "autoqnn/row_map.h"
@@ -678,18 +679,20 @@ at::Tensor forward_cuda(const at::Tensor& x_, const at::Tensor& params_, const a
                         const at::Tensor& bits, at::IntArrayRef schemes, bool per_channel, const char* op) {
   check_float_input(x_, op, "x");
   const c10::cuda::CUDAGuard guard(x_.device());
-  const at::Tensor x = x_.contiguous();
+  const std::vector<int64_t> order = memory_order(x_, per_channel);  // y laid out like a dense x
+  const at::Tensor x = in_memory_order(x_, order);
   const Layout L = layout_of(x, per_channel);
   const int64_t K = schemes.size();
   const at::Tensor params = params_on(params_, x, K, L);
   at::Tensor y = at::empty_like(x, at::MemoryFormat::Contiguous);
+  const at::Tensor y_out = from_memory_order(y, order);
   at::Tensor w;
   if (weights) {
     check_float_input(*weights, op, "weights");
     TORCH_CHECK_VALUE(weights->numel() == K, "autoqnn: weights must have ", K, " entries");
     w = weights->detach().to(x.device(), stats_dtype(x.scalar_type())).contiguous();
   }
-  if (x.numel() == 0) return y;
+  if (x.numel() == 0) return y_out;
   const auto stream = c10::cuda::getCurrentCUDAStream();
   if (lv::enabled(x, L.C, L.N)) {  // the levels-table pass: same values
     AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "autoqnn_cuda_forward_levels", [&] {
@@ -700,7 +703,7 @@ at::Tensor forward_cuda(const at::Tensor& x_, const at::Tensor& params_, const a
           tb.v.const_data_ptr<float>(), cs.K, tb.pl.P, tb.pl.log2P, L.C, L.N);
       C10_CUDA_KERNEL_LAUNCH_CHECK();
     });
-    return y;
+    return y_out;
   }
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "autoqnn_cuda_forward", [&] {
     using T = at::opmath_type<scalar_t>;
@@ -716,7 +719,7 @@ at::Tensor forward_cuda(const at::Tensor& x_, const at::Tensor& params_, const a
     }
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   });
-  return y;
+  return y_out;
 }
 
 // Returns (grad_x, grad_weights shaped like *weights (undefined without weights), grad_bits shaped
@@ -732,12 +735,14 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> backward_cuda(const at::Tensor& g
   TORCH_CHECK_VALUE(gy_.sizes() == x_.sizes(), "autoqnn: grad_y has shape ", gy_.sizes(),
                     " but x has shape ", x_.sizes());
   const c10::cuda::CUDAGuard guard(x_.device());
-  const at::Tensor x = x_.contiguous();
-  const at::Tensor gy = gy_.to(x.device(), x.scalar_type()).contiguous();
+  const std::vector<int64_t> order = memory_order(x_, per_channel);  // grad_x laid out like a dense x
+  const at::Tensor x = in_memory_order(x_, order);
+  const at::Tensor gy = in_memory_order(gy_.to(x.device(), x.scalar_type()), order);
   const Layout L = layout_of(x, per_channel);
   const int64_t K = schemes.size();
   const at::Tensor params = params_on(params_, x, K, L);
   at::Tensor gx = at::empty_like(x, at::MemoryFormat::Contiguous);
+  const at::Tensor gx_out = from_memory_order(gx, order);
   at::Tensor w;
   if (weights) {
     check_float_input(*weights, op, "weights");
@@ -754,7 +759,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> backward_cuda(const at::Tensor& g
                  : x.numel() > 0 ? at::empty(bits.sizes(), bits.options().device(x.device()))
                                  : at::zeros(bits.sizes(), bits.options().device(x.device()));
   const bool run_w = have_w && need_w, run_b = need_b;
-  if (x.numel() == 0) return {gx, gw, gb};
+  if (x.numel() == 0) return {gx_out, gw, gb};
   TORCH_CHECK_VALUE(!run_b || bits.is_floating_point(), "autoqnn: bits must be a floating tensor for a bits gradient");
   const int64_t blocks = grid_for((x.numel() + kElems - 1) / kElems);
   at::Tensor part = at::empty({blocks, 2 * K}, x.options().dtype(stats_dtype(x.scalar_type())));
@@ -792,7 +797,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> backward_cuda(const at::Tensor& g
   // grad_weights lives where the weights do (made on x's device for the kernel); grad_bits
   // stays on x's device
   if (run_w && gw.device() != weights->device()) gw = gw.to(weights->device());
-  return {gx, gw, gb};
+  return {gx_out, gw, gb};
 }
 
 // ----------------------------------------------------------------------------- op entry points

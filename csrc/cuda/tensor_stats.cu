@@ -33,6 +33,7 @@
 #include <type_traits>
 #include <vector>
 
+#include "autoqnn/memory_order.h"
 #include "autoqnn/checks.h"
 #include "autoqnn/dispatch.h"
 #include "autoqnn/batched_rows.h"
@@ -498,7 +499,7 @@ at::Tensor tensor_stats_cuda(const at::Tensor& x, bool per_channel) {
   const at::ScalarType out_dtype = stats_dtype(x.scalar_type());
   if (C == 0 || N == 0) return at::zeros({C, stats::kCols}, x.options().dtype(out_dtype));
 
-  const at::Tensor xc = x.contiguous();
+  const at::Tensor xc = in_memory_order(x, memory_order(x, per_channel));  // a view of a dense x
   const int64_t chunks_per_row = (N + stats::kChunk - 1) / stats::kChunk;
   const int64_t blocks = C * chunks_per_row;
   TORCH_CHECK(blocks <= std::numeric_limits<int32_t>::max(),
@@ -545,7 +546,7 @@ at::Tensor scheme_params_cuda(const at::Tensor& x, const at::Tensor& bits, at::I
     return at::zeros({static_cast<int64_t>(schemes.size()), C, kNumParams}, out_opts);
   // every slot is written by params_write_kernel: no memset launch
   at::Tensor out = at::empty({static_cast<int64_t>(schemes.size()), C, kNumParams}, out_opts);
-  const at::Tensor xc = x.contiguous();
+  const at::Tensor xc = in_memory_order(x, memory_order(x, per_channel));  // a view of a dense x
   const cudaStream_t stream = at::cuda::getCurrentCUDAStream();
   RowMap m;
   m.R = C;

@@ -99,34 +99,42 @@ def _report(check, c, *args, **kwargs):
         raise
 
 
-def fuzz(n: int) -> int:
+def fuzz(n: int, seed: int | None = None) -> int:
     """The random cases of the kernel tests (tests/fuzz_cases.py) on the emulated CUDA ops, every
     call in every thread order: statistics, mixture, its backward and single-scheme outputs
-    against the reference; then n/3 batched cases against one per-tensor call per tensor."""
+    against the reference; then n/3 batched cases against one per-tensor call per tensor.
+    Without a seed the cases are the derandomised ones of the tests; a seed draws others."""
     sys.path.insert(0, os.path.join(ROOT, "tests"))
     from fuzz_cases import batched_cases, cases, check_batched_case, check_ops_case
     from hypothesis import HealthCheck, given, settings
+    from hypothesis import seed as hseed
 
     names = ("scheme_params", "mixture", "mixture_backward", "quantize", "scheme_params_batched", "mixture_batched",
              "mixture_batched_backward")
     ops = {name: getattr(N, name) for name in names}
     seen = [0, 0]
 
-    @settings(max_examples=n, deadline=None, derandomize=True, suppress_health_check=list(HealthCheck),
-              print_blob=True)
+    derand = seed is None
+    seeded = (lambda f: f) if derand else hseed(seed)
+
+    @seeded
+    @settings(max_examples=n, deadline=None, derandomize=derand, suppress_health_check=list(HealthCheck),
+              print_blob=True, database=None)
     @given(c=cases())
     def run(c):
         seen[0] += 1
         _report(check_ops_case, c, ops)
 
-    @settings(max_examples=max(n // 3, 1), deadline=None, derandomize=True, suppress_health_check=list(HealthCheck),
-              print_blob=True)
+    @seeded
+    @settings(max_examples=max(n // 3, 1), deadline=None, derandomize=derand,
+              suppress_health_check=list(HealthCheck), print_blob=True, database=None)
     @given(c=batched_cases())
     def run_batched(c):
         seen[1] += 1
         _report(check_batched_case, c, ops, exact_sums=False)
 
     try:
+        layouts()
         run()
         run_batched()
     except Exception as e:  # hypothesis has printed the shrunk failing case
@@ -135,6 +143,22 @@ def fuzz(n: int) -> int:
     print(f".. fuzz: {seen[0]} cases, {seen[1]} batched cases")
     print("failures:", FAILS)
     return 1 if FAILS else 0
+
+
+def layouts():
+    """Channels-last, permuted, transposed and sliced inputs (tests/kernel_inputs.py, the check the
+    C++, Triton and GPU tests run): the emulated ops read a dense x in memory order and lay y and
+    grad_x out like it, bit for bit equal to the same elements handed over contiguously."""
+    from kernel_inputs import check_op_layouts
+
+    def op(name):
+        if name == "scheme_params":
+            return lambda x, b, s, pc: N.scheme_params(x, b, s, pc, True)
+        return getattr(N, name)
+
+    for dtype in (torch.float32, torch.bfloat16):
+        check_op_layouts(op, "cpu", dtype)
+    print(".. layouts: passed", flush=True)
 
 
 def constant_rows(dtypes):
@@ -272,6 +296,8 @@ def main(argv=None) -> int:
     ap.add_argument("--fuzz", type=int, default=0, metavar="N",
                     help="only N random cases of tests/fuzz_cases.py (hypothesis, derandomised) on the new "
                          "build against the reference: no old build needed")
+    ap.add_argument("--seed", type=int, default=None,
+                    help="with --fuzz: draw other cases than the tests' derandomised ones")
     ap.add_argument("--levels", action="store_true",
                     help="only the step cases, the new build's levels-table pass (AUTOQNN_CUDA_LEVELS=1) "
                          "against its own arithmetic kernels (=0): no old build needed")
@@ -281,7 +307,7 @@ def main(argv=None) -> int:
     torch.use_deterministic_algorithms(True)
     torch.utils.deterministic.fill_uninitialized_memory = True
     if args.fuzz:
-        return fuzz(args.fuzz)
+        return fuzz(args.fuzz, args.seed)
     if args.levels:
         N, O = _WithEnv(N, "1"), _WithEnv(emu_new, "0")
         threshold_cases([d for d in args.dtypes.split(",") if d != "float64"])
