@@ -664,6 +664,14 @@ def test_twins_keep_dense_layouts(levels, monkeypatch):
 
 
 # ----------------------------------------------------------------------------- random cases
+def flush_bf16_subnormals(x):
+    """The interpreter converts bfloat16 subnormals to float32 wrongly (the pattern 0x0001,
+    9.2e-41, becomes 0, 0x0021 becomes 3.7e-40 instead of 3.0e-39; triton 3.8), which a compiled
+    kernel does exactly (a shift): the interpreted random cases flush them, the GPU run keeps them."""
+    if x.dtype == torch.bfloat16:
+        x.masked_fill_((x != 0) & (x.abs() < torch.finfo(torch.bfloat16).tiny), 0.0)
+
+
 @pytest.mark.parametrize("levels", ["0", "1"], ids=["arith", "levels"])
 def test_random_cases_match_reference(levels, monkeypatch):
     """The randomised differential cases of tests/test_kernel_fuzz.py (tests/fuzz_cases.py:
@@ -679,13 +687,6 @@ def test_random_cases_match_reference(levels, monkeypatch):
     from hypothesis import HealthCheck, given, settings
 
     ops = {name: getattr(OPS, name + "_triton") for name in ("scheme_params", "mixture", "mixture_backward", "quantize")}
-
-    def flush_bf16_subnormals(x):
-        # the interpreter converts bfloat16 subnormals to float32 wrongly (the pattern 0x0001,
-        # 9.2e-41, becomes 0, 0x0021 becomes 3.7e-40 instead of 3.0e-39; triton 3.8), which a
-        # compiled kernel does exactly (a shift); the GPU run keeps them
-        if x.dtype == torch.bfloat16:
-            x.masked_fill_((x != 0) & (x.abs() < torch.finfo(torch.bfloat16).tiny), 0.0)
 
     @settings(max_examples=(30 if levels == "0" else 8) if INTERPRET else (12 if levels == "0" else 6), deadline=None, derandomize=True,
               suppress_health_check=list(HealthCheck))
@@ -707,10 +708,6 @@ def test_random_batched_cases_equal_one_call_per_tensor():
     names = ("scheme_params", "mixture", "mixture_backward", "scheme_params_batched", "mixture_batched",
              "mixture_batched_backward")
     ops = {name: getattr(OPS, name + "_triton") for name in names}
-
-    def flush_bf16_subnormals(x):  # see test_random_cases_match_reference
-        if x.dtype == torch.bfloat16:
-            x.masked_fill_((x != 0) & (x.abs() < torch.finfo(torch.bfloat16).tiny), 0.0)
 
     @settings(max_examples=10 if INTERPRET else 6, deadline=None, derandomize=True,
               suppress_health_check=list(HealthCheck))
