@@ -28,7 +28,7 @@ def cases(draw):
     return dict(sids=sids, bits=bits, w=w, rows=rows, n=n,
                 dtype=draw(st.sampled_from(DTYPES)),
                 per_channel=draw(st.booleans()),
-                layout=draw(st.sampled_from(["contiguous", "transposed", "strided"])),
+                layout=draw(st.sampled_from(["contiguous", "transposed", "strided", "inner_permuted"])),
                 kinds=[draw(st.sampled_from(ROW_KINDS)) for _ in range(rows)],
                 scales=[draw(st.sampled_from(SCALES)) for _ in range(rows)],
                 specials=draw(st.integers(0, 3)),
@@ -63,6 +63,9 @@ def make_x(c):
         wide = torch.zeros(rows, 2 * n, dtype=c["dtype"])
         wide[:, ::2] = x
         x = wide[:, ::2]
+    elif c["layout"] == "inner_permuted":  # [rows, a, n/a] stored [rows, n/a, a]: dim 0 outermost,
+        a = next(d for d in range(2, n + 1) if n % d == 0) if n > 1 else 1  # like channels-last
+        x = x.reshape(rows, a, n // a).transpose(1, 2).contiguous().transpose(1, 2)
     return x
 
 
@@ -114,18 +117,27 @@ def check_ops_case(c, ops, device="cpu", prep=None):
     assert p.shape == p_ref.shape and p.dtype == p_ref.dtype
     assert_params_close(p, p_ref, x, pc)
 
+    want = ref.out_like(x, pc)  # the fakes' strides: x's for a dense x in memory order, else contiguous
+
+    def laid_out(t, what):
+        assert [s for s, m in zip(t.stride(), t.shape) if m > 1] == \
+            [s for s, m in zip(want.stride(), want.shape) if m > 1], (what, t.stride(), want.stride())
+
     y = ops["mixture"](x, p_ref, w, bits, sids, pc)
     assert y.dtype == x.dtype and y.shape == x.shape
+    laid_out(y, "mixture")
     close_levels(y, ref.mixture_ref(x, p_ref, w, bits, sids, pc), "mixture")
     got = ops["mixture_backward"](gy, x, p_ref, w, bits, sids, pc, nw, nb)
     exp = ref.mixture_backward_ref(gy, x, p_ref, w, bits, sids, pc, nw, nb)
     close_levels(got[0], exp[0], "grad_x")
+    laid_out(got[0], "grad_x")
     torch.testing.assert_close(got[1], exp[1], rtol=1e-3, atol=1e-3, equal_nan=True)
     torch.testing.assert_close(got[2], exp[2], rtol=1e-3, atol=1e-3, equal_nan=True)
     for k, s in enumerate(sids):
         pk, bk = p_ref[k : k + 1], bits[k : k + 1]
         q = ops["quantize"](x, pk, bk, s, pc)
         qr = ref.quantize_ref(x, pk, bk, s, pc)
+        laid_out(q, scheme_info(s).name)
         if x.dtype in (torch.float32, torch.float64):
             assert torch.equal(q.nan_to_num(), qr.nan_to_num()), scheme_info(s).name
         else:
