@@ -154,7 +154,7 @@ def build_configs(args) -> tuple:
         v = getattr(args, flag, None)
         if v is not None:
             raw["run"][key] = v
-    for flag in ("seed", "device", "deterministic", "compile"):
+    for flag in ("seed", "device", "deterministic", "compile", "channels_last"):
         v = getattr(args, flag, None)
         if v not in (None, False):
             raw[flag] = v
@@ -626,6 +626,9 @@ def _search_opts(p: argparse.ArgumentParser) -> None:
     p.add_argument("--deterministic", action="store_true")
     p.add_argument("--compile", nargs="?", const=True, metavar="BACKEND",
                    help="torch.compile the training steps (default backend: inductor)")
+    p.add_argument("--channels-last", action="store_true",
+                   help="convolution weights in channels-last memory format (NHWC convolutions; the quantizers "
+                        "keep the layout)")
     p.add_argument("--no-export", action="store_true", help="skip the packed/ONNX export")
     _common(p)
 

@@ -106,6 +106,11 @@ class SearchConfig:
     # and EMA decisions are read from buffers in the graph); evaluation stays eager.
     compile: Any = False
     compile_mode: Optional[str] = None  # torch.compile(mode=...): "reduce-overhead", "max-autotune", ...
+    # the model's 4-D parameters (convolution weights) in channels-last memory format in every
+    # phase, so the convolutions run NHWC (cuDNN's and oneDNN's fast layout); the quantizers keep
+    # the layout of what they quantize (README, robustness: memory layouts). Checkpoints and
+    # exports are the same tensors (a state_dict holds values, not layouts).
+    channels_last: bool = False
 
     def __post_init__(self):
         if isinstance(self.quant, dict):
@@ -146,6 +151,8 @@ class SearchConfig:
             raise ValueError("SearchConfig.size_budget_bytes must be positive")
         if not isinstance(self.batch_weights, bool):
             raise ValueError(f"SearchConfig.batch_weights must be True or False, got {self.batch_weights!r}")
+        if not isinstance(self.channels_last, bool):
+            raise ValueError(f"SearchConfig.channels_last must be True or False, got {self.channels_last!r}")
         if not isinstance(self.compile, (bool, str)) or self.compile == "":
             raise ValueError(f"SearchConfig.compile must be True, False or a torch.compile backend name, "
                              f"got {self.compile!r}")
@@ -1123,6 +1130,17 @@ def _example_batch(ds, n: int = 2):
     return torch.stack(xs)
 
 
+def _layout(model: nn.Module, cfg: SearchConfig) -> nn.Module:
+    """With ``cfg.channels_last``, every 4-D parameter (the convolution weights) in channels-last
+    memory format, in place; 5-D ones (Conv3d) and everything else keep theirs."""
+    if cfg.channels_last:
+        with torch.no_grad():
+            for p in model.parameters():
+                if p.dim() == 4 and not p.is_contiguous(memory_format=torch.channels_last):
+                    p.data = p.data.contiguous(memory_format=torch.channels_last)
+    return model
+
+
 def search(model: nn.Module, train_data, val_data=None, config=None, *, loss_fn: Callable = F.cross_entropy,
            callbacks: Sequence[Callable] = (), quiet: bool = False, progress: Optional[Callable] = None) -> SearchResult:
     """Algorithm 2 end to end (SPEC 5.2): float training (optional) → QAG → QSS for
@@ -1203,7 +1221,7 @@ def _search(model: nn.Module, train_data, val_data, cfg, *, loss_fn: Callable, c
     searched_probs = dict(ckpt.get("searched_probs", {})) if ckpt else {}
     repair_steps = list(ckpt.get("repair_steps", [])) if ckpt else []
     start_phase = ckpt["phase"] if ckpt else ("float" if cfg.float_epochs > 0 else "search")
-    float_model = model.to(device)
+    float_model = _layout(model.to(device), cfg)
 
     # ---- the float phase
     phases = [p for p in PHASES[:-1] if PHASES.index(p) >= PHASES.index(start_phase)]
@@ -1225,7 +1243,7 @@ def _search(model: nn.Module, train_data, val_data, cfg, *, loss_fn: Callable, c
                         _set_module(qm, n, _requantizer(q, q.int_bits(), learn=False))
         elif phase in ("precision",) and cfg.quant.mode == "fixed" and cfg.precision_epochs > 0:
             fix_schemes(qm, learn_bits=True)
-        return qm.to(device)
+        return _layout(qm.to(device), cfg)
 
     def wrap(m):
         if dist is None:

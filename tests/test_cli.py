@@ -63,6 +63,17 @@ def test_search_writes_every_output(finished_run):
     assert cfg["run"]["model"] == "smallcnn" and cfg["search_epochs"] == 1
 
 
+def test_search_channels_last_exports_with_parity(tmp_path):
+    """``--channels-last``: the whole run in channels-last memory format, and the packed export of
+    its model still reproduces it (the export reads values, not layouts)."""
+    out = tmp_path / "out"
+    r = _cli(["search", "--out", str(out), "--channels-last", *TINY])
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    assert json.loads((out / "config.json").read_text())["channels_last"] is True
+    res = json.loads((out / "result.json").read_text())
+    assert res["status"] == "finished" and res["export"]["parity"]["max_abs"] <= 1e-5
+
+
 def test_report_rebuild_and_evaluate(finished_run, tmp_path):
     out, _ = finished_run
     (out / "report.md").unlink()

@@ -372,6 +372,37 @@ def test_search_with_batched_weights_matches_the_per_layer_search(monkeypatch):
         S.SearchConfig(batch_weights="yes")
 
 
+def test_search_channels_last_keeps_the_layout_and_the_decisions():
+    """SearchConfig.channels_last: the convolution weights are channels-last in every phase (so are
+    the activations the convolutions produce, through the quantizers), and the search decides what
+    the contiguous one decides: the statistics are the same numbers summed in another order."""
+    data = toy_data(192)
+    cfg = dict(search_epochs=2, precision_epochs=1, finetune_epochs=1, batch_size=64, seed=3, deterministic=True,
+               quant=QuantConfig(exclude_first_last=False))
+    runs = []
+    for cl in (False, True):
+        torch.manual_seed(0)
+        runs.append(autoqnn.search(small_cnn(), data, None, S.SearchConfig(channels_last=cl, **cfg), quiet=True))
+        convs = [m for m in runs[-1].model.modules() if isinstance(m, nn.Conv2d)]
+        assert convs and all(m.weight.is_contiguous(memory_format=torch.channels_last) == cl for m in convs
+                             if m.weight.shape[1] > 1)
+        if cl:  # the quantized model's convolutions run NHWC, their outputs channels-last
+            x = torch.randn(4, *data[0][0].shape)
+            outs = []
+            hs = [m.register_forward_hook(lambda mod, i, o: outs.append(o)) for m in convs]
+            runs[-1].model.eval()(x)
+            for h in hs:
+                h.remove()
+            assert any(o.is_contiguous(memory_format=torch.channels_last) and not o.is_contiguous() for o in outs)
+    r1, r2 = runs
+    assert [(p.name, p.scheme, p.bits) for p in r1.plan] == [(p.name, p.scheme, p.bits) for p in r2.plan]
+    l1 = [h["train_loss"] for h in r1.history if "train_loss" in h]
+    l2 = [h["train_loss"] for h in r2.history if "train_loss" in h]
+    assert len(l1) == len(l2) == 4 and all(abs(a - b) <= 1e-3 * abs(a) for a, b in zip(l1, l2)), (l1, l2)
+    with pytest.raises(ValueError, match="channels_last"):
+        S.SearchConfig(channels_last="yes")
+
+
 def test_search_coarse_grained_shares_one_scheme_per_kind():
     torch.manual_seed(1)
     cfg = S.SearchConfig(search_epochs=1, precision_epochs=0, finetune_epochs=0, batch_size=64,
