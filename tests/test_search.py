@@ -343,6 +343,17 @@ def test_search_is_deterministic_for_a_seed(backend):
     assert not torch.are_deterministic_algorithms_enabled()  # torch's global flag restored afterwards
 
 
+def _search_twice(option, **cfg):
+    """Two deterministic searches of the same model and data, ``option`` False then True."""
+    data = toy_data(192)
+    cfg = dict(batch_size=64, seed=3, deterministic=True, quant=QuantConfig(exclude_first_last=False), **cfg)
+    runs = []
+    for value in (False, True):
+        torch.manual_seed(0)
+        runs.append(autoqnn.search(small_cnn(), data, None, S.SearchConfig(**{option: value}, **cfg), quiet=True))
+    return runs
+
+
 def test_search_with_batched_weights_matches_the_per_layer_search(monkeypatch):
     """SearchConfig.batch_weights=True (every QSS weight vertex in one batched call per step)
     changes how the weights are quantized, not what: the same plan, probabilities and losses."""
@@ -354,14 +365,7 @@ def test_search_with_batched_weights_matches_the_per_layer_search(monkeypatch):
             made.append(self)
 
     monkeypatch.setattr(S, "WeightBatcher", Counting)
-    data = toy_data(192)
-    cfg = dict(search_epochs=2, precision_epochs=0, finetune_epochs=0, batch_size=64, seed=3, deterministic=True,
-               quant=QuantConfig(exclude_first_last=False))
-    runs = []
-    for batched in (False, True):
-        torch.manual_seed(0)
-        runs.append(autoqnn.search(small_cnn(), data, None, S.SearchConfig(batch_weights=batched, **cfg), quiet=True))
-    r1, r2 = runs
+    r1, r2 = _search_twice("batch_weights", search_epochs=2, precision_epochs=0, finetune_epochs=0)
     assert [(p.name, p.scheme, p.bits) for p in r1.plan] == [(p.name, p.scheme, p.bits) for p in r2.plan]
     h1 = [(h.get("train_loss"), h.get("probs")) for h in r1.history if h.get("phase") == "search"]
     h2 = [(h.get("train_loss"), h.get("probs")) for h in r2.history if h.get("phase") == "search"]
@@ -376,21 +380,16 @@ def test_search_channels_last_keeps_the_layout_and_the_decisions():
     """SearchConfig.channels_last: the convolution weights are channels-last in every phase (so are
     the activations the convolutions produce, through the quantizers), and the search decides what
     the contiguous one decides: the statistics are the same numbers summed in another order."""
-    data = toy_data(192)
-    cfg = dict(search_epochs=2, precision_epochs=1, finetune_epochs=1, batch_size=64, seed=3, deterministic=True,
-               quant=QuantConfig(exclude_first_last=False))
-    runs = []
-    for cl in (False, True):
-        torch.manual_seed(0)
-        runs.append(autoqnn.search(small_cnn(), data, None, S.SearchConfig(channels_last=cl, **cfg), quiet=True))
-        convs = [m for m in runs[-1].model.modules() if isinstance(m, nn.Conv2d)]
+    runs = _search_twice("channels_last", search_epochs=2, precision_epochs=1, finetune_epochs=1)
+    for cl, run in zip((False, True), runs):
+        convs = [m for m in run.model.modules() if isinstance(m, nn.Conv2d)]
         assert convs and all(m.weight.is_contiguous(memory_format=torch.channels_last) == cl for m in convs
                              if m.weight.shape[1] > 1)
         if cl:  # the quantized model's convolutions run NHWC, their outputs channels-last
-            x = torch.randn(4, *data[0][0].shape)
+            x = torch.randn(4, *toy_data(192)[0][0].shape)
             outs = []
             hs = [m.register_forward_hook(lambda mod, i, o: outs.append(o)) for m in convs]
-            runs[-1].model.eval()(x)
+            run.model.eval()(x)
             for h in hs:
                 h.remove()
             assert any(o.is_contiguous(memory_format=torch.channels_last) and not o.is_contiguous() for o in outs)
