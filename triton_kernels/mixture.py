@@ -4,7 +4,9 @@ y = Σ_k w_k·q_k(x) (``mixture``), forward and backward, with exactly the seman
 :func:`autoqnn.ops.reference.mixture_ref` / :func:`~autoqnn.ops.reference.mixture_backward_ref`
 (and ``quantize_ref`` / ``quantize_backward_ref``).
 
-Layout: ``x`` is viewed as ``[C, N]`` (C = channels with ``per_channel``, else 1), contiguous.
+Layout: ``x`` is viewed as ``[C, N]`` (C = channels with ``per_channel``, else 1), contiguous (the op layer,
+``autoqnn/ops/_triton.py``, hands a channels-last or permuted x over in memory order, see
+``reference.memory_order``).
 A 1-D grid of ``C·cdiv(N, BLOCK)`` programs; program ``pid`` handles row ``pid // NBLK``, block
 ``pid % NBLK`` (a 1-D grid has no 65535 limit on either factor).
 
