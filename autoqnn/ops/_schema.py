@@ -99,10 +99,22 @@ def qualname(op: str) -> str:
     return f"{LIB_NAME}::{op}"
 
 
+#: ops that read x in any layout and lay their x-shaped outputs out like it (see above): tagged
+#: ``flexible_layout``, so Inductor hands them its buffers as they are (a channels-last
+#: convolution's output, say) instead of a copy in the layout seen at trace time, and plans
+#: their outputs from the fake kernels. The batched ops take a flat x and keep Inductor's default.
+FLEXIBLE_LAYOUT_OPS = ("tensor_stats", "scheme_params") + GPU_TWIN_OPS
+_FLEXIBLE = getattr(torch.Tag, "flexible_layout", None)
+
+
+def _tags(name: str) -> tuple:
+    return (_FLEXIBLE,) if _FLEXIBLE is not None and name in FLEXIBLE_LAYOUT_OPS else ()
+
+
 for _name, _schema in SCHEMAS.items():
-    _lib.define(_name + _schema)
+    _lib.define(_name + _schema, tags=_tags(_name))
 for _name in GPU_TWIN_OPS:  # the C++ CUDA kernels' own names (no default kernel: CUDA only)
-    _lib.define(f"{_name}_cuda" + SCHEMAS[_name])
+    _lib.define(f"{_name}_cuda" + SCHEMAS[_name], tags=_tags(_name))
 
 
 #: the eager fast path in C++ (csrc/autograd.cpp; kernels for the Autograd key and, for
