@@ -21,6 +21,8 @@ from torch import nn
 
 from .. import functional as AF
 from ..ops.reference import frexp as ref_frexp
+from ..ops.reference import uniform48_ref as ref_uniform48
+from ..ops import has_kernel
 from ..schemes import NUM_PARAMS, clamp_bits, resolve_bits, scheme_info
 
 __all__ = ["Quantizer", "SchemeMixture", "QuantizerBase"]
@@ -56,38 +58,27 @@ def _dist_world() -> int:
 #: one host-to-device copy per NOISE_BLOCK steps instead of per step.
 NOISE_BLOCK = 256
 
-_M32 = 0xFFFFFFFF
-
-
-def _mix32(v: torch.Tensor) -> torch.Tensor:
-    """A bijective 32-bit integer hash (xor-shift / multiply rounds) on int64 tensors holding values
-    in [0, 2^32); every product stays below 2^59, so int64 never overflows."""
-    v = v ^ (v >> 16)
-    v = (v * 0x45D9F3B) & _M32
-    v = v ^ (v >> 16)
-    v = (v * 0x45D9F3B) & _M32
-    return v ^ (v >> 16)
+def _uniform48(seed: torch.Tensor, steps: torch.Tensor, k: int) -> torch.Tensor:
+    """The noise's 48-bit integers (``autoqnn::uniform48``). Traced, the op is kept (one opaque
+    call) where a C++/CUDA kernel serves the device; elsewhere the reference's int64 ops are traced
+    and fused by the compiler (same integers, at a cost in compile time)."""
+    if torch.compiler.is_compiling() and not has_kernel("uniform48", steps.device.type.upper()):
+        return ref_uniform48(seed, steps, k)
+    return torch.ops.autoqnn.uniform48(seed, steps, k)
 
 
 def gumbel_noise(seed: torch.Tensor, steps: torch.Tensor, k: int) -> torch.Tensor:
     """Gumbel(0, 1) noise as a pure function of (seed, step, candidate): float32 ``[*steps.shape, k]``
     on ``steps``' device.
 
-    A counter-based generator: two 32-bit hashes of (seed, step, candidate) give a 48-bit uniform
-    u in (0, 1), and g = -log(-log u) in float64. It is made of plain tensor ops, so the eager
-    forward (a block of steps at a time) and a ``torch.compile``-d forward (one step, read from
-    the ``step`` buffer inside the graph: no Python counter, no recompile per step) compute the
-    same noise, on every device and every DDP rank.
+    A counter-based generator: two 32-bit hashes of (seed, step, candidate) give a 48-bit integer n
+    (``autoqnn::uniform48``, :func:`autoqnn.ops.reference.uniform48_ref`), u = (n + ½)·2^-48 in
+    (0, 1) and g = -log(-log u) in float64. The eager forward (a block of steps at a time) and a
+    ``torch.compile``-d forward (one step, read from the ``step`` buffer inside the graph: no
+    Python counter, no recompile per step) compute the same noise, on every device and every DDP
+    rank.
     """
-    seed = seed.to(device=steps.device, dtype=torch.int64)
-    t = steps.to(torch.int64)
-    h = _mix32(((seed >> 32) & _M32) ^ 0x3C6EF372)
-    h = _mix32(h ^ (seed & _M32))
-    h = _mix32(h ^ ((t >> 32) & _M32) ^ 0x7F4A7C15)
-    h = _mix32(h ^ (t & _M32)).unsqueeze(-1)
-    j = torch.arange(2 * k, device=steps.device, dtype=torch.int64)
-    u = _mix32(h ^ _mix32(j + 0x2545F491)) >> 8  # [..., 2k], 24 bits each
-    n = (u[..., 0::2] * (1 << 24) + u[..., 1::2]).to(torch.float64)  # exact: < 2^48
+    n = _uniform48(seed, steps, k).to(torch.float64)  # exact: < 2^48
     u01 = (n + 0.5) * (2.0 ** -48)  # in (0, 1): never 0 or 1
     return u01.log().neg().log().neg().to(torch.float32)
 

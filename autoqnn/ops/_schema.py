@@ -138,6 +138,15 @@ AUTOGRAD_NODE_SCHEMAS = {
 for _name, _schema in AUTOGRAD_NODE_SCHEMAS.items():
     _lib.define(_name + _schema)
 
+#: the integer hash of the search's Gumbel noise (not a quantizer op: no gradient, no layouts):
+#: ``uniform48(seed, steps, k)`` -> int64 ``[*steps.shape, k]``, 48-bit integers, a pure function
+#: of (seed, step, candidate) (:func:`.reference.uniform48_ref`; C++/CUDA kernels in
+#: ``csrc/*/noise.*``). One opaque call per quantizer in a compiled step instead of ~75 traced
+#: int64 ops, which cost Inductor seconds of compile time per quantizer.
+NOISE_SCHEMAS = {"uniform48": "(Tensor seed, Tensor steps, int k) -> Tensor"}
+for _name, _schema in NOISE_SCHEMAS.items():
+    _lib.define(_name + _schema)
+
 
 def _op(name: str):
     return getattr(torch.ops.autoqnn, name).default
@@ -157,6 +166,7 @@ _DEFAULT_KERNELS = {
 }
 for _name, _fn in _DEFAULT_KERNELS.items():
     _lib.impl(_name, _fn, "CompositeExplicitAutograd")
+_lib.impl("uniform48", ref.uniform48_ref, "CompositeExplicitAutograd")
 
 
 # ----------------------------------------------------------------------------- fake kernels
@@ -206,6 +216,12 @@ def _mixture_backward_fake(
         torch.empty_like(weights),
         torch.empty_like(bits, device=x.device if need_bits_grad else bits.device),
     )
+
+
+@torch.library.register_fake(qualname("uniform48"), lib=_lib)
+def _uniform48_fake(seed, steps, k):
+    ref.check_uniform48_args(seed, steps, k)
+    return steps.new_empty((*steps.shape, k), dtype=torch.int64)
 
 
 @torch.library.register_fake(qualname("scheme_params_batched"), lib=_lib)

@@ -55,6 +55,7 @@ __all__ = [
     "scheme_params_batched_ref",
     "mixture_batched_ref",
     "mixture_batched_backward_ref",
+    "uniform48_ref",
 ]
 
 # PotQ rounds log2|u| to the nearest integer: with frexp(|u|) = (f, E), f ∈ [0.5, 1),
@@ -597,3 +598,52 @@ def mixture_batched_backward_ref(
             need_weights_grad, need_bits_grad,
         )
     return gx.reshape(x.shape), gw, gb
+
+
+# ----------------------------------------------------------------------------- noise
+# The counter-based hash of the Gumbel noise (QSS), also in C++/CUDA: csrc/include/autoqnn/noise.h.
+_M32 = 0xFFFFFFFF
+#: the largest number of candidates ``uniform48`` takes (keeps every int64 intermediate < 2^63)
+UNIFORM48_MAX_K = 1 << 20
+
+
+def _mix32(v: torch.Tensor) -> torch.Tensor:
+    """A bijective 32-bit integer hash (xor-shift / multiply rounds) on int64 tensors holding values
+    in [0, 2^32); every product stays below 2^59, so int64 never overflows."""
+    v = v ^ (v >> 16)
+    v = (v * 0x45D9F3B) & _M32
+    v = v ^ (v >> 16)
+    v = (v * 0x45D9F3B) & _M32
+    return v ^ (v >> 16)
+
+
+def check_uniform48_args(seed: torch.Tensor, steps: torch.Tensor, k: int) -> None:
+    """The argument checks of ``autoqnn::uniform48`` (the C++ kernels make the same)."""
+    for name, t in (("seed", seed), ("steps", steps)):
+        if t.dtype.is_floating_point or t.dtype.is_complex or t.dtype == torch.bool:
+            raise TypeError(f"autoqnn::uniform48: {name} must be an integer tensor, got dtype {t.dtype}")
+    if seed.numel() != 1:
+        raise ValueError(f"autoqnn::uniform48: seed must have one element, got {seed.numel()}")
+    if not 0 <= k <= UNIFORM48_MAX_K:
+        raise ValueError(f"autoqnn::uniform48: k must be in [0, {UNIFORM48_MAX_K}], got {k}")
+
+
+def uniform48_ref(seed: torch.Tensor, steps: torch.Tensor, k: int) -> torch.Tensor:
+    """int64 ``[*steps.shape, k]`` on ``steps``' device: for every step t and candidate i a 48-bit
+    integer n in [0, 2^48), uniformly distributed, a pure function of (seed, t, i).
+
+    Two 32-bit hashes of (seed, step) give the step's state h; candidate i takes the top 24 bits
+    of two more hashes, ``mix32(h ^ mix32(j + C))`` for j = 2i and 2i + 1. ``seed`` is an integer
+    tensor with one element on any device; ``steps`` any integer tensor (the two's-complement bits
+    of negative values are hashed).
+    """
+    check_uniform48_args(seed, steps, k)
+    seed = seed.reshape(()).to(device=steps.device, dtype=torch.int64)
+    t = steps.to(torch.int64)
+    h = _mix32(((seed >> 32) & _M32) ^ 0x3C6EF372)
+    h = _mix32(h ^ (seed & _M32))
+    h = _mix32(h ^ ((t >> 32) & _M32) ^ 0x7F4A7C15)
+    h = _mix32(h ^ (t & _M32)).unsqueeze(-1)
+    j = torch.arange(2 * k, device=steps.device, dtype=torch.int64)
+    u = _mix32(h ^ _mix32(j + 0x2545F491)) >> 8  # [..., 2k], 24 bits each
+    return u[..., 0::2] * (1 << 24) + u[..., 1::2]
