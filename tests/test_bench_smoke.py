@@ -266,3 +266,15 @@ def test_gpu_check_commands_parse():
         assert r.returncode == 0 and "ARGS-PARSED" in r.stdout, (name, args, r.stdout[-2000:] + r.stderr[-3000:])
         checked += 1
     assert checked >= 15, checked
+
+
+def test_compile_time_table():
+    # aot_eager: Dynamo + AOTAutograd in fresh processes, without Inductor's code generation
+    out = _run("bench/compile_time.py", "--models", "smallcnn", "--backend", "aot_eager", "--steps", "1",
+               "--batch", "2")
+    rows = [line for line in out.splitlines() if line.startswith("| smallcnn |")]
+    assert [r.split("|")[2].strip() for r in rows] == ["float", "qss", "qss-traced-noise"], out
+    for r in rows:
+        cells = [c.strip() for c in r.strip("|").split("|")]
+        assert float(cells[2]) > 0 and float(cells[4]) > 0
+        assert cells[3].endswith("x")
