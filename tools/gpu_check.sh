@@ -59,7 +59,7 @@ step raise 75 $PY tools/raise_check.py
 # reference, opcheck and torch.compile (tests/triton_cases.py runs on CUDA without TRITON_INTERPRET)
 step tests 170 env -u TRITON_INTERPRET $PY -m pytest -q -n 14 --benchmark-disable -p no:cacheprovider -rfE \
   -k "not test_random_cases_match_reference and not test_random_batched_cases" tests/test_cuda_kernels.py tests/test_batched.py tests/triton_cases.py tests/test_ops.py tests/test_kernel_choice.py \
-  tests/test_robustness.py tests/test_guard_band.py tests/test_host_bits.py tests/test_compile_step.py \
+  tests/test_robustness.py tests/test_guard_band.py tests/test_host_bits.py tests/test_compile_step.py tests/test_noise_op.py \
   "tests/test_cpu_kernels.py::test_cpu_kernel_errors" "tests/test_ext_loading.py::test_cuda_kernel_matches_reference" \
   "tests/test_ext_loading.py::test_built_extension_is_loaded_and_registered"
 export AUTOQNN_KERNEL_CHOICE="$OUT/kernel_choice.json"
