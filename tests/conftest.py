@@ -10,6 +10,24 @@ def pytest_configure(config):
     config.addinivalue_line("markers", "cuda: needs a CUDA GPU")
 
 
+def pytest_collection_modifyitems(config, items):
+    """``AUTOQNN_TEST_SHARD=i/n`` keeps every n-th collected test from the i-th on (the rest are
+    deselected): ``tests/test_triton_kernels.py`` runs the interpreted Triton cases as n processes
+    side by side, one per core."""
+    shard = os.environ.get("AUTOQNN_TEST_SHARD")
+    if not shard:
+        return
+    try:
+        i, n = (int(v) for v in shard.split("/"))
+        assert 0 <= i < n
+    except (ValueError, AssertionError):
+        raise pytest.UsageError(f"AUTOQNN_TEST_SHARD must be 'i/n' with 0 <= i < n, got {shard!r}") from None
+    keep = items[i::n]
+    kept = set(map(id, keep))
+    config.hook.pytest_deselected(items=[it for it in items if id(it) not in kept])
+    items[:] = keep
+
+
 @pytest.fixture(autouse=True)
 def _seed():
     torch.manual_seed(0)

@@ -27,23 +27,54 @@ pytestmark = pytest.mark.skipif(
 )
 
 
-def _run_cases(interpret: bool, cases: Path = CASES) -> None:
+def _check(cmd, rc: int, out: str) -> None:
+    # keep the failure report readable: drop torch's debug trace lines
+    out = "\n".join(line for line in out.splitlines() if not line.startswith("DEBUG "))
+    assert rc == 0, f"{' '.join(cmd)} failed (rc={rc}):\n{out[-20000:]}"
+    assert " passed" in out and " failed" not in out, out[-5000:]
+
+
+def _run_cases(interpret: bool, cases=(CASES,), shards: int = 1) -> None:
+    """pytest on the case files in fresh interpreters; ``shards`` > 1 splits the cases over that
+    many processes run side by side (``AUTOQNN_TEST_SHARD``, tests/conftest.py), one thread each."""
     env = dict(os.environ)
     env.pop("TRITON_INTERPRET", None)
     if interpret:
         env["TRITON_INTERPRET"] = "1"
-    cmd = [sys.executable, "-m", "pytest", str(cases), "-q", "-p", "no:cacheprovider", "-rfE"]
-    r = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=1200)
-    out = r.stdout + "\n" + r.stderr
-    # keep the failure report readable: drop torch's debug trace lines
-    out = "\n".join(line for line in out.splitlines() if not line.startswith("DEBUG "))
-    assert r.returncode == 0, f"{' '.join(cmd)} failed (rc={r.returncode}):\n{out[-20000:]}"
-    assert " passed" in out and " failed" not in out, out[-5000:]
+    cmd = [sys.executable, "-m", "pytest", *map(str, cases), "-q", "-p", "no:cacheprovider", "-rfE"]
+    if shards <= 1:
+        r = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=1200)
+        _check(cmd, r.returncode, r.stdout + "\n" + r.stderr)
+        return
+    procs = []
+    for i in range(shards):
+        env_i = dict(env, AUTOQNN_TEST_SHARD=f"{i}/{shards}", OMP_NUM_THREADS="1")
+        procs.append(subprocess.Popen(cmd, cwd=ROOT, env=env_i, stdout=subprocess.PIPE,
+                                      stderr=subprocess.STDOUT, text=True))
+    try:
+        outs = [p.communicate(timeout=1200)[0] for p in procs]
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
+    for i, (p, out) in enumerate(zip(procs, outs)):
+        _check(cmd + [f"(shard {i}/{shards})"], p.returncode, out)
+
+
+def _cpu_shards() -> int:
+    try:
+        cores = len(os.sched_getaffinity(0))
+    except AttributeError:  # pragma: no cover - not Linux
+        cores = os.cpu_count() or 1
+    return max(1, min(4, cores))
 
 
 def test_triton_kernels_interpreter():
-    """Every case on CPU through Triton's interpreter (no GPU needed)."""
-    _run_cases(interpret=True)
+    """Every case on CPU through Triton's interpreter (no GPU needed): the arithmetic kernels
+    (``triton_cases.py``) and the levels-table output pass against them bit for bit
+    (``triton_levels_cases.py``), split over up to 4 processes, one per core (the interpreter
+    runs one Python thread; these cases are about half of CI's time)."""
+    _run_cases(interpret=True, cases=(CASES, LEVELS_CASES), shards=_cpu_shards())
 
 
 @pytest.mark.cuda
@@ -53,16 +84,12 @@ def test_triton_kernels_cuda():
     _run_cases(interpret=False)
 
 
-def test_triton_levels_interpreter():
-    """The levels-table output pass equals the arithmetic kernels bit for bit (interpreter)."""
-    _run_cases(interpret=True, cases=LEVELS_CASES)
-
-
 @pytest.mark.cuda
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 def test_triton_levels_cuda():
-    """The same, compiled for and run on the GPU."""
-    _run_cases(interpret=False, cases=LEVELS_CASES)
+    """The levels-table output pass equals the arithmetic kernels bit for bit, compiled for and
+    run on the GPU."""
+    _run_cases(interpret=False, cases=(LEVELS_CASES,))
 
 
 # Compiles the kernels for a real GPU (sm_90) without one: the interpreter checks neither Triton's
