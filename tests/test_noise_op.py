@@ -78,12 +78,6 @@ def test_cpu_kernel_equals_reference(seed, k):
         assert torch.equal(got, want), (seed, t.shape, k)
 
 
-@needs_cpu_kernel
-def test_cpu_kernel_is_registered_and_fast_path_used():
-    # the op on CPU runs the C++ kernel, not the reference
-    assert has_kernel("uniform48", "CPU")
-
-
 @pytest.mark.parametrize("impl", ["op", "ref"])
 def test_integer_dtypes_and_seed_shapes(impl):
     f = op if impl == "op" else ref.uniform48_ref
@@ -145,7 +139,7 @@ def test_traced_noise_is_one_op_where_a_kernel_serves_the_device(device):
     f = torch.compile(lambda s, t: gumbel_noise(s, t, 8), fullgraph=True, backend=cap)
     s, t = torch.tensor(77, device=device), torch.tensor(2**33 + 5, device=device)
     assert torch.equal(f(s, t), gumbel_noise(s, t, 8))
-    xor = [x for x in cap.targets if "bitwise_xor" in x or "xor" in x]
+    xor = [x for x in cap.targets if "xor" in x]
     if has_kernel("uniform48", device.upper()):
         assert any("uniform48" in x for x in cap.targets), cap.targets
         assert not xor, xor
